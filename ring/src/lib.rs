@@ -1,0 +1,1 @@
+//! Lock-free burst rings (filled in by the ring work).

@@ -1,0 +1,1 @@
+//! Guest test harness (see issue 3). Filled in by the harness work.
