@@ -1,1 +1,25 @@
-//! core
+//! vdpakit core: the layer every port, driver and app stands on.
+//!
+//! - [`mem`]: shared hugepage segments (memfd, MAP_SHARED, IOVA = VA) and named zones.
+//! - [`mbuf`], [`mempool`]: packet buffers with metadata and headroom; pools with per-lcore
+//!   caches over a lock-free shared ring; bursts.
+//! - [`lcore`]: pinned run-to-completion worker threads and the stop flag.
+//! - [`port`]: the API every port kind implements, and the `null` and `ring` kinds.
+//! - [`packet`]: small header helpers.
+//!
+//! `unsafe` lives only in `mbuf` and `mempool` (buffer memory through raw pointers); every block
+//! carries a `// SAFETY:` comment.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod lcore;
+pub mod mbuf;
+pub mod mem;
+pub mod mempool;
+pub mod packet;
+pub mod port;
+
+pub use error::{Error, Result};
+pub use mbuf::{Burst, MAX_BURST, Mbuf};
+pub use mempool::{Mempool, MempoolCache, MempoolConfig};

@@ -1,0 +1,792 @@
+//! Packet buffers.
+//!
+//! Every buffer of a [`Mempool`](crate::mempool::Mempool) is one element of a hugepage zone:
+//!
+//! ```text
+//! | MbufHdr (128 B, 2 cache lines) | headroom (128 B) | data room (pool's data_room bytes) |
+//! ^ element start                  ^ buf_addr / buf_iova            data starts at buf_addr + data_off
+//! ```
+//!
+//! An [`Mbuf`] is the owning handle of one such buffer: a single pointer, moved (never copied)
+//! between pools, bursts, rings and queues. Dropping an `Mbuf` returns it to its pool (slow path,
+//! a single-element enqueue on the pool's shared ring), so a buffer can never be lost; hot paths
+//! free in bulk through a [`MempoolCache`](crate::mempool::MempoolCache) instead.
+//!
+//! This module and `mempool` are the only ones in the crate that touch buffer memory through raw
+//! pointers; every `unsafe` block below says why it is sound.
+
+use std::mem::MaybeUninit;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
+
+use vdpakit_ring::{Consumer, Producer};
+
+use crate::error::Result;
+use crate::mempool::PoolCore;
+
+/// Bytes reserved in front of the packet data (for encapsulation or a virtio-net header).
+pub const HEADROOM: usize = 128;
+/// Size of the metadata header in front of each buffer.
+pub const HDR_SIZE: usize = 128;
+/// The largest burst any API in vdpakit takes or returns.
+pub const MAX_BURST: usize = 512;
+/// Port id of an mbuf that has not been received on a port.
+pub const NO_PORT: u16 = u16::MAX;
+
+/// Offload flags carried in [`Mbuf::ol_flags`] (the bit layout is vdpakit's own).
+pub mod offload {
+    /// RX: the IPv4 header checksum was verified good.
+    pub const RX_IP_CKSUM_GOOD: u64 = 1 << 0;
+    /// RX: the L4 checksum was verified good (virtio `DATA_VALID`).
+    pub const RX_L4_CKSUM_GOOD: u64 = 1 << 1;
+    /// RX: the L4 checksum is not computed yet (virtio `NEEDS_CSUM` from the peer).
+    pub const RX_L4_CKSUM_NONE: u64 = 1 << 2;
+    /// RX: the packet is a coalesced large receive (virtio GSO from the peer).
+    pub const RX_LRO: u64 = 1 << 3;
+    /// TX: the packet is IPv4.
+    pub const TX_IPV4: u64 = 1 << 16;
+    /// TX: the packet is IPv6.
+    pub const TX_IPV6: u64 = 1 << 17;
+    /// TX: compute the TCP checksum.
+    pub const TX_TCP_CKSUM: u64 = 1 << 18;
+    /// TX: compute the UDP checksum.
+    pub const TX_UDP_CKSUM: u64 = 1 << 19;
+    /// TX: segment as TCP (TSO) with [`VnetHdr::gso_size`](super::VnetHdr) segments.
+    pub const TX_TCP_SEG: u64 = 1 << 20;
+    /// TX: segment as UDP (USO).
+    pub const TX_UDP_SEG: u64 = 1 << 21;
+}
+
+/// The virtio-net header fields an mbuf carries between a virtio ring and a port.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    /// `VIRTIO_NET_HDR_F_*` flags.
+    pub flags: u8,
+    /// `VIRTIO_NET_HDR_GSO_*` type.
+    pub gso_type: u8,
+    /// Length of the headers to replicate per segment.
+    pub hdr_len: u16,
+    /// Segment payload size.
+    pub gso_size: u16,
+    /// Where checksumming starts.
+    pub csum_start: u16,
+    /// Where the checksum goes, from `csum_start`.
+    pub csum_offset: u16,
+    /// Number of merged receive buffers (`MRG_RXBUF`).
+    pub num_buffers: u16,
+}
+
+/// Buffer metadata, at the start of every pool element. Cache line 0 holds everything a
+/// datapath touches per packet; line 1 holds the pool link and rarely used fields.
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub(crate) struct MbufHdr {
+    // --- cache line 0: everything a datapath touches per packet ---
+    pub(crate) buf_addr: *mut u8,
+    pub(crate) buf_iova: u64,
+    pub(crate) data_off: u16,
+    pub(crate) port: u16,
+    pub(crate) queue: u16,
+    pub(crate) _pad: u16,
+    pub(crate) data_len: u32,
+    pub(crate) buf_len: u32,
+    pub(crate) ol_flags: u64,
+    pub(crate) pool: *const PoolCore,
+    pub(crate) vnet: VnetHdr,
+    pub(crate) hash: u32,
+    // --- cache line 1: rarely used ---
+    pub(crate) packet_type: u32,
+    pub(crate) index: u32,
+    pub(crate) seqn: u32,
+    pub(crate) _pad1: u32,
+    pub(crate) timestamp: u64,
+    pub(crate) userdata: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<MbufHdr>() == HDR_SIZE);
+const _: () = assert!(std::mem::offset_of!(MbufHdr, hash) == 60);
+const _: () = assert!(std::mem::offset_of!(MbufHdr, packet_type) == 64);
+
+impl MbufHdr {
+    /// Resets the per-packet fields to a freshly allocated state.
+    #[inline(always)]
+    pub(crate) fn reset(&mut self) {
+        self.data_off = HEADROOM as u16;
+        self.data_len = 0;
+        self.port = NO_PORT;
+        self.queue = 0;
+        self.ol_flags = 0;
+        self.packet_type = 0;
+        self.hash = 0;
+        self.vnet = VnetHdr::default();
+    }
+}
+
+/// An owned packet buffer. See the module documentation.
+#[derive(Debug)]
+pub struct Mbuf {
+    hdr: NonNull<MbufHdr>,
+}
+
+// SAFETY: an `Mbuf` is the unique owner of its buffer; the buffer memory is shared memory that
+// stays mapped while any buffer of the pool is outstanding (see `PoolCore`), and the pool's free
+// path is a lock-free MPMC ring, so moving the handle to another thread is sound.
+unsafe impl Send for Mbuf {}
+
+/// The address of an mbuf in flight through a ring, without ownership semantics.
+///
+/// Produced by [`Mbuf::into_raw`]; turned back with [`Mbuf::from_raw`] by whoever received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawMbuf(usize);
+
+impl RawMbuf {
+    /// A placeholder value (never a valid buffer), for filling dequeue arrays.
+    pub const NULL: RawMbuf = RawMbuf(0);
+
+    /// The address as an integer (for rings that carry `usize`).
+    pub fn addr(self) -> usize {
+        self.0
+    }
+
+    /// Rebuilds from [`RawMbuf::addr`].
+    pub fn from_addr(addr: usize) -> RawMbuf {
+        RawMbuf(addr)
+    }
+}
+
+impl Mbuf {
+    /// Takes ownership of a pool element. Only the pool creates mbufs.
+    ///
+    /// # Safety
+    /// `hdr` must point to an initialised `MbufHdr` of a live pool that nobody else owns.
+    #[inline(always)]
+    pub(crate) unsafe fn from_hdr(hdr: NonNull<MbufHdr>) -> Mbuf {
+        Mbuf { hdr }
+    }
+
+    /// Gives up ownership without returning the buffer to its pool.
+    #[inline(always)]
+    pub fn into_raw(self) -> RawMbuf {
+        let addr = self.hdr.as_ptr() as usize;
+        std::mem::forget(self);
+        RawMbuf(addr)
+    }
+
+    /// Takes ownership back from [`Mbuf::into_raw`].
+    ///
+    /// # Safety
+    /// `raw` must come from `into_raw` and must be turned back exactly once.
+    #[inline(always)]
+    pub unsafe fn from_raw(raw: RawMbuf) -> Mbuf {
+        // SAFETY: the caller guarantees `raw` came from `into_raw`, so it is a non-null header
+        // address whose ownership is now transferred back.
+        Mbuf { hdr: unsafe { NonNull::new_unchecked(raw.0 as *mut MbufHdr) } }
+    }
+
+    #[inline(always)]
+    pub(crate) fn hdr_ptr(&self) -> NonNull<MbufHdr> {
+        self.hdr
+    }
+
+    #[inline(always)]
+    fn hdr(&self) -> &MbufHdr {
+        // SAFETY: `self` owns the buffer, so its header is initialised, mapped and not aliased
+        // mutably anywhere else (headers are never handed to devices).
+        unsafe { self.hdr.as_ref() }
+    }
+
+    #[inline(always)]
+    fn hdr_mut(&mut self) -> &mut MbufHdr {
+        // SAFETY: as in `hdr`, and `&mut self` makes this the only access.
+        unsafe { self.hdr.as_mut() }
+    }
+
+    /// Packet length in bytes.
+    #[inline(always)]
+    pub fn data_len(&self) -> usize {
+        self.hdr().data_len as usize
+    }
+
+    /// Offset of the packet data from the buffer start (initially [`HEADROOM`]).
+    #[inline(always)]
+    pub fn data_off(&self) -> usize {
+        self.hdr().data_off as usize
+    }
+
+    /// Bytes available in front of the data.
+    #[inline(always)]
+    pub fn headroom(&self) -> usize {
+        self.data_off()
+    }
+
+    /// Bytes available after the data.
+    #[inline(always)]
+    pub fn tailroom(&self) -> usize {
+        let h = self.hdr();
+        h.buf_len as usize - h.data_off as usize - h.data_len as usize
+    }
+
+    /// Total buffer size (headroom + data room).
+    #[inline(always)]
+    pub fn buf_len(&self) -> usize {
+        self.hdr().buf_len as usize
+    }
+
+    /// Sets the packet length; fails (returns false) when it exceeds the room after `data_off`.
+    #[inline(always)]
+    pub fn set_data_len(&mut self, len: usize) -> bool {
+        let h = self.hdr_mut();
+        if len > h.buf_len as usize - h.data_off as usize {
+            return false;
+        }
+        h.data_len = len as u32;
+        true
+    }
+
+    /// Grows the packet at its end by `len` bytes and returns the new bytes.
+    pub fn append(&mut self, len: usize) -> Option<&mut [u8]> {
+        if len > self.tailroom() {
+            return None;
+        }
+        let old = self.data_len();
+        self.hdr_mut().data_len += len as u32;
+        Some(&mut self.data_mut()[old..])
+    }
+
+    /// Grows the packet at its front by `len` bytes (taken from the headroom) and returns them.
+    pub fn prepend(&mut self, len: usize) -> Option<&mut [u8]> {
+        if len > self.headroom() {
+            return None;
+        }
+        let h = self.hdr_mut();
+        h.data_off -= len as u16;
+        h.data_len += len as u32;
+        Some(&mut self.data_mut()[..len])
+    }
+
+    /// Removes `len` bytes from the front of the packet.
+    pub fn adj(&mut self, len: usize) -> bool {
+        if len > self.data_len() {
+            return false;
+        }
+        let h = self.hdr_mut();
+        h.data_off += len as u16;
+        h.data_len -= len as u32;
+        true
+    }
+
+    /// Removes `len` bytes from the end of the packet.
+    pub fn trim(&mut self, len: usize) -> bool {
+        if len > self.data_len() {
+            return false;
+        }
+        self.hdr_mut().data_len -= len as u32;
+        true
+    }
+
+    /// Address of the first data byte in this process.
+    #[inline(always)]
+    pub fn data_ptr(&self) -> *mut u8 {
+        let h = self.hdr();
+        h.buf_addr.wrapping_add(h.data_off as usize)
+    }
+
+    /// IOVA of the first data byte (what a device DMAs to).
+    #[inline(always)]
+    pub fn data_iova(&self) -> u64 {
+        let h = self.hdr();
+        h.buf_iova + h.data_off as u64
+    }
+
+    /// IOVA of the buffer start (headroom included).
+    #[inline(always)]
+    pub fn buf_iova(&self) -> u64 {
+        self.hdr().buf_iova
+    }
+
+    /// The packet bytes.
+    #[inline(always)]
+    pub fn data(&self) -> &[u8] {
+        let h = self.hdr();
+        // SAFETY: data_off + data_len <= buf_len is an invariant every setter keeps, the buffer
+        // lies inside the pool's mapping, and `&self` owns it (no device is writing to it while
+        // software owns the mbuf).
+        unsafe { std::slice::from_raw_parts(self.data_ptr(), h.data_len as usize) }
+    }
+
+    /// The packet bytes, writable.
+    #[inline(always)]
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        let len = self.data_len();
+        let ptr = self.data_ptr();
+        // SAFETY: as in `data`, and `&mut self` makes this the only access to the buffer.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// The whole room after `data_off` (up to the buffer end), writable: for building packets.
+    #[inline(always)]
+    pub fn room_mut(&mut self) -> &mut [u8] {
+        let h = self.hdr();
+        let len = h.buf_len as usize - h.data_off as usize;
+        let ptr = self.data_ptr();
+        // SAFETY: [data_off, buf_len) lies inside this buffer; `&mut self` owns it exclusively.
+        unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+    }
+
+    /// Port the packet was received on ([`NO_PORT`] if none).
+    #[inline(always)]
+    pub fn port(&self) -> u16 {
+        self.hdr().port
+    }
+
+    /// Queue the packet was received on.
+    #[inline(always)]
+    pub fn queue(&self) -> u16 {
+        self.hdr().queue
+    }
+
+    /// Records the receiving port and queue.
+    #[inline(always)]
+    pub fn set_rx_port(&mut self, port: u16, queue: u16) {
+        let h = self.hdr_mut();
+        h.port = port;
+        h.queue = queue;
+    }
+
+    /// Offload flags ([`offload`]).
+    #[inline(always)]
+    pub fn ol_flags(&self) -> u64 {
+        self.hdr().ol_flags
+    }
+
+    /// Replaces the offload flags.
+    #[inline(always)]
+    pub fn set_ol_flags(&mut self, flags: u64) {
+        self.hdr_mut().ol_flags = flags;
+    }
+
+    /// The virtio-net header fields.
+    #[inline(always)]
+    pub fn vnet(&self) -> VnetHdr {
+        self.hdr().vnet
+    }
+
+    /// Replaces the virtio-net header fields.
+    #[inline(always)]
+    pub fn set_vnet(&mut self, v: VnetHdr) {
+        self.hdr_mut().vnet = v;
+    }
+
+    /// RSS hash (0 when none).
+    pub fn hash(&self) -> u32 {
+        self.hdr().hash
+    }
+
+    /// Sets the RSS hash.
+    pub fn set_hash(&mut self, h: u32) {
+        self.hdr_mut().hash = h;
+    }
+
+    /// Packet type (vdpakit's own classification, 0 = unknown).
+    pub fn packet_type(&self) -> u32 {
+        self.hdr().packet_type
+    }
+
+    /// Sets the packet type.
+    pub fn set_packet_type(&mut self, t: u32) {
+        self.hdr_mut().packet_type = t;
+    }
+
+    /// Application scratch: sequence number.
+    pub fn seqn(&self) -> u32 {
+        self.hdr().seqn
+    }
+
+    /// Sets the sequence number.
+    pub fn set_seqn(&mut self, s: u32) {
+        self.hdr_mut().seqn = s;
+    }
+
+    /// Application scratch: timestamp.
+    pub fn timestamp(&self) -> u64 {
+        self.hdr().timestamp
+    }
+
+    /// Sets the timestamp.
+    pub fn set_timestamp(&mut self, t: u64) {
+        self.hdr_mut().timestamp = t;
+    }
+
+    /// Index of the buffer inside its pool.
+    pub fn pool_index(&self) -> u32 {
+        self.hdr().index
+    }
+
+    #[inline(always)]
+    pub(crate) fn pool_core(&self) -> *const PoolCore {
+        self.hdr().pool
+    }
+
+    /// Prefetches the first data cache line (a hint; no effect on correctness).
+    #[inline(always)]
+    pub fn prefetch_data(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.data_ptr() as *const i8;
+            // SAFETY: a prefetch never faults and has no architectural effect, whatever the
+            // address; SSE is part of the x86-64 baseline.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
+        }
+    }
+}
+
+impl Drop for Mbuf {
+    fn drop(&mut self) {
+        let pool = self.pool_core();
+        // SAFETY: every mbuf's header links to its pool core, which stays allocated while any of
+        // its buffers is outstanding (this one is).
+        unsafe { (*pool).put_one(self.hdr) };
+    }
+}
+
+/// A fixed-capacity batch of mbufs: what rx/tx bursts fill and drain. No allocation after
+/// creation; dropping a burst returns what it still holds to the pools.
+pub struct Burst {
+    len: usize,
+    limit: usize,
+    pkts: [MaybeUninit<Mbuf>; MAX_BURST],
+}
+
+impl std::fmt::Debug for Burst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Burst").field("len", &self.len).field("limit", &self.limit).finish()
+    }
+}
+
+impl Burst {
+    /// An empty burst that holds at most `limit` packets (clamped to `1..=MAX_BURST`).
+    pub fn new(limit: usize) -> Burst {
+        Burst {
+            len: 0,
+            limit: limit.clamp(1, MAX_BURST),
+            pkts: [const { MaybeUninit::uninit() }; MAX_BURST],
+        }
+    }
+
+    /// Packets held.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the burst is empty.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most packets this burst holds.
+    #[inline(always)]
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// How many more packets fit.
+    #[inline(always)]
+    pub fn room(&self) -> usize {
+        self.limit - self.len
+    }
+
+    /// Adds a packet at the end; gives it back when full.
+    #[inline(always)]
+    pub fn push(&mut self, m: Mbuf) -> std::result::Result<(), Mbuf> {
+        if self.len == self.limit {
+            return Err(m);
+        }
+        self.pkts[self.len].write(m);
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Removes the last packet.
+    #[inline(always)]
+    pub fn pop(&mut self) -> Option<Mbuf> {
+        if self.len == 0 {
+            return None;
+        }
+        self.len -= 1;
+        // SAFETY: slots below the old `len` are initialised; after the decrement this slot is
+        // outside the initialised range, so the value is moved out exactly once.
+        Some(unsafe { self.pkts[self.len].assume_init_read() })
+    }
+
+    /// The packets, in order.
+    #[inline(always)]
+    pub fn as_slice(&self) -> &[Mbuf] {
+        // SAFETY: the first `len` slots are initialised, and MaybeUninit<Mbuf> has Mbuf's layout.
+        unsafe { std::slice::from_raw_parts(self.pkts.as_ptr().cast::<Mbuf>(), self.len) }
+    }
+
+    /// The packets, in order, writable.
+    #[inline(always)]
+    pub fn as_mut_slice(&mut self) -> &mut [Mbuf] {
+        // SAFETY: as in `as_slice`, with exclusive access through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.pkts.as_mut_ptr().cast::<Mbuf>(), self.len) }
+    }
+
+    /// Iterates over the packets.
+    pub fn iter(&self) -> std::slice::Iter<'_, Mbuf> {
+        self.as_slice().iter()
+    }
+
+    /// Iterates over the packets, writable.
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, Mbuf> {
+        self.as_mut_slice().iter_mut()
+    }
+
+    /// Total bytes of the packets held.
+    #[inline(always)]
+    pub fn bytes(&self) -> u64 {
+        self.iter().map(|m| m.data_len() as u64).sum()
+    }
+
+    /// Moves the first `n` packets out (in order) through `f`, then closes the gap.
+    #[inline]
+    pub fn drain_front(&mut self, n: usize, mut f: impl FnMut(Mbuf)) {
+        let n = n.min(self.len);
+        for i in 0..n {
+            // SAFETY: slot i < len is initialised; it is moved out once and then overwritten
+            // or left outside the initialised range by the shift below.
+            f(unsafe { self.pkts[i].assume_init_read() });
+        }
+        self.shift_front(n);
+    }
+
+    /// Forgets the first `n` packets, whose ownership moved elsewhere as raw values.
+    #[inline(always)]
+    fn shift_front(&mut self, n: usize) {
+        let rest = self.len - n;
+        if rest > 0 && n > 0 {
+            // SAFETY: both ranges lie in the array; `copy` handles the overlap; the moved-from
+            // tail is then outside the initialised range (len shrinks by n).
+            unsafe {
+                std::ptr::copy(self.pkts.as_ptr().add(n), self.pkts.as_mut_ptr(), rest);
+            }
+        }
+        self.len = rest;
+    }
+
+    /// Appends raw buffers taken back from a ring.
+    ///
+    /// # Safety
+    /// Each entry must be a `RawMbuf` from [`Mbuf::into_raw`] that is taken back exactly once,
+    /// and `raw.len() <= self.room()`.
+    #[inline(always)]
+    pub(crate) unsafe fn extend_raw(&mut self, raw: &[RawMbuf]) {
+        debug_assert!(raw.len() <= self.room());
+        for r in raw {
+            // SAFETY: the caller guarantees ownership transfer and room.
+            self.pkts[self.len].write(unsafe { Mbuf::from_raw(*r) });
+            self.len += 1;
+        }
+    }
+
+    /// Writes the raw addresses of the first `out.len()` packets into `out` (no ownership change).
+    #[inline(always)]
+    pub(crate) fn peek_raw(&self, out: &mut [RawMbuf]) -> usize {
+        let n = out.len().min(self.len);
+        for (o, m) in out.iter_mut().zip(self.as_slice()) {
+            *o = RawMbuf(m.hdr_ptr().as_ptr() as usize);
+        }
+        n
+    }
+}
+
+impl Drop for Burst {
+    fn drop(&mut self) {
+        while self.pop().is_some() {}
+    }
+}
+
+/// Creates a single-producer/single-consumer channel of mbufs (what the `ring` port is made of).
+///
+/// Whichever end is dropped last frees the packets still in the channel, so no buffer is lost
+/// whatever order the two ends go in.
+pub fn mbuf_channel(capacity: usize) -> Result<(MbufTx, MbufRx)> {
+    let (p, c) = vdpakit_ring::spsc::channel::<RawMbuf>(capacity)?;
+    let orphan = Arc::new(Orphan(Mutex::new(None)));
+    Ok((
+        MbufTx { p, scratch: Box::new([RawMbuf::NULL; MAX_BURST]), _orphan: Arc::clone(&orphan) },
+        MbufRx { c: Some(c), scratch: Box::new([RawMbuf::NULL; MAX_BURST]), orphan },
+    ))
+}
+
+/// Holds the consumer of a channel whose receiving end is gone; drains it when the last end goes.
+struct Orphan(Mutex<Option<Consumer<RawMbuf>>>);
+
+impl Drop for Orphan {
+    fn drop(&mut self) {
+        let slot = self.0.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_mut() {
+            let mut raw = [RawMbuf::NULL; 64];
+            loop {
+                let n = c.dequeue_burst(&mut raw);
+                if n == 0 {
+                    break;
+                }
+                for r in &raw[..n] {
+                    // SAFETY: entries were put in the channel by `send_burst` from owned mbufs
+                    // and each is taken back once here; the sender is gone, so nothing else can.
+                    drop(unsafe { Mbuf::from_raw(*r) });
+                }
+            }
+        }
+    }
+}
+
+/// Sending end of an [`mbuf_channel`].
+pub struct MbufTx {
+    p: Producer<RawMbuf>,
+    scratch: Box<[RawMbuf; MAX_BURST]>,
+    _orphan: Arc<Orphan>,
+}
+
+impl MbufTx {
+    /// Moves as many packets as fit from the front of `burst` into the channel (one index
+    /// publish); the rest stay in `burst`. Returns the number moved.
+    #[inline]
+    pub fn send_burst(&mut self, burst: &mut Burst) -> usize {
+        let n = burst.peek_raw(&mut self.scratch[..burst.len()]);
+        let sent = self.p.enqueue_burst(&self.scratch[..n]);
+        // The first `sent` mbufs now belong to the channel.
+        burst.shift_front(sent);
+        sent
+    }
+
+    /// Packets in the channel.
+    pub fn len(&self) -> usize {
+        self.p.len()
+    }
+
+    /// Whether the channel is empty.
+    pub fn is_empty(&self) -> bool {
+        self.p.is_empty()
+    }
+
+    /// Channel capacity.
+    pub fn capacity(&self) -> usize {
+        self.p.capacity()
+    }
+}
+
+/// Receiving end of an [`mbuf_channel`].
+pub struct MbufRx {
+    c: Option<Consumer<RawMbuf>>,
+    scratch: Box<[RawMbuf; MAX_BURST]>,
+    orphan: Arc<Orphan>,
+}
+
+impl MbufRx {
+    /// Moves up to `burst.room()` packets from the channel into `burst`. Returns how many.
+    #[inline]
+    pub fn recv_burst(&mut self, burst: &mut Burst) -> usize {
+        let Some(c) = self.c.as_mut() else { return 0 };
+        let room = burst.room();
+        let n = c.dequeue_burst(&mut self.scratch[..room]);
+        // SAFETY: everything in the channel was put there by `send_burst` from owned mbufs
+        // (`into_raw` semantics), and each dequeued entry is taken back exactly once; n <= room.
+        unsafe { burst.extend_raw(&self.scratch[..n]) };
+        n
+    }
+
+    /// Packets in the channel.
+    pub fn len(&self) -> usize {
+        self.c.as_ref().map_or(0, |c| c.len())
+    }
+
+    /// Whether the channel is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for MbufRx {
+    fn drop(&mut self) {
+        // Hand the consumer to the shared slot: the last end to go drains it.
+        let mut slot = self.orphan.0.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = self.c.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::MemMode;
+    use crate::mempool::{Mempool, MempoolConfig};
+
+    fn pool(n: u32) -> Arc<Mempool> {
+        Mempool::new("mbuf-t", MempoolConfig { count: n, cache_size: 0, mem: MemMode::NoHuge, ..Default::default() })
+            .unwrap()
+    }
+
+    fn fill(p: &Mempool, b: &mut Burst, n: usize) {
+        for i in 0..n {
+            let mut m = p.alloc().unwrap();
+            m.append(60).unwrap()[0] = i as u8;
+            b.push(m).unwrap();
+        }
+    }
+
+    #[test]
+    fn burst_push_pop_drain_keep_order() {
+        let p = pool(16);
+        let mut b = Burst::new(4);
+        fill(&p, &mut b, 4);
+        assert!(b.push(p.alloc().unwrap()).is_err(), "limit respected");
+        assert_eq!(b.bytes(), 240);
+        let mut seen = vec![];
+        b.drain_front(2, |m| seen.push(m.data()[0]));
+        assert_eq!(seen, [0, 1]);
+        assert_eq!(b.as_slice().iter().map(|m| m.data()[0]).collect::<Vec<_>>(), [2, 3]);
+        drop(b);
+        assert_eq!(p.available(), 16, "dropping a burst frees what it holds");
+    }
+
+    #[test]
+    fn channel_moves_packets_in_order_and_keeps_what_does_not_fit() {
+        let p = pool(32);
+        let (mut tx, mut rx) = mbuf_channel(8).unwrap();
+        let mut b = Burst::new(16);
+        fill(&p, &mut b, 12);
+        assert_eq!(tx.send_burst(&mut b), 8);
+        assert_eq!(b.len(), 4, "unsent packets stay with the caller");
+        assert_eq!(b.as_slice()[0].data()[0], 8);
+        let mut out = Burst::new(5);
+        assert_eq!(rx.recv_burst(&mut out), 5);
+        assert_eq!(out.iter().map(|m| m.data()[0]).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        drop((out, b));
+        assert_eq!(p.available(), 32 - 3);
+    }
+
+    #[test]
+    fn channel_frees_leftovers_whichever_end_goes_last() {
+        let p = pool(32);
+        for rx_first in [true, false] {
+            let (mut tx, rx) = mbuf_channel(16).unwrap();
+            let mut b = Burst::new(16);
+            fill(&p, &mut b, 10);
+            if rx_first {
+                drop(rx);
+                // Sending into a channel whose receiver is gone still never loses a buffer.
+                assert_eq!(tx.send_burst(&mut b), 10);
+                drop(tx);
+            } else {
+                assert_eq!(tx.send_burst(&mut b), 10);
+                drop(tx);
+                drop(rx);
+            }
+            assert_eq!(p.available(), 32, "rx_first={rx_first}");
+        }
+    }
+}
