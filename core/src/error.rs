@@ -90,7 +90,9 @@ pub enum Error {
     Ring(#[from] vdpakit_ring::RingError),
 
     /// A malformed CPU list.
-    #[error("invalid core list '{list}': {why}; accepted is a comma-separated list of CPUs and ranges like 0,2-3")]
+    #[error(
+        "invalid core list '{list}': {why}; accepted is a comma-separated list of CPUs and ranges like 0,2-3"
+    )]
     CoreList {
         /// The list as given.
         list: String,

@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 /// Parses a CPU list like `0`, `0,2`, `0-3` or `0-1,4`. Rejects empty parts, reversed ranges and
 /// repeated CPUs.
 pub fn parse_core_list(list: &str) -> Result<Vec<usize>> {
-    let bad = |why: String| Error::CoreList { list: list.to_string(), why };
+    let bad = |why: String| Error::CoreList {
+        list: list.to_string(),
+        why,
+    };
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
     if list.trim().is_empty() {
@@ -24,7 +27,9 @@ pub fn parse_core_list(list: &str) -> Result<Vec<usize>> {
     for part in list.split(',') {
         let part = part.trim();
         let num = |s: &str| {
-            s.trim().parse::<usize>().map_err(|_| bad(format!("'{s}' is not a CPU number")))
+            s.trim()
+                .parse::<usize>()
+                .map_err(|_| bad(format!("'{s}' is not a CPU number")))
         };
         let (lo, hi) = match part.split_once('-') {
             Some((a, b)) => (num(a)?, num(b)?),
@@ -51,7 +56,11 @@ pub fn parse_core_list(list: &str) -> Result<Vec<usize>> {
 
 /// The CPUs this process may run on (its affinity mask), ascending.
 pub fn available_cpus() -> Vec<usize> {
-    let mut v: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    let mut v: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
     v.sort_unstable();
     v
 }
@@ -65,10 +74,18 @@ pub fn format_cpus(cpus: &[usize]) -> String {
         while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
             j += 1;
         }
-        out.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
         i = j + 1;
     }
-    if out.is_empty() { "none".into() } else { out.join(",") }
+    if out.is_empty() {
+        "none".into()
+    } else {
+        out.join(",")
+    }
 }
 
 /// Checks that every CPU exists and is in this process's affinity mask.
@@ -76,7 +93,10 @@ pub fn check_cpus(cpus: &[usize]) -> Result<()> {
     let avail = available_cpus();
     for &c in cpus {
         if !avail.contains(&c) {
-            return Err(Error::CpuUnavailable { cpu: c, available: format_cpus(&avail) });
+            return Err(Error::CpuUnavailable {
+                cpu: c,
+                available: format_cpus(&avail),
+            });
         }
     }
     Ok(())
@@ -160,20 +180,26 @@ where
     let mut handles = Vec::with_capacity(cpus.len());
     for (lcore, &cpu) in cpus.iter().enumerate() {
         let body = make(lcore, cpu);
-        let ctx = LcoreCtx { lcore, cpu, stop: stop.clone() };
+        let ctx = LcoreCtx {
+            lcore,
+            cpu,
+            stop: stop.clone(),
+        };
         let worker_barrier = Arc::clone(&barrier);
         let worker_abort = Arc::clone(&abort);
         let ready = ready_tx.clone();
-        let spawned = std::thread::Builder::new().name(format!("lcore-{lcore}")).spawn(move || {
-            let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
-            let _ = ready.send((lcore, pinned));
-            worker_barrier.wait();
-            if worker_abort.load(Ordering::Acquire) {
-                // Pinning failed somewhere: do not run the loop at all.
-                ctx.stop.stop();
-            }
-            body(&ctx)
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("lcore-{lcore}"))
+            .spawn(move || {
+                let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+                let _ = ready.send((lcore, pinned));
+                worker_barrier.wait();
+                if worker_abort.load(Ordering::Acquire) {
+                    // Pinning failed somewhere: do not run the loop at all.
+                    ctx.stop.stop();
+                }
+                body(&ctx)
+            });
         match spawned {
             Ok(h) => handles.push((lcore, h)),
             Err(e) => {
@@ -195,7 +221,12 @@ where
             Ok((lcore, true)) => {
                 let _ = lcore;
             }
-            Ok((lcore, false)) => failed = Some(Error::Pin { lcore, cpu: cpus[lcore] }),
+            Ok((lcore, false)) => {
+                failed = Some(Error::Pin {
+                    lcore,
+                    cpu: cpus[lcore],
+                })
+            }
             Err(_) => break,
         }
     }
@@ -203,7 +234,10 @@ where
         abort.store(true, Ordering::Release);
     }
     barrier.wait();
-    let lcores = Lcores { handles, stop: stop.clone() };
+    let lcores = Lcores {
+        handles,
+        stop: stop.clone(),
+    };
     match failed {
         Some(e) => {
             stop.stop();
@@ -294,7 +328,10 @@ mod tests {
     #[test]
     fn nonexistent_cpu_is_rejected_with_the_available_list() {
         let e = check_cpus(&[100_000]).unwrap_err().to_string();
-        assert!(e.contains("CPU 100000") && e.contains("available CPUs are"), "{e}");
+        assert!(
+            e.contains("CPU 100000") && e.contains("available CPUs are"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -335,7 +372,10 @@ mod tests {
     #[test]
     fn a_panicking_worker_is_reported() {
         let stop = StopFlag::new();
-        let lc = launch(&available_cpus()[..1], &stop, |_, _| |_: &LcoreCtx| panic!("boom")).unwrap();
+        let lc = launch(&available_cpus()[..1], &stop, |_, _| {
+            |_: &LcoreCtx| panic!("boom")
+        })
+        .unwrap();
         assert!(matches!(lc.join(), Err(Error::LcorePanicked(0))));
     }
 }

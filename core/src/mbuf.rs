@@ -181,7 +181,9 @@ impl Mbuf {
     pub unsafe fn from_raw(raw: RawMbuf) -> Mbuf {
         // SAFETY: the caller guarantees `raw` came from `into_raw`, so it is a non-null header
         // address whose ownership is now transferred back.
-        Mbuf { hdr: unsafe { NonNull::new_unchecked(raw.0 as *mut MbufHdr) } }
+        Mbuf {
+            hdr: unsafe { NonNull::new_unchecked(raw.0 as *mut MbufHdr) },
+        }
     }
 
     #[inline(always)]
@@ -460,7 +462,10 @@ pub struct Burst {
 
 impl std::fmt::Debug for Burst {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Burst").field("len", &self.len).field("limit", &self.limit).finish()
+        f.debug_struct("Burst")
+            .field("len", &self.len)
+            .field("limit", &self.limit)
+            .finish()
     }
 }
 
@@ -617,8 +622,16 @@ pub fn mbuf_channel(capacity: usize) -> Result<(MbufTx, MbufRx)> {
     let (p, c) = vdpakit_ring::spsc::channel::<RawMbuf>(capacity)?;
     let orphan = Arc::new(Orphan(Mutex::new(None)));
     Ok((
-        MbufTx { p, scratch: Box::new([RawMbuf::NULL; MAX_BURST]), _orphan: Arc::clone(&orphan) },
-        MbufRx { c: Some(c), scratch: Box::new([RawMbuf::NULL; MAX_BURST]), orphan },
+        MbufTx {
+            p,
+            scratch: Box::new([RawMbuf::NULL; MAX_BURST]),
+            _orphan: Arc::clone(&orphan),
+        },
+        MbufRx {
+            c: Some(c),
+            scratch: Box::new([RawMbuf::NULL; MAX_BURST]),
+            orphan,
+        },
     ))
 }
 
@@ -726,8 +739,16 @@ mod tests {
     use crate::mempool::{Mempool, MempoolConfig};
 
     fn pool(n: u32) -> Arc<Mempool> {
-        Mempool::new("mbuf-t", MempoolConfig { count: n, cache_size: 0, mem: MemMode::NoHuge, ..Default::default() })
-            .unwrap()
+        Mempool::new(
+            "mbuf-t",
+            MempoolConfig {
+                count: n,
+                cache_size: 0,
+                mem: MemMode::NoHuge,
+                ..Default::default()
+            },
+        )
+        .unwrap()
     }
 
     fn fill(p: &Mempool, b: &mut Burst, n: usize) {
@@ -748,7 +769,10 @@ mod tests {
         let mut seen = vec![];
         b.drain_front(2, |m| seen.push(m.data()[0]));
         assert_eq!(seen, [0, 1]);
-        assert_eq!(b.as_slice().iter().map(|m| m.data()[0]).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            b.as_slice().iter().map(|m| m.data()[0]).collect::<Vec<_>>(),
+            [2, 3]
+        );
         drop(b);
         assert_eq!(p.available(), 16, "dropping a burst frees what it holds");
     }
@@ -764,7 +788,10 @@ mod tests {
         assert_eq!(b.as_slice()[0].data()[0], 8);
         let mut out = Burst::new(5);
         assert_eq!(rx.recv_burst(&mut out), 5);
-        assert_eq!(out.iter().map(|m| m.data()[0]).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            out.iter().map(|m| m.data()[0]).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
         drop((out, b));
         assert_eq!(p.available(), 32 - 3);
     }

@@ -163,31 +163,51 @@ impl Segment {
             .create(format!("vdpakit:{name}"))
             .map_err(|e| {
                 let source = match e {
-                    memfd::Error::Create(io) | memfd::Error::AddSeals(io) | memfd::Error::GetSeals(io) => io,
+                    memfd::Error::Create(io)
+                    | memfd::Error::AddSeals(io)
+                    | memfd::Error::GetSeals(io) => io,
                 };
                 (source.raw_os_error(), source)
             });
         let file = match memfd {
             Ok(m) => m.into_file(),
             // A kernel without hugetlb support for memfd, or no pool of this size at all.
-            Err((Some(libc::EINVAL | libc::ENOENT | libc::ENOMEM), _)) if page != PageSize::Small4K => {
+            Err((Some(libc::EINVAL | libc::ENOENT | libc::ENOMEM), _))
+                if page != PageSize::Small4K =>
+            {
                 return Err(reservation_error());
             }
             Err((_, source)) => {
-                return Err(Error::Memory { name: name.to_string(), op: "memfd_create", source });
+                return Err(Error::Memory {
+                    name: name.to_string(),
+                    op: "memfd_create",
+                    source,
+                });
             }
         };
         if let Err(source) = file.set_len(len as u64) {
             if page != PageSize::Small4K {
                 return Err(reservation_error());
             }
-            return Err(Error::Memory { name: name.to_string(), op: "ftruncate", source });
+            return Err(Error::Memory {
+                name: name.to_string(),
+                op: "ftruncate",
+                source,
+            });
         }
         // hugetlbfs reserves the pages at mmap time, so a shortage shows up here as ENOMEM.
         let map = match MmapOptions::new().len(len).populate().map_raw(&file) {
             Ok(m) => m,
-            Err(e) if page != PageSize::Small4K && is_no_memory(&e) => return Err(reservation_error()),
-            Err(source) => return Err(Error::Memory { name: name.to_string(), op: "mmap", source }),
+            Err(e) if page != PageSize::Small4K && is_no_memory(&e) => {
+                return Err(reservation_error());
+            }
+            Err(source) => {
+                return Err(Error::Memory {
+                    name: name.to_string(),
+                    op: "mmap",
+                    source,
+                });
+            }
         };
         tracing::debug!(segment = name, len, page = page.label(), "segment mapped");
         Ok(Arc::new(Segment {
@@ -243,7 +263,10 @@ impl Segment {
     /// Whether `[addr, addr + len)` lies inside the mapping.
     pub fn contains(&self, addr: usize, len: usize) -> bool {
         let base = self.base() as usize;
-        addr >= base && addr.checked_add(len).is_some_and(|end| end <= base + self.len)
+        addr >= base
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= base + self.len)
     }
 
     /// Reserves a named zone of `len` bytes aligned to `align` (a power of two).
@@ -269,7 +292,12 @@ impl Segment {
         };
         table.next = end;
         table.names.push(name.to_string());
-        Ok(Zone { seg: Arc::clone(self), name: name.to_string(), offset: start, len })
+        Ok(Zone {
+            seg: Arc::clone(self),
+            name: name.to_string(),
+            offset: start,
+            len,
+        })
     }
 }
 
@@ -364,8 +392,14 @@ mod tests {
         let b = seg.reserve_zone("b", 100, 4096).unwrap();
         assert_eq!(b.as_ptr() as usize % 4096, 0);
         assert!(b.offset() >= a.offset() + a.len());
-        assert!(matches!(seg.reserve_zone("a", 1, 1), Err(Error::ZoneExists(..))));
-        assert!(matches!(seg.reserve_zone("c", 1, 3), Err(Error::InvalidAlign(3))));
+        assert!(matches!(
+            seg.reserve_zone("a", 1, 1),
+            Err(Error::ZoneExists(..))
+        ));
+        assert!(matches!(
+            seg.reserve_zone("c", 1, 3),
+            Err(Error::InvalidAlign(3))
+        ));
         let err = seg.reserve_zone("big", 1 << 20, 64).unwrap_err();
         assert!(matches!(err, Error::ZoneNoSpace { .. }), "{err}");
         assert!(err.to_string().contains("'big'"));
@@ -390,7 +424,10 @@ mod tests {
         let err = Segment::new("t-1g", 1, MemMode::Huge1G).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, Error::HugepageReservation { .. }), "{msg}");
-        assert!(msg.contains("1G") && msg.contains("hugepages-1048576kB"), "{msg}");
+        assert!(
+            msg.contains("1G") && msg.contains("hugepages-1048576kB"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -403,6 +440,9 @@ mod tests {
 
     #[test]
     fn zero_length_segment_is_rejected() {
-        assert!(matches!(Segment::new("z", 0, MemMode::NoHuge), Err(Error::InvalidSegmentSize(0, _))));
+        assert!(matches!(
+            Segment::new("z", 0, MemMode::NoHuge),
+            Err(Error::InvalidSegmentSize(0, _))
+        ));
     }
 }

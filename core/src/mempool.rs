@@ -39,7 +39,12 @@ pub struct MempoolConfig {
 
 impl Default for MempoolConfig {
     fn default() -> Self {
-        MempoolConfig { count: 16384, data_room: DEFAULT_DATA_ROOM, cache_size: DEFAULT_CACHE, mem: MemMode::Auto }
+        MempoolConfig {
+            count: 16384,
+            data_room: DEFAULT_DATA_ROOM,
+            cache_size: DEFAULT_CACHE,
+            mem: MemMode::Auto,
+        }
     }
 }
 
@@ -91,7 +96,11 @@ impl Mempool {
     /// Creates a pool in a new segment of its own.
     pub fn new(name: &str, cfg: MempoolConfig) -> Result<Arc<Mempool>> {
         if cfg.count == 0 || cfg.count > (1 << 24) {
-            return Err(Error::InvalidPoolConfig { what: "count", value: cfg.count as usize, accepted: "1..=16777216" });
+            return Err(Error::InvalidPoolConfig {
+                what: "count",
+                value: cfg.count as usize,
+                accepted: "1..=16777216",
+            });
         }
         if !(64..=65280).contains(&cfg.data_room) {
             return Err(Error::InvalidPoolConfig {
@@ -101,7 +110,11 @@ impl Mempool {
             });
         }
         if cfg.cache_size > MAX_CACHE {
-            return Err(Error::InvalidPoolConfig { what: "cache size", value: cfg.cache_size as usize, accepted: "0..=512" });
+            return Err(Error::InvalidPoolConfig {
+                what: "cache size",
+                value: cfg.cache_size as usize,
+                accepted: "0..=512",
+            });
         }
         let elt_size = (HDR_SIZE + HEADROOM + cfg.data_room as usize).next_multiple_of(64);
         let bytes = elt_size * cfg.count as usize;
@@ -120,7 +133,13 @@ impl Mempool {
         let core = NonNull::from(Box::leak(core));
         let pool = Mempool { core };
         pool.init_buffers();
-        tracing::debug!(pool = name, count = cfg.count, elt_size, huge = seg.is_huge(), "mempool created");
+        tracing::debug!(
+            pool = name,
+            count = cfg.count,
+            elt_size,
+            huge = seg.is_huge(),
+            "mempool created"
+        );
         Ok(Arc::new(pool))
     }
 
@@ -277,7 +296,10 @@ unsafe impl Send for MempoolCache {}
 
 impl std::fmt::Debug for MempoolCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MempoolCache").field("len", &self.len).field("size", &self.size).finish()
+        f.debug_struct("MempoolCache")
+            .field("len", &self.len)
+            .field("size", &self.size)
+            .finish()
     }
 }
 
@@ -400,7 +422,12 @@ mod tests {
     fn pool(count: u32, cache: u32) -> Arc<Mempool> {
         Mempool::new(
             "t",
-            MempoolConfig { count, data_room: 2048, cache_size: cache, mem: MemMode::NoHuge },
+            MempoolConfig {
+                count,
+                data_room: 2048,
+                cache_size: cache,
+                mem: MemMode::NoHuge,
+            },
         )
         .unwrap()
     }
@@ -414,7 +441,11 @@ mod tests {
         assert_eq!(a.data_len(), 0);
         assert_eq!(a.tailroom(), 2048);
         assert_eq!(a.data_iova(), a.data_ptr() as u64, "IOVA = VA");
-        let (lo, hi) = if a.data_ptr() < b.data_ptr() { (&a, &b) } else { (&b, &a) };
+        let (lo, hi) = if a.data_ptr() < b.data_ptr() {
+            (&a, &b)
+        } else {
+            (&b, &a)
+        };
         assert!(lo.data_ptr() as usize + 2048 <= hi.data_ptr() as usize);
         assert!(p.zone().segment().contains(a.data_ptr() as usize, 2048));
     }
@@ -442,7 +473,11 @@ mod tests {
         c.free_burst(&mut b);
         assert!(b.is_empty());
         drop(c);
-        assert_eq!(p.available(), 40, "the cache flushes everything back on drop");
+        assert_eq!(
+            p.available(),
+            40,
+            "the cache flushes everything back on drop"
+        );
     }
 
     #[test]
@@ -452,7 +487,11 @@ mod tests {
         let mut b = Burst::new(256);
         assert!(c.alloc_bulk(&mut b, 256));
         c.free_burst(&mut b);
-        assert!(c.len() < 48, "cache keeps at most 1.5x its size, has {}", c.len());
+        assert!(
+            c.len() < 48,
+            "cache keeps at most 1.5x its size, has {}",
+            c.len()
+        );
         assert_eq!(p.available() + c.len(), 1024);
     }
 
@@ -467,7 +506,10 @@ mod tests {
         assert!(m.adj(10));
         c.free(m);
         let m = c.alloc().unwrap();
-        assert_eq!((m.data_len(), m.port(), m.ol_flags(), m.headroom()), (0, NO_PORT, 0, HEADROOM));
+        assert_eq!(
+            (m.data_len(), m.port(), m.ol_flags(), m.headroom()),
+            (0, NO_PORT, 0, HEADROOM)
+        );
     }
 
     #[test]
@@ -499,11 +541,28 @@ mod tests {
 
     #[test]
     fn invalid_config_names_the_value() {
-        let e = Mempool::new("x", MempoolConfig { count: 0, ..Default::default() }).unwrap_err();
+        let e = Mempool::new(
+            "x",
+            MempoolConfig {
+                count: 0,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("count 0"), "{e}");
-        let e = Mempool::new("x", MempoolConfig { cache_size: 600, mem: MemMode::NoHuge, ..Default::default() })
-            .unwrap_err();
-        assert!(e.to_string().contains("600") && e.to_string().contains("0..=512"), "{e}");
+        let e = Mempool::new(
+            "x",
+            MempoolConfig {
+                cache_size: 600,
+                mem: MemMode::NoHuge,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("600") && e.to_string().contains("0..=512"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -525,7 +584,10 @@ mod tests {
             // Buffers in flight to the other thread can exhaust the pool for a moment.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
             while !c.alloc_bulk(&mut b, 32) {
-                assert!(std::time::Instant::now() < deadline, "buffers never came back");
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "buffers never came back"
+                );
                 std::thread::yield_now();
             }
             let mut v = Vec::new();

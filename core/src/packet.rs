@@ -37,7 +37,11 @@ pub fn udp_template(src: [u8; 6], dst: [u8; 6], frame_len: usize) -> Vec<u8> {
 pub fn ipv4_checksum(hdr: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in hdr.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += w as u32;
     }
     while sum > 0xffff {
@@ -74,7 +78,11 @@ mod tests {
         assert_eq!(t.len(), UDP_HDR_LEN);
         assert_eq!(&t[0..6], &[2, 0, 0, 0, 0, 2]);
         assert_eq!(&t[12..14], &[8, 0]);
-        assert_eq!(u16::from_be_bytes([t[16], t[17]]), 50, "IP total length = 64 - 14");
+        assert_eq!(
+            u16::from_be_bytes([t[16], t[17]]),
+            50,
+            "IP total length = 64 - 14"
+        );
         assert_eq!(u16::from_be_bytes([t[38], t[39]]), 30, "UDP length");
         assert_eq!(ipv4_checksum(&t[14..34]), 0, "checksum verifies");
         assert_eq!(udp_template([0; 6], [0; 6], 20).len(), 20);

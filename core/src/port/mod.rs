@@ -39,7 +39,12 @@ pub struct PortConf {
 
 impl Default for PortConf {
     fn default() -> Self {
-        PortConf { rx_queues: 1, tx_queues: 1, rx_desc: 1024, tx_desc: 1024 }
+        PortConf {
+            rx_queues: 1,
+            tx_queues: 1,
+            rx_desc: 1024,
+            tx_desc: 1024,
+        }
     }
 }
 
@@ -335,6 +340,14 @@ mod tests {
         s.add(2, 200);
         s.add_drops(4);
         s.add_errors(1);
-        assert_eq!(s.read(), Counters { packets: 5, bytes: 500, drops: 4, errors: 1 });
+        assert_eq!(
+            s.read(),
+            Counters {
+                packets: 5,
+                bytes: 500,
+                drops: 4,
+                errors: 1
+            }
+        );
     }
 }

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{
-    LinkStatus, Port, PortConf, PortEnv, PortKind, PortSpec, PortState, PortStats, QueuePair, QueueStats, RxQueue,
-    StatsBlocks, TxQueue,
+    LinkStatus, Port, PortConf, PortEnv, PortKind, PortSpec, PortState, PortStats, QueuePair,
+    QueueStats, RxQueue, StatsBlocks, TxQueue,
 };
 use crate::error::{Error, Result};
 use crate::mbuf::Burst;
@@ -14,9 +14,18 @@ pub(super) const KIND: PortKind = PortKind {
     name: "null",
     about: "receive yields generated packets (or nothing), transmit frees them",
     keys: &[
-        ("rx", "gen (default): generate packets; none: receive nothing"),
-        ("size", "generated packet size, 60..=9000 (default: --pkt-size)"),
-        ("copy", "1: write an Ethernet/IPv4/UDP header into generated packets; 0 (default): lengths only"),
+        (
+            "rx",
+            "gen (default): generate packets; none: receive nothing",
+        ),
+        (
+            "size",
+            "generated packet size, 60..=9000 (default: --pkt-size)",
+        ),
+        (
+            "copy",
+            "1: write an Ethernet/IPv4/UDP header into generated packets; 0 (default): lengths only",
+        ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
     ],
 };
@@ -47,7 +56,10 @@ impl NullPort {
                 kind: "null".into(),
                 key: "size".into(),
                 value: size.to_string(),
-                accepted: format!("at most the buffer data room, {} bytes", env.pool.data_room()),
+                accepted: format!(
+                    "at most the buffer data room, {} bytes",
+                    env.pool.data_room()
+                ),
             });
         }
         let copy = a.choice("copy", "0", &["0", "1"])? == "1";
@@ -83,10 +95,17 @@ impl Port for NullPort {
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
         if self.state == PortState::Started {
-            return Err(Error::PortState { port: self.name.clone(), op: "configure", state: "started" });
+            return Err(Error::PortState {
+                port: self.name.clone(),
+                op: "configure",
+                state: "started",
+            });
         }
         if conf.rx_queues == 0 || conf.tx_queues == 0 {
-            return Err(Error::PortConfig { port: self.name.clone(), why: "needs at least one rx and one tx queue".into() });
+            return Err(Error::PortConfig {
+                port: self.name.clone(),
+                why: "needs at least one rx and one tx queue".into(),
+            });
         }
         self.conf = *conf;
         self.stats = StatsBlocks::new(conf.rx_queues, conf.tx_queues);
@@ -96,7 +115,11 @@ impl Port for NullPort {
 
     fn start(&mut self) -> Result<()> {
         if self.state != PortState::Stopped {
-            return Err(Error::PortState { port: self.name.clone(), op: "start", state: self.state.as_str() });
+            return Err(Error::PortState {
+                port: self.name.clone(),
+                op: "start",
+                state: self.state.as_str(),
+            });
         }
         self.state = PortState::Started;
         self.taken = false;
@@ -111,13 +134,24 @@ impl Port for NullPort {
     }
 
     fn link(&self) -> LinkStatus {
-        LinkStatus { up: self.state == PortState::Started, speed_mbps: 0 }
+        LinkStatus {
+            up: self.state == PortState::Started,
+            speed_mbps: 0,
+        }
     }
 
     fn take_queues(&mut self) -> Result<Vec<QueuePair>> {
         if self.state != PortState::Started || self.taken {
-            let state = if self.taken { "its queues are already taken" } else { self.state.as_str() };
-            return Err(Error::PortState { port: self.name.clone(), op: "take queues", state });
+            let state = if self.taken {
+                "its queues are already taken"
+            } else {
+                self.state.as_str()
+            };
+            return Err(Error::PortState {
+                port: self.name.clone(),
+                op: "take queues",
+                state,
+            });
         }
         self.taken = true;
         let n = self.conf.rx_queues.max(self.conf.tx_queues);
@@ -131,14 +165,20 @@ impl Port for NullPort {
                         size: self.size,
                         port: self.port_id,
                         queue: q,
-                        template: if self.copy { Some(template.clone()) } else { None },
+                        template: if self.copy {
+                            Some(template.clone())
+                        } else {
+                            None
+                        },
                         cache: self.pool.cache(self.cache_size),
                         stats: Arc::clone(&self.stats.rx[q as usize]),
                     }) as Box<dyn RxQueue>
                 }),
                 tx: (q < self.conf.tx_queues).then(|| {
-                    Box::new(NullTx { cache: self.pool.cache(self.cache_size), stats: Arc::clone(&self.stats.tx[q as usize]) })
-                        as Box<dyn TxQueue>
+                    Box::new(NullTx {
+                        cache: self.pool.cache(self.cache_size),
+                        stats: Arc::clone(&self.stats.tx[q as usize]),
+                    }) as Box<dyn TxQueue>
                 }),
             })
             .collect())

@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{
-    LinkStatus, Port, PortConf, PortEnv, PortKind, PortSpec, PortState, PortStats, QueuePair, QueueStats, RxQueue,
-    StatsBlocks, TxQueue,
+    LinkStatus, Port, PortConf, PortEnv, PortKind, PortSpec, PortState, PortStats, QueuePair,
+    QueueStats, RxQueue, StatsBlocks, TxQueue,
 };
 use crate::error::{Error, Result};
 use crate::mbuf::{Burst, MAX_BURST, MbufRx, MbufTx, mbuf_channel};
@@ -18,10 +18,22 @@ pub(super) const KIND: PortKind = PortKind {
     name: "ring",
     about: "transmit feeds a named in-memory ring that a port receives from (loopback or a wire between ports)",
     keys: &[
-        ("name", "name of the ring this port receives from (default ring<port id>)"),
-        ("peer", "name of the ring this port transmits into (default: its own, a loopback)"),
-        ("size", "ring entries per queue, a power of two in 64..=65536 (default: the descriptor count)"),
-        ("prefill", "packets put on the wire at start, 0..=65536 (default 256, so io forwarding has traffic)"),
+        (
+            "name",
+            "name of the ring this port receives from (default ring<port id>)",
+        ),
+        (
+            "peer",
+            "name of the ring this port transmits into (default: its own, a loopback)",
+        ),
+        (
+            "size",
+            "ring entries per queue, a power of two in 64..=65536 (default: the descriptor count)",
+        ),
+        (
+            "prefill",
+            "packets put on the wire at start, 0..=65536 (default 256, so io forwarding has traffic)",
+        ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
     ],
 };
@@ -116,7 +128,9 @@ pub struct RingPort {
 impl RingPort {
     pub(super) fn new(spec: &PortSpec, env: &PortEnv) -> Result<RingPort> {
         let a = spec.args(KIND.keys)?;
-        let ring = a.name("name")?.unwrap_or_else(|| format!("ring{}", env.port_id));
+        let ring = a
+            .name("name")?
+            .unwrap_or_else(|| format!("ring{}", env.port_id));
         let peer = a.name("peer")?.unwrap_or_else(|| ring.clone());
         let size = match a.get("size") {
             None => None,
@@ -151,7 +165,11 @@ impl RingPort {
     }
 
     fn ring_size(&self) -> usize {
-        self.size.unwrap_or_else(|| (self.conf.rx_desc as usize).next_power_of_two().clamp(64, 65536))
+        self.size.unwrap_or_else(|| {
+            (self.conf.rx_desc as usize)
+                .next_power_of_two()
+                .clamp(64, 65536)
+        })
     }
 
     /// Puts `prefill` packets on this port's wire, spread over its transmit rings.
@@ -169,7 +187,10 @@ impl RingPort {
             if n == 0 || !cache.alloc_bulk(&mut b, n) {
                 return Err(Error::PortConfig {
                     port: self.name.clone(),
-                    why: format!("cannot prefill {} packets (ring or mempool too small)", self.prefill),
+                    why: format!(
+                        "cannot prefill {} packets (ring or mempool too small)",
+                        self.prefill
+                    ),
                 });
             }
             for m in b.iter_mut() {
@@ -199,13 +220,26 @@ impl Port for RingPort {
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
         if self.state == PortState::Started {
-            return Err(Error::PortState { port: self.name.clone(), op: "configure", state: "started" });
+            return Err(Error::PortState {
+                port: self.name.clone(),
+                op: "configure",
+                state: "started",
+            });
         }
         if conf.rx_queues == 0 || conf.tx_queues == 0 {
-            return Err(Error::PortConfig { port: self.name.clone(), why: "needs at least one rx and one tx queue".into() });
+            return Err(Error::PortConfig {
+                port: self.name.clone(),
+                why: "needs at least one rx and one tx queue".into(),
+            });
         }
         self.conf = *conf;
-        self.rings.declare(&self.name, self.port_id, &self.ring, conf.rx_queues, self.ring_size())?;
+        self.rings.declare(
+            &self.name,
+            self.port_id,
+            &self.ring,
+            conf.rx_queues,
+            self.ring_size(),
+        )?;
         self.stats = StatsBlocks::new(conf.rx_queues, conf.tx_queues);
         self.state = PortState::Stopped;
         Ok(())
@@ -213,7 +247,11 @@ impl Port for RingPort {
 
     fn start(&mut self) -> Result<()> {
         if self.state != PortState::Stopped {
-            return Err(Error::PortState { port: self.name.clone(), op: "start", state: self.state.as_str() });
+            return Err(Error::PortState {
+                port: self.name.clone(),
+                op: "start",
+                state: self.state.as_str(),
+            });
         }
         let mut txs = Vec::new();
         for q in 0..self.conf.tx_queues as usize {
@@ -221,10 +259,13 @@ impl Port for RingPort {
         }
         let mut rxs = Vec::new();
         for q in 0..self.conf.rx_queues as usize {
-            let rx = self.rings.take_rx(&self.ring, q).ok_or_else(|| Error::PortConfig {
-                port: self.name.clone(),
-                why: format!("ring '{}' queue {q} is not available", self.ring),
-            })?;
+            let rx = self
+                .rings
+                .take_rx(&self.ring, q)
+                .ok_or_else(|| Error::PortConfig {
+                    port: self.name.clone(),
+                    why: format!("ring '{}' queue {q} is not available", self.ring),
+                })?;
             rxs.push(rx);
         }
         self.prefill(&mut txs)?;
@@ -235,8 +276,12 @@ impl Port for RingPort {
             .map(|q| QueuePair {
                 queue: q,
                 rx: rxs.next().map(|ring| {
-                    Box::new(RingRx { ring, port: self.port_id, queue: q, stats: Arc::clone(&self.stats.rx[q as usize]) })
-                        as Box<dyn RxQueue>
+                    Box::new(RingRx {
+                        ring,
+                        port: self.port_id,
+                        queue: q,
+                        stats: Arc::clone(&self.stats.rx[q as usize]),
+                    }) as Box<dyn RxQueue>
                 }),
                 tx: txs.next().map(|ring| {
                     Box::new(RingTx {
@@ -256,20 +301,37 @@ impl Port for RingPort {
             self.queues.clear();
             // Fresh rings for the next start; the old ones free their packets when their last
             // end goes.
-            self.rings.declare(&self.name, self.port_id, &self.ring, self.conf.rx_queues, self.ring_size())?;
+            self.rings.declare(
+                &self.name,
+                self.port_id,
+                &self.ring,
+                self.conf.rx_queues,
+                self.ring_size(),
+            )?;
             self.state = PortState::Stopped;
         }
         Ok(())
     }
 
     fn link(&self) -> LinkStatus {
-        LinkStatus { up: self.state == PortState::Started, speed_mbps: 0 }
+        LinkStatus {
+            up: self.state == PortState::Started,
+            speed_mbps: 0,
+        }
     }
 
     fn take_queues(&mut self) -> Result<Vec<QueuePair>> {
         if self.state != PortState::Started || self.queues.is_empty() {
-            let state = if self.state == PortState::Started { "its queues are already taken" } else { self.state.as_str() };
-            return Err(Error::PortState { port: self.name.clone(), op: "take queues", state });
+            let state = if self.state == PortState::Started {
+                "its queues are already taken"
+            } else {
+                self.state.as_str()
+            };
+            return Err(Error::PortState {
+                port: self.name.clone(),
+                op: "take queues",
+                state,
+            });
         }
         Ok(std::mem::take(&mut self.queues))
     }
@@ -322,7 +384,11 @@ impl TxQueue for RingTx {
         let bytes_before = pkts.bytes();
         let sent = self.ring.send_burst(pkts);
         if sent > 0 {
-            let bytes = if sent == total { bytes_before } else { bytes_before - pkts.bytes() };
+            let bytes = if sent == total {
+                bytes_before
+            } else {
+                bytes_before - pkts.bytes()
+            };
             self.stats.add(sent as u64, bytes);
         }
         sent

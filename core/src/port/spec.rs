@@ -23,16 +23,24 @@ impl FromStr for PortSpec {
 impl PortSpec {
     /// Parses `KIND[:key=val,...]`. Keys must be unique and values non-empty.
     pub fn parse(text: &str) -> Result<PortSpec> {
-        let bad = |why: String| Error::PortSpec { spec: text.to_string(), why };
+        let bad = |why: String| Error::PortSpec {
+            spec: text.to_string(),
+            why,
+        };
         let (kind, rest) = match text.split_once(':') {
             Some((k, r)) => (k, Some(r)),
             None => (text, None),
         };
         let kind = kind.trim();
         if kind.is_empty() {
-            return Err(bad("the port kind is missing (expected KIND[:key=val,...])".into()));
+            return Err(bad(
+                "the port kind is missing (expected KIND[:key=val,...])".into(),
+            ));
         }
-        if !kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if !kind
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             return Err(bad(format!("'{kind}' is not a port kind name")));
         }
         let mut args: Vec<(String, String)> = Vec::new();
@@ -54,7 +62,11 @@ impl PortSpec {
                 args.push((k.to_string(), v.to_string()));
             }
         }
-        Ok(PortSpec { text: text.to_string(), kind: kind.to_string(), args })
+        Ok(PortSpec {
+            text: text.to_string(),
+            kind: kind.to_string(),
+            args,
+        })
     }
 
     /// The spec as given.
@@ -77,7 +89,11 @@ impl PortSpec {
                     accepted: if accepted.is_empty() {
                         "none".into()
                     } else {
-                        accepted.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", ")
+                        accepted
+                            .iter()
+                            .map(|(a, _)| *a)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     },
                 });
             }
@@ -95,20 +111,38 @@ pub struct SpecArgs<'a> {
 impl SpecArgs<'_> {
     /// The raw value of `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.spec.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.spec
+            .args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     fn invalid(&self, key: &str, value: &str, accepted: String) -> Error {
-        Error::PortValue { kind: self.spec.kind.clone(), key: key.into(), value: value.into(), accepted }
+        Error::PortValue {
+            kind: self.spec.kind.clone(),
+            key: key.into(),
+            value: value.into(),
+            accepted,
+        }
     }
 
     /// An integer in `range`, or `default` when absent.
-    pub fn u64_in(&self, key: &str, default: u64, range: std::ops::RangeInclusive<u64>) -> Result<u64> {
+    pub fn u64_in(
+        &self,
+        key: &str,
+        default: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<u64> {
         match self.get(key) {
             None => Ok(default),
             Some(v) => match v.parse::<u64>() {
                 Ok(n) if range.contains(&n) => Ok(n),
-                _ => Err(self.invalid(key, v, format!("an integer in {}..={}", range.start(), range.end()))),
+                _ => Err(self.invalid(
+                    key,
+                    v,
+                    format!("an integer in {}..={}", range.start(), range.end()),
+                )),
             },
         }
     }
@@ -131,7 +165,8 @@ impl SpecArgs<'_> {
             None => Ok(None),
             Some(v)
                 if v.len() <= 64
-                    && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) =>
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) =>
             {
                 Ok(Some(v.to_string()))
             }
@@ -143,7 +178,8 @@ impl SpecArgs<'_> {
     pub fn mac(&self, key: &str, default: [u8; 6]) -> Result<[u8; 6]> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => super::parse_mac(v).ok_or_else(|| self.invalid(key, v, "a MAC like 02:00:00:00:00:01".into())),
+            Some(v) => super::parse_mac(v)
+                .ok_or_else(|| self.invalid(key, v, "a MAC like 02:00:00:00:00:01".into())),
         }
     }
 }
@@ -182,7 +218,10 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_list_what_is_accepted() {
         let s = PortSpec::parse("ring:nmae=a").unwrap();
-        let e = s.args(&[("name", ""), ("size", "")]).unwrap_err().to_string();
+        let e = s
+            .args(&[("name", ""), ("size", "")])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("'nmae'") && e.contains("name, size"), "{e}");
         let s = PortSpec::parse("ring:size=x,mode=q,mac=zz").unwrap();
         let a = s.args(&[("size", ""), ("mode", ""), ("mac", "")]).unwrap();

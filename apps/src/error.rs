@@ -1,0 +1,35 @@
+//! The app's one error type.
+
+/// Errors of the `vdpakit` command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An invalid command-line value (exit status 2).
+    #[error("invalid {flag} {value}: accepted is {accepted}")]
+    Usage {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        accepted: String,
+    },
+    /// An error from the core layer during set-up (exit status 2: bad input or environment).
+    #[error(transparent)]
+    Setup(#[from] vdpakit_core::Error),
+    /// A failure while running (exit status 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl Error {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage { .. } | Error::Setup(_) => 2,
+            Error::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Result alias for the app.
+pub type Result<T> = std::result::Result<T, Error>;
