@@ -100,10 +100,10 @@ pub struct FwdArgs {
     #[arg(long, default_value = "64", value_parser = |s: &str| int_in::<usize>(s, 60, 9000))]
     pkt_size: usize,
     /// Stop after this many seconds (default: run until Ctrl-C).
-    #[arg(long, value_parser = seconds)]
+    #[arg(long, value_parser = seconds, allow_hyphen_values = true)]
     duration: Option<f64>,
     /// Seconds between live statistics lines (0: none).
-    #[arg(long, default_value = "1", value_parser = seconds)]
+    #[arg(long, default_value = "1", value_parser = seconds, allow_hyphen_values = true)]
     stats_period: f64,
     /// Print one JSON object with the results on stdout (live lines go to stderr).
     #[arg(long)]
