@@ -260,8 +260,8 @@ pub fn run(args: FwdArgs) -> Result<()> {
     }
     let peer = |p: usize| if p ^ 1 < nports { p ^ 1 } else { p };
     let mut streams = Vec::new();
-    for p in 0..nports {
-        for qi in 0..q {
+    for (p, port_rxq) in rxq.iter_mut().enumerate() {
+        for (qi, slot) in port_rxq.iter_mut().enumerate().take(q) {
             let tp = if args.mode == Mode::TxOnly {
                 p
             } else {
@@ -270,7 +270,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
             let rx = if args.mode == Mode::TxOnly {
                 None
             } else {
-                rxq[p][qi].take()
+                slot.take()
             };
             let tx = if args.mode == Mode::RxOnly {
                 None
@@ -337,8 +337,10 @@ pub fn run(args: FwdArgs) -> Result<()> {
         if deadline.is_some_and(|d| now >= d) {
             break;
         }
-        if let (Some(t), Some(p)) = (next_stats, period) {
-            if now >= t {
+        if let (Some(t), Some(p)) = (next_stats, period)
+            && now >= t
+        {
+            {
                 let snap: Vec<PortStats> = ports.iter().map(|p| p.stats()).collect();
                 let secs = now.duration_since(last.0).as_secs_f64();
                 let line = live_line(

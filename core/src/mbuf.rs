@@ -181,9 +181,8 @@ impl Mbuf {
     pub unsafe fn from_raw(raw: RawMbuf) -> Mbuf {
         // SAFETY: the caller guarantees `raw` came from `into_raw`, so it is a non-null header
         // address whose ownership is now transferred back.
-        Mbuf {
-            hdr: unsafe { NonNull::new_unchecked(raw.0 as *mut MbufHdr) },
-        }
+        let hdr = unsafe { NonNull::new_unchecked(raw.0 as *mut MbufHdr) };
+        Mbuf { hdr }
     }
 
     #[inline(always)]
@@ -448,7 +447,9 @@ impl Drop for Mbuf {
         let pool = self.pool_core();
         // SAFETY: every mbuf's header links to its pool core, which stays allocated while any of
         // its buffers is outstanding (this one is).
-        unsafe { (*pool).put_one(self.hdr) };
+        let pool = unsafe { &*pool };
+        // SAFETY: this mbuf belongs to `pool` and is given up here, exactly once.
+        unsafe { pool.put_one(self.hdr) };
     }
 }
 
@@ -573,11 +574,11 @@ impl Burst {
     fn shift_front(&mut self, n: usize) {
         let rest = self.len - n;
         if rest > 0 && n > 0 {
+            let src = self.pkts[n..].as_ptr();
+            let dst = self.pkts.as_mut_ptr();
             // SAFETY: both ranges lie in the array; `copy` handles the overlap; the moved-from
             // tail is then outside the initialised range (len shrinks by n).
-            unsafe {
-                std::ptr::copy(self.pkts.as_ptr().add(n), self.pkts.as_mut_ptr(), rest);
-            }
+            unsafe { std::ptr::copy(src, dst, rest) };
         }
         self.len = rest;
     }

@@ -276,8 +276,10 @@ unsafe fn take_fresh(addr: usize) -> Mbuf {
     let hdr = addr as *mut MbufHdr;
     // SAFETY: per the contract the header is initialised and exclusively ours.
     unsafe { (*hdr).reset() };
-    // SAFETY: as above; `addr` is non-null because it is a header address.
-    unsafe { Mbuf::from_hdr(NonNull::new_unchecked(hdr)) }
+    // SAFETY: `addr` is non-null because it is a header address.
+    let hdr = unsafe { NonNull::new_unchecked(hdr) };
+    // SAFETY: the header is initialised and exclusively ours (see above).
+    unsafe { Mbuf::from_hdr(hdr) }
 }
 
 /// A private stack of free buffers in front of a pool's shared ring. Owned by one lcore.

@@ -2,30 +2,53 @@
 
 use std::sync::Arc;
 
+use vdpakit_core::Error;
 use vdpakit_core::mbuf::Burst;
 use vdpakit_core::mem::MemMode;
 use vdpakit_core::mempool::{Mempool, MempoolConfig};
 use vdpakit_core::port::{self, Port, PortConf, PortEnv, PortSpec, QueuePair, RingRegistry};
-use vdpakit_core::Error;
 
 fn pool(count: u32) -> Arc<Mempool> {
-    Mempool::new("ports-test", MempoolConfig { count, cache_size: 32, mem: MemMode::NoHuge, ..Default::default() })
-        .unwrap()
+    Mempool::new(
+        "ports-test",
+        MempoolConfig {
+            count,
+            cache_size: 32,
+            mem: MemMode::NoHuge,
+            ..Default::default()
+        },
+    )
+    .unwrap()
 }
 
 fn env(pool: &Arc<Mempool>, rings: &RingRegistry, id: u16) -> PortEnv {
-    PortEnv { pool: Arc::clone(pool), rings: rings.clone(), port_id: id, pkt_size: 64, cache_size: 32 }
+    PortEnv {
+        pool: Arc::clone(pool),
+        rings: rings.clone(),
+        port_id: id,
+        pkt_size: 64,
+        cache_size: 32,
+    }
 }
 
 fn make(spec: &str, env: &PortEnv, queues: u16) -> vdpakit_core::Result<Box<dyn Port>> {
     let mut p = port::create(&PortSpec::parse(spec)?, env)?;
-    p.configure(&PortConf { rx_queues: queues, tx_queues: queues, rx_desc: 256, tx_desc: 256 })?;
+    p.configure(&PortConf {
+        rx_queues: queues,
+        tx_queues: queues,
+        rx_desc: 256,
+        tx_desc: 256,
+    })?;
     Ok(p)
 }
 
 fn fill(pool: &Mempool, n: usize, len: usize) -> Burst {
+    fill_from(pool, 0, n, len)
+}
+
+fn fill_from(pool: &Mempool, first: usize, n: usize, len: usize) -> Burst {
     let mut b = Burst::new(n);
-    for i in 0..n {
+    for i in first..first + n {
         let mut m = pool.alloc().unwrap();
         let d = m.append(len).unwrap();
         d[0] = i as u8;
@@ -52,7 +75,7 @@ fn ring_pair_is_a_wire_with_exact_counts_and_order() {
     let rxb = qb[1].rx.as_mut().unwrap();
     let mut sent = 0;
     while sent < 100 {
-        let mut burst = fill(&p, 32.min(100 - sent), 100);
+        let mut burst = fill_from(&p, sent, 32.min(100 - sent), 100);
         let n = burst.len();
         assert_eq!(txa.tx_burst(&mut burst), n);
         sent += n;
@@ -65,7 +88,11 @@ fn ring_pair_is_a_wire_with_exact_counts_and_order() {
             got.push(m.data()[0] as usize | (m.data()[1] as usize) << 8);
         });
     }
-    assert_eq!(got, (0..100).collect::<Vec<_>>(), "every packet arrives once, in order");
+    assert_eq!(
+        got,
+        (0..100).collect::<Vec<_>>(),
+        "every packet arrives once, in order"
+    );
     // Queue 0 of b saw nothing: queues are separate rings.
     assert_eq!(qb[0].rx.as_mut().unwrap().rx_burst(&mut burst), 0);
 
@@ -92,9 +119,17 @@ fn full_ring_leaves_unsent_packets_with_the_caller() {
     let mut b1 = fill(&p, 60, 64);
     assert_eq!(tx.tx_burst(&mut b1), 60);
     let mut b2 = fill(&p, 10, 64);
-    assert_eq!(tx.tx_burst(&mut b2), 4, "only 4 slots left in a 64-entry ring");
+    assert_eq!(
+        tx.tx_burst(&mut b2),
+        4,
+        "only 4 slots left in a 64-entry ring"
+    );
     assert_eq!(b2.len(), 6);
-    assert_eq!(b2.as_slice()[0].data()[0], 4, "the unsent ones are the last ones, in order");
+    assert_eq!(
+        b2.as_slice()[0].data()[0],
+        4,
+        "the unsent ones are the last ones, in order"
+    );
     assert_eq!(a.stats().tx.packets, 64);
 }
 
@@ -125,9 +160,15 @@ fn wiring_errors_are_clear() {
     let rings = RingRegistry::new();
     let mut a = make("ring:name=a,peer=zz,prefill=0", &env(&p, &rings, 0), 1).unwrap();
     let e = a.start().unwrap_err().to_string();
-    assert!(e.contains("peer ring 'zz' does not exist") && e.contains("ring:name=zz"), "{e}");
+    assert!(
+        e.contains("peer ring 'zz' does not exist") && e.contains("ring:name=zz"),
+        "{e}"
+    );
 
-    let e = make("ring:name=a", &env(&p, &rings, 1), 1).err().unwrap().to_string();
+    let e = make("ring:name=a", &env(&p, &rings, 1), 1)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("ring name 'a' is already used by port 0"), "{e}");
 
     let rings = RingRegistry::new();
@@ -139,9 +180,17 @@ fn wiring_errors_are_clear() {
     assert!(e.contains("already fed by another port"), "{e}");
     t.start().unwrap();
 
-    let e = make("ring:size=100", &env(&p, &RingRegistry::new(), 0), 1).err().unwrap().to_string();
-    assert!(e.contains("size='100'") && e.contains("power of two"), "{e}");
-    let e = port::create(&PortSpec::parse("tap:x=1").unwrap(), &env(&p, &rings, 0)).err().unwrap();
+    let e = make("ring:size=100", &env(&p, &RingRegistry::new(), 0), 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("size='100'") && e.contains("power of two"),
+        "{e}"
+    );
+    let e = port::create(&PortSpec::parse("tap:x=1").unwrap(), &env(&p, &rings, 0))
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::UnknownPortKind { .. }));
     assert!(e.to_string().contains("null, ring"), "{e}");
 }
@@ -157,12 +206,19 @@ fn null_port_generates_counts_and_frees() {
     assert_eq!(q[0].rx.as_mut().unwrap().rx_burst(&mut b), 32);
     for m in b.iter() {
         assert_eq!((m.data_len(), m.port()), (128, 3));
-        assert_eq!(&m.data()[6..12], &[0x02, 0x76, 0x64, 0x70, 0, 3], "source MAC is the port's");
+        assert_eq!(
+            &m.data()[6..12],
+            &[0x02, 0x76, 0x64, 0x70, 0, 3],
+            "source MAC is the port's"
+        );
     }
     assert_eq!(q[0].tx.as_mut().unwrap().tx_burst(&mut b), 32);
     assert!(b.is_empty());
     let s = n.stats();
-    assert_eq!((s.rx.packets, s.rx.bytes, s.tx.packets, s.tx.bytes), (32, 4096, 32, 4096));
+    assert_eq!(
+        (s.rx.packets, s.rx.bytes, s.tx.packets, s.tx.bytes),
+        (32, 4096, 32, 4096)
+    );
 
     let mut none = make("null:rx=none", &env(&p, &rings, 4), 1).unwrap();
     none.start().unwrap();
@@ -195,12 +251,19 @@ fn port_state_machine_is_enforced() {
     n.configure(&PortConf::default()).unwrap();
     n.start().unwrap();
     assert!(n.link().up);
-    assert!(n.configure(&PortConf::default()).is_err(), "configure while started");
+    assert!(
+        n.configure(&PortConf::default()).is_err(),
+        "configure while started"
+    );
     n.take_queues().unwrap();
     let e = n.take_queues().unwrap_err().to_string();
     assert!(e.contains("already taken"), "{e}");
     n.stop().unwrap();
     assert!(!n.link().up);
     n.start().unwrap();
-    assert_eq!(n.take_queues().unwrap().len(), 1, "queues again after a restart");
+    assert_eq!(
+        n.take_queues().unwrap().len(),
+        1,
+        "queues again after a restart"
+    );
 }

@@ -63,13 +63,13 @@ impl RingRegistry {
 
     fn declare(&self, port: &str, owner: u16, name: &str, queues: u16, size: usize) -> Result<()> {
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(set) = map.get(name) {
-            if set.owner != owner {
-                return Err(Error::PortConfig {
-                    port: port.to_string(),
-                    why: format!("ring name '{name}' is already used by port {}", set.owner),
-                });
-            }
+        if let Some(set) = map.get(name)
+            && set.owner != owner
+        {
+            return Err(Error::PortConfig {
+                port: port.to_string(),
+                why: format!("ring name '{name}' is already used by port {}", set.owner),
+            });
         }
         let mut qs = Vec::with_capacity(queues as usize);
         for _ in 0..queues {
