@@ -60,10 +60,7 @@ pub struct MpmcRing<T> {
     slots: Slots<T>,
 }
 
-/// Which side an operation runs on. In `rte_ring` terms the number of
-/// entries a side may take is `offset + opposite_tail - head`: free slots for
-/// producers (`offset = capacity`), available items for consumers
-/// (`offset = 0`).
+/// Which side an operation runs on.
 #[derive(Clone, Copy)]
 enum Role {
     Producer,
@@ -90,11 +87,58 @@ impl<T: Copy + Send> MpmcRing<T> {
         })
     }
 
+    /// `(own side, opposite side)` for `role`.
     #[inline(always)]
-    fn sides(&self, role: Role) -> (&Side, &Side, usize) {
+    fn sides(&self, role: Role) -> (&Side, &Side) {
         match role {
-            Role::Producer => (&self.prod, &self.cons, self.slots.capacity()),
-            Role::Consumer => (&self.cons, &self.prod, 0),
+            Role::Producer => (&self.prod, &self.cons),
+            Role::Consumer => (&self.cons, &self.prod),
+        }
+    }
+
+    /// Entries (free slots for producers, items for consumers) that `role`
+    /// may take from its side's `head`, given `opp`, a value the opposite
+    /// tail once had (fresh or cached). Always in `0..=capacity`.
+    ///
+    /// The signed distance between the two free-running indices tells
+    /// whether the two values are consistent:
+    ///
+    /// * in range: `capacity - (head - opp)` free slots, or `opp - head`
+    ///   items;
+    /// * `opp` is behind `head` by more than the ring allows (producer:
+    ///   `head - opp > capacity`; consumer: `opp < head`): `opp` is stale
+    ///   (for a cached value it may lag by laps). Report 0 entries, which
+    ///   makes the caller refresh it, or report "full"/"empty" if even the
+    ///   fresh value says so;
+    /// * `head` is behind `opp` (producer: `head < opp`; consumer:
+    ///   `opp - head > capacity`): `head` is stale. Report `capacity`; the
+    ///   CAS on `head` is then bound to fail and hand us the current head.
+    ///   It must fail because `opp` is only reached after our side's head
+    ///   got past it (producer) or to within a lap of it (consumer), and
+    ///   that head move happens-before our Acquire of `opp` (directly or
+    ///   through the Release/Acquire cache), so coherence forbids our later
+    ///   CAS from reading the older head value.
+    #[inline(always)]
+    fn entries(role: Role, capacity: usize, head: usize, opp: usize) -> usize {
+        // Indices differ by far less than `isize::MAX`, so the wrapping
+        // difference read as signed is the true signed distance.
+        match role {
+            Role::Producer => {
+                let used = head.wrapping_sub(opp) as isize;
+                if used < 0 {
+                    capacity
+                } else {
+                    capacity.saturating_sub(used as usize)
+                }
+            }
+            Role::Consumer => {
+                let avail = opp.wrapping_sub(head) as isize;
+                if avail < 0 {
+                    0
+                } else {
+                    (avail as usize).min(capacity)
+                }
+            }
         }
     }
 
@@ -103,7 +147,10 @@ impl<T: Copy + Send> MpmcRing<T> {
     /// reserved.
     #[inline(always)]
     fn reserve(&self, role: Role, want: usize, bulk: bool) -> Option<(usize, usize)> {
-        let (own, opposite, offset) = self.sides(role);
+        if want == 0 {
+            return None;
+        }
+        let (own, opposite) = self.sides(role);
         let capacity = self.slots.capacity();
         // Relaxed: the head only selects slots; the permission to touch them
         // comes from the opposite tail (Acquire, below), and a stale head
@@ -114,35 +161,27 @@ impl<T: Copy + Send> MpmcRing<T> {
             // made by whichever thread of our side refreshed it after an
             // Acquire load of the opposite tail, so happens-before reaches
             // from the opposite side's slot accesses to us through the cache
-            // as well (a Relaxed cache would let a producer overwrite a slot
-            // that a consumer's read is not ordered before, and a consumer
-            // read an item whose write is not ordered before: a data race
-            // that the loom tests catch). Both are plain moves on x86.
-            let mut entries = offset
-                .wrapping_add(own.opposite_tail.load(Ordering::Acquire))
-                .wrapping_sub(head);
-            // `entries > capacity` means the cached value is older than the
-            // opposite tail was when `head` was reached (it can lag by more
-            // than a lap): refresh it, as when it shows too few entries.
-            if entries > capacity || entries < want {
+            // as well. (A Relaxed cache would let a producer overwrite a slot
+            // whose read by a consumer is not ordered before the write, or a
+            // consumer read an item whose write is not ordered before the
+            // read: a data race that the loom tests catch.) On x86 both are
+            // plain moves.
+            let cached = own.opposite_tail.load(Ordering::Acquire);
+            let mut entries = Self::entries(role, capacity, head, cached);
+            if entries < want {
                 // Acquire pairs with the opposite side's Release publication
                 // of its tail: producers' item writes / consumers' slot reads
-                // below that tail happen-before our accesses.
+                // below that tail happen-before our slot accesses.
                 let opp = opposite.tail.load(Ordering::Acquire);
-                // Release: hands the happens-before edge just acquired on to
-                // the threads of our side that will use the cached value.
-                // Another thread may have stored a newer value; overwriting it
-                // with ours is harmless because ours is still a value the
-                // opposite tail once had.
-                own.opposite_tail.store(opp, Ordering::Release);
-                entries = offset.wrapping_add(opp).wrapping_sub(head);
-                if entries > capacity {
-                    // Even the fresh opposite tail is "ahead" of our head:
-                    // `head` itself is stale (our side moved on while we
-                    // looked). Reload it and start over.
-                    head = own.head.load(Ordering::Relaxed);
-                    continue;
+                if opp != cached {
+                    // Release: passes the edge just acquired on to the
+                    // threads of our side that will use the cached value.
+                    // Another thread may have stored a newer value meanwhile;
+                    // overwriting it with ours is harmless, ours is still a
+                    // value the opposite tail once had.
+                    own.opposite_tail.store(opp, Ordering::Release);
                 }
+                entries = Self::entries(role, capacity, head, opp);
             }
             let n = if entries >= want {
                 want
@@ -157,7 +196,7 @@ impl<T: Copy + Send> MpmcRing<T> {
             // Relaxed CAS on success and failure: the CAS only hands out
             // disjoint index ranges; the ordering of the slot accesses is
             // carried by the tails. If it succeeds, `head` was current, so
-            // the `entries` computed from it are valid (the opposite tail
+            // `entries` computed from it is a valid bound (the opposite tail
             // only grows).
             match own.head.compare_exchange_weak(
                 head,
@@ -175,7 +214,7 @@ impl<T: Copy + Send> MpmcRing<T> {
     /// earlier reservations of that side are published.
     #[inline(always)]
     fn publish(&self, role: Role, head: usize, n: usize) {
-        let (own, _, _) = self.sides(role);
+        let (own, _) = self.sides(role);
         // Acquire: synchronises with the Release publication of the
         // reservation just before ours, so its slot accesses (and, by
         // induction, all earlier ones) happen-before our Release store below
