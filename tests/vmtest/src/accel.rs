@@ -60,8 +60,10 @@ fn choose() -> Result<Accel, Error> {
         eprintln!("vmtest: /dev/kvm not usable ({e}); guests run under TCG");
         return Ok(Accel::Tcg);
     }
+    let start = std::time::Instant::now();
     let probe = Guest::builder()
         .name("kvm-probe")
+        .keep_on_failure(false)
         .accel(Accel::Kvm)
         .memory_mb(128)
         .timeout(Duration::from_secs(30))
@@ -77,14 +79,19 @@ fn choose() -> Result<Accel, Error> {
             Ok(Accel::Kvm)
         }
         Ok(_) => {
-            eprintln!("vmtest: /dev/kvm opens but the probe guest reported nothing; guests run under TCG");
+            eprintln!(
+                "vmtest: /dev/kvm opens but the probe guest reported nothing; guests run under TCG"
+            );
             Ok(Accel::Tcg)
         }
         Err(e @ Error::Missing { .. }) => Err(e),
         Err(e) => {
             let first = e.to_string();
             let first = first.lines().next().unwrap_or_default();
-            eprintln!("vmtest: /dev/kvm opens but a probe guest fails under KVM ({first}); guests run under TCG");
+            eprintln!(
+                "vmtest: /dev/kvm opens but a probe guest fails under KVM ({first}, {:.1} s); guests run under TCG",
+                start.elapsed().as_secs_f64()
+            );
             Ok(Accel::Tcg)
         }
     }

@@ -92,20 +92,27 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), Error> {
 fn prepare() -> Result<Artifacts, Error> {
     let cache_dir = cache_dir();
     fs::create_dir_all(&cache_dir).ctx(|| format!("creating {}", cache_dir.display()))?;
-    let qemu = require_program("qemu-system-x86_64", "qemu-system-x86")?;
+    let qemu = match env::var_os("VMTEST_QEMU").filter(|q| !q.is_empty()) {
+        Some(q) => find_program(&q.to_string_lossy()).ok_or_else(|| {
+            Error::missing(
+                format!("VMTEST_QEMU={} is not an executable", q.to_string_lossy()),
+                "install package qemu-system-x86, or point VMTEST_QEMU at a qemu-system-x86_64",
+            )
+        })?,
+        None => require_program("qemu-system-x86_64", "qemu-system-x86")?,
+    };
     let qemu_version = command_stdout(Command::new(&qemu).arg("--version"))
         .map(|s| s.lines().next().unwrap_or_default().trim().to_string())
         .unwrap_or_default();
     let kernel = kernel(&cache_dir)?;
     let busybox = busybox(&cache_dir)?;
     let modules_dir = kernel.root.join("lib/modules").join(&kernel.release);
-    let kmods = ModuleIndex::load(
-        &modules_dir,
-        &kernel.release,
-        kernel.root.join("vmtest-ko"),
-    )?;
+    let kmods = ModuleIndex::load(&modules_dir, &kernel.release, kernel.root.join("vmtest-ko"))?;
     Ok(Artifacts {
-        kernel_image: kernel.root.join("boot").join(format!("vmlinuz-{}", kernel.release)),
+        kernel_image: kernel
+            .root
+            .join("boot")
+            .join(format!("vmlinuz-{}", kernel.release)),
         cache_dir,
         qemu,
         qemu_version,
@@ -174,11 +181,13 @@ fn kernel_from(kdir: &Path, choice: &DebChoice, deb: Option<&Path>) -> Result<Ke
                 image.display()
             )));
         }
-        Ok(format!("{}\n{}\n{}\n", choice.package, choice.version, release))
+        Ok(format!(
+            "{}\n{}\n{}\n",
+            choice.package, choice.version, release
+        ))
     })?;
-    load_kernel_dir(&root).ok_or_else(|| {
-        Error::Format(format!("kernel cache {} is incomplete", root.display()))
-    })
+    load_kernel_dir(&root)
+        .ok_or_else(|| Error::Format(format!("kernel cache {} is incomplete", root.display())))
 }
 
 fn load_kernel_dir(root: &Path) -> Option<Kernel> {
@@ -211,7 +220,7 @@ fn resolve_kernel_package() -> Result<DebChoice, Error> {
         let version = apt_field(&pkg, "Version").ok_or_else(|| {
             Error::missing(
                 format!("VMTEST_KERNEL_PKG={pkg}: apt knows no such package"),
-                "a kernel package apt can download (run `apt-get update`)",
+                "name a package apt can download (run `apt-get update` first)",
             )
         })?;
         return Ok(DebChoice {
@@ -222,7 +231,7 @@ fn resolve_kernel_package() -> Result<DebChoice, Error> {
     if find_program("apt-cache").is_none() {
         return Err(Error::missing(
             "no prepared guest kernel and no apt-cache to find one",
-            "a Debian 12 host with apt, or set VMTEST_KERNEL_DEB=/path/to/linux-image-6.12*-amd64-unsigned.deb",
+            "run on Debian 12 with apt, or set VMTEST_KERNEL_DEB=/path/to/linux-image-6.12*-amd64-unsigned.deb",
         ));
     }
     // The metapackage depends on the current signed image; the unsigned one
@@ -275,7 +284,7 @@ fn resolve_kernel_package() -> Result<DebChoice, Error> {
     best.map(|(_, c)| c).ok_or_else(|| {
         Error::missing(
             "apt knows no linux-image-6.12*-amd64-unsigned package (guest kernel)",
-            "it from Debian 12 bookworm-security: run `apt-get update` with bookworm-security in the apt sources, or set VMTEST_KERNEL_DEB",
+            "enable bookworm-security in the apt sources and run `apt-get update`, or set VMTEST_KERNEL_DEB=/path/to/the.deb",
         )
     })
 }
@@ -296,9 +305,8 @@ fn busybox(cache: &Path) -> Result<PathBuf, Error> {
             }
         }
     }
-    let version = apt_field("busybox-static", "Version").ok_or_else(|| {
-        Error::missing("busybox not found", "package busybox-static")
-    })?;
+    let version = apt_field("busybox-static", "Version")
+        .ok_or_else(|| Error::missing("busybox not found", "install package busybox-static"))?;
     let choice = DebChoice {
         package: "busybox-static".into(),
         version,
@@ -325,6 +333,7 @@ fn extract_package(
     check: impl FnOnce(&Path) -> Result<String, Error>,
 ) -> Result<PathBuf, Error> {
     let final_dir = parent.join(key);
+    remove_stale_tmp_dirs(parent);
     let tmp = parent.join(format!(".tmp-{key}-{}-{}", std::process::id(), next_seq()));
     fs::create_dir_all(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
     let result = (|| {
@@ -350,7 +359,33 @@ fn extract_package(
         }
     })();
     let _ = fs::remove_dir_all(&tmp);
-    result.map(|()| final_dir)
+    result?;
+    // A newer package replaced an older one: drop the older copies.
+    for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p != final_dir && p.join(COMPLETE_STAMP).is_file() {
+            let _ = fs::remove_dir_all(&p);
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Removes `.tmp-<key>-<pid>-<n>` directories left by processes that died
+/// while extracting.
+fn remove_stale_tmp_dirs(parent: &Path) {
+    for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".tmp-") else {
+            continue;
+        };
+        let pid = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn download(choice: &DebChoice, dir: &Path) -> Result<PathBuf, Error> {
@@ -368,11 +403,8 @@ fn download(choice: &DebChoice, dir: &Path) -> Result<PathBuf, Error> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         return Err(Error::missing(
-            format!(
-                "cannot download {spec} (apt-get download: {})",
-                crate::guest::tail_lines(err.trim(), 3).replace('\n', " | ")
-            ),
-            "network access to the Debian package mirror, or set VMTEST_KERNEL_DEB to a downloaded .deb",
+            format!("cannot download {spec} ({})", apt_error(&err)),
+            "check access to the Debian package mirror (`apt-get update`), or set VMTEST_KERNEL_DEB to a downloaded .deb",
         ));
     }
     fs::read_dir(dir)
@@ -380,6 +412,17 @@ fn download(choice: &DebChoice, dir: &Path) -> Result<PathBuf, Error> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .ok_or_else(|| Error::Format(format!("apt-get download {spec} produced no .deb")))
+}
+
+/// The first `E:` line of apt's stderr (its `W:` lines are noise here).
+fn apt_error(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("E:"))
+        .or_else(|| stderr.lines().last())
+        .unwrap_or("apt-get download failed")
+        .trim();
+    line.chars().take(300).collect()
 }
 
 /// `apt-cache show --no-all-versions PKG` field value (candidate version).
@@ -478,7 +521,10 @@ pub(crate) fn needed_libs(binary: &Path) -> Result<Vec<PathBuf>, Error> {
         }
         let path = match line.split_once("=>") {
             Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
         };
         if let Some(p) = path.filter(|p| p.starts_with('/')) {
             libs.push(PathBuf::from(p));
@@ -505,6 +551,9 @@ mod tests {
             return;
         };
         let libs = needed_libs(&sh).unwrap();
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
     }
 }

@@ -7,11 +7,11 @@ use std::io;
 pub enum Error {
     /// A prerequisite (program, package, kernel artefact) is not available on
     /// this machine. Tests report this as *skipped*, never as passed.
-    #[error("{what}; install {install}")]
+    #[error("{what}; {install}")]
     Missing {
         /// What is missing.
         what: String,
-        /// What to install (or set) to get it.
+        /// What to do about it ("install package X").
         install: String,
     },
 

@@ -213,6 +213,7 @@ pub struct GuestBuilder {
     accel: Option<Accel>,
     cpu: Option<String>,
     abort_on_stderr: Option<String>,
+    keep_on_failure: bool,
 }
 
 impl Default for GuestBuilder {
@@ -233,6 +234,7 @@ impl Default for GuestBuilder {
             accel: None,
             cpu: None,
             abort_on_stderr: None,
+            keep_on_failure: true,
         }
     }
 }
@@ -275,7 +277,12 @@ impl GuestBuilder {
 
     /// Like [`GuestBuilder::vhost_user_net`] with `queues` queue pairs
     /// (adds `mq=on` for more than one).
-    pub fn vhost_user_net_queues(mut self, socket: impl AsRef<Path>, queues: u16, opts: &str) -> Self {
+    pub fn vhost_user_net_queues(
+        mut self,
+        socket: impl AsRef<Path>,
+        queues: u16,
+        opts: &str,
+    ) -> Self {
         self.shared_memory = true;
         self.devices.push(Device::VhostUserNet {
             socket: socket.as_ref().to_path_buf(),
@@ -406,6 +413,14 @@ impl GuestBuilder {
         self
     }
 
+    /// Whether a failed run keeps its run directory (initramfs, QEMU command
+    /// line, console log) for inspection; default `true`. Tests that expect a
+    /// failure turn it off.
+    pub fn keep_on_failure(mut self, keep: bool) -> Self {
+        self.keep_on_failure = keep;
+        self
+    }
+
     /// Boots the guest and waits for it. `Ok` only if it ran its script to the
     /// end with exit status 0, without panic or timeout; otherwise
     /// [`Error::GuestFailed`] with QEMU's stderr and the last
@@ -423,6 +438,7 @@ impl GuestBuilder {
             Some(a) => a,
             None => accel()?,
         };
+        prune_old_runs(&art.cache_dir.join("runs"));
         let run_dir = art.cache_dir.join("runs").join(format!(
             "{}-{}-{}",
             sanitize_name(&self.name),
@@ -442,7 +458,7 @@ impl GuestBuilder {
         let mut run = supervise(&self, art, accel, args, run_dir)?;
         fs::write(run.run_dir.join("console.log"), &run.console)
             .ctx(|| "writing console.log".into())?;
-        run.kept = run.failure().is_some() || keep_files();
+        run.kept = (self.keep_on_failure && run.failure().is_some()) || keep_files();
         if !run.kept {
             let _ = fs::remove_dir_all(&run.run_dir);
         }
@@ -507,7 +523,12 @@ impl GuestBuilder {
         }
         push(&["-machine", &machine]);
         match accel {
-            Accel::Kvm => push(&["-accel", "kvm", "-cpu", self.cpu.as_deref().unwrap_or("host")]),
+            Accel::Kvm => push(&[
+                "-accel",
+                "kvm",
+                "-cpu",
+                self.cpu.as_deref().unwrap_or("host"),
+            ]),
             Accel::Tcg => {
                 push(&["-accel", "tcg"]);
                 if let Some(cpu) = &self.cpu {
@@ -567,6 +588,7 @@ impl GuestBuilder {
                     if accel == Accel::Tcg && !has_opt(opts, "vectors") {
                         d.push_str(",vectors=0");
                     }
+                    no_rom(&mut d, opts);
                     append_opts(&mut d, opts);
                     push(&["-device", &d]);
                 }
@@ -576,6 +598,7 @@ impl GuestBuilder {
                         push(&["-netdev", &nd.to_arg(&format!("net{i}"))]);
                         let _ = write!(d, ",netdev=net{i}");
                     }
+                    no_rom(&mut d, opts);
                     append_opts(&mut d, opts);
                     push(&["-device", &d]);
                 }
@@ -593,11 +616,38 @@ fn has_opt(opts: &str, key: &str) -> bool {
         .any(|o| o.split('=').next().is_some_and(|k| k.trim() == key))
 }
 
+/// The guest boots with `-kernel`: skip loading the NIC's iPXE option ROM
+/// (saves boot time under TCG) unless the test asks for one.
+fn no_rom(dev: &mut String, opts: &str) {
+    if !has_opt(opts, "romfile") {
+        dev.push_str(",romfile=");
+    }
+}
+
 fn append_opts(dev: &mut String, opts: &str) {
     let opts = opts.trim().trim_matches(',');
     if !opts.is_empty() {
         dev.push(',');
         dev.push_str(opts);
+    }
+}
+
+/// Removes run directories of processes that are gone and older than a day
+/// (failed runs are kept for inspection, but not forever).
+fn prune_old_runs(runs: &Path) {
+    let day = Duration::from_secs(24 * 3600);
+    for e in fs::read_dir(runs).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if old && pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 
@@ -608,7 +658,13 @@ fn qemu_escape(s: &str) -> String {
 
 fn sanitize_name(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -618,7 +674,9 @@ fn shell_words(args: &[String]) -> String {
         if !s.is_empty() {
             s.push(' ');
         }
-        if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@".contains(c)) {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=.,/:+@".contains(c))
+        {
             s.push_str(a);
         } else {
             let _ = write!(s, "'{}'", a.replace('\'', r"'\''"));
@@ -638,7 +696,9 @@ fn base_initramfs(art: &Artifacts) -> Result<Vec<u8>, Error> {
         return Ok(b.as_ref().clone());
     }
     let mut w = CpioWriter::new(1);
-    for d in ["dev", "proc", "sys", "tmp", "run", "root", "sbin", "usr/bin", "usr/sbin"] {
+    for d in [
+        "dev", "proc", "sys", "tmp", "run", "root", "sbin", "usr/bin", "usr/sbin",
+    ] {
         w.dir(d);
     }
     w.chardev("dev/console", 0o600, 5, 1);
@@ -751,7 +811,9 @@ impl GuestRun {
             }
         } else {
             match self.status {
-                Some(s) => format!("guest stopped before its script finished (QEMU exited with {s})"),
+                Some(s) => {
+                    format!("guest stopped before its script finished (QEMU exited with {s})")
+                }
                 None => "guest stopped before its script finished".to_string(),
             }
         };
@@ -842,7 +904,11 @@ fn reader(
                 for &b in &buf[..n] {
                     if b == b'\n' {
                         let text = String::from_utf8_lossy(&line);
-                        let _ = writeln!(std::io::stderr(), "[{prefix}] {}", text.trim_end_matches('\r'));
+                        let _ = writeln!(
+                            std::io::stderr(),
+                            "[{prefix}] {}",
+                            text.trim_end_matches('\r')
+                        );
                         line.clear();
                     } else {
                         line.push(b);
@@ -868,9 +934,7 @@ fn supervise(
         .stderr(Stdio::piped())
         .process_group(0);
     let start = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .ctx(|| format!("starting {}", args[0]))?;
+    let mut child = cmd.spawn().ctx(|| format!("starting {}", args[0]))?;
     let stdout = child.stdout.take().expect("piped stdout");
     let stderr = child.stderr.take().expect("piped stderr");
     let mut guard = ChildGuard(Some(child));

@@ -30,11 +30,24 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
     }
     let path = env::var_os("PATH").unwrap_or_default();
     env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .chain(
+            [
+                "/usr/local/sbin",
+                "/usr/local/bin",
+                "/usr/sbin",
+                "/usr/bin",
+                "/sbin",
+                "/bin",
+            ]
+            .map(PathBuf::from),
+        )
         .map(|dir| dir.join(name))
         .find(|p| {
             p.metadata()
-                .map(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+                .map(|m| {
+                    m.is_file()
+                        && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+                })
                 .unwrap_or(false)
         })
 }
@@ -42,8 +55,12 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 /// Like [`find_program`], but a missing program is an [`Error::Missing`]
 /// naming the Debian package to install.
 pub fn require_program(name: &str, package: &str) -> Result<PathBuf, Error> {
-    find_program(name)
-        .ok_or_else(|| Error::missing(format!("`{name}` not found"), format!("package {package}")))
+    find_program(name).ok_or_else(|| {
+        Error::missing(
+            format!("`{name}` not found"),
+            format!("install package {package}"),
+        )
+    })
 }
 
 /// A directory under the system temp dir (short paths: unix socket paths are
@@ -100,7 +117,9 @@ impl HostProcess {
     /// Spawns `cmd` with its output appended to `log`.
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self, Error> {
         let out = fs::File::create(log).ctx(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone().ctx(|| format!("duplicating {}", log.display()))?;
+        let err = out
+            .try_clone()
+            .ctx(|| format!("duplicating {}", log.display()))?;
         cmd.stdin(Stdio::piped())
             .stdout(out)
             .stderr(err)
@@ -248,7 +267,10 @@ impl Testpmd {
             .args(["-m", "256"])
             .arg(format!("--file-prefix={prefix}"))
             .arg(format!("--lcores=0@({cpus}),1@({cpus})"))
-            .arg(format!("--vdev=net_vhost0,iface={},queues=1", socket.display()))
+            .arg(format!(
+                "--vdev=net_vhost0,iface={},queues=1",
+                socket.display()
+            ))
             .arg("--")
             .arg("--total-num-mbufs=16384")
             .arg("--nb-cores=1")
@@ -265,7 +287,10 @@ impl Testpmd {
             }
             if Instant::now() >= deadline {
                 return Err(Error::HostProcess {
-                    what: format!("dpdk-testpmd did not create {} within 30 s", socket.display()),
+                    what: format!(
+                        "dpdk-testpmd did not create {} within 30 s",
+                        socket.display()
+                    ),
                     log_tail: proc.log_tail(30),
                 });
             }

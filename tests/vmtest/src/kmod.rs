@@ -181,7 +181,7 @@ fn run_decompressor(program: &str, package: &str, src: &Path) -> Result<Vec<u8>,
     let bin = find_program(program).ok_or_else(|| {
         Error::missing(
             format!("`{program}` not found (needed to decompress kernel modules)"),
-            format!("package {package}"),
+            format!("install package {package}"),
         )
     })?;
     let out = Command::new(&bin)
@@ -248,7 +248,9 @@ fn usize_of(v: u64) -> Result<usize, String> {
 /// Reads the `key=value` strings of a 64-bit little-endian ELF object's
 /// `.modinfo` section.
 pub(crate) fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
-    if elf.get(..4) != Some(b"\x7fELF".as_slice()) || elf.get(4) != Some(&2) || elf.get(5) != Some(&1)
+    if elf.get(..4) != Some(b"\x7fELF".as_slice())
+        || elf.get(4) != Some(&2)
+        || elf.get(5) != Some(&1)
     {
         return Err("not a 64-bit little-endian ELF file".into());
     }
@@ -298,8 +300,14 @@ mod tests {
 
     #[test]
     fn names_are_normalized() {
-        assert_eq!(module_name_of("vfio-pci-core.ko.xz").as_deref(), Some("vfio_pci_core"));
-        assert_eq!(module_name_of("virtio_net.ko").as_deref(), Some("virtio_net"));
+        assert_eq!(
+            module_name_of("vfio-pci-core.ko.xz").as_deref(),
+            Some("vfio_pci_core")
+        );
+        assert_eq!(
+            module_name_of("virtio_net.ko").as_deref(),
+            Some("virtio_net")
+        );
         assert_eq!(module_name_of("README"), None);
     }
 
@@ -321,7 +329,7 @@ mod tests {
         elf.extend_from_slice(shstr);
         let modinfo_off = elf.len();
         elf.extend_from_slice(modinfo_text);
-        while elf.len() % 8 != 0 {
+        while !elf.len().is_multiple_of(8) {
             elf.push(0);
         }
         let shoff = elf.len();

@@ -43,7 +43,10 @@ vmtest_report modules "$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
             })
         }
     };
-    check(iface.starts_with("eth"), format!("interface {iface:?} is not ethN"))?;
+    check(
+        iface.starts_with("eth"),
+        format!("interface {iface:?} is not ethN"),
+    )?;
     let mac = run.expect_marker("mac")?;
     check(mac == "52:54:00:12:34:01", format!("mac {mac}"))?;
     let kernel = run.expect_marker("kernel")?;
@@ -53,7 +56,10 @@ vmtest_report modules "$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
     )?;
     let modules: Vec<&str> = run.expect_marker("modules")?.split_whitespace().collect();
     for m in ["virtio_net", "net_failover", "failover"] {
-        check(modules.contains(&m), format!("module {m} not loaded: {modules:?}"))?;
+        check(
+            modules.contains(&m),
+            format!("module {m} not loaded: {modules:?}"),
+        )?;
     }
     Ok(())
 }
@@ -128,7 +134,13 @@ fn guest_vfio_bind() -> TestResult {
         .name("guest_vfio_bind")
         .intel_iommu()
         .virtio_net_pci(VFIO_NIC_OPTS)
-        .modules(&["irqbypass", "vfio", "vfio_iommu_type1", "vfio-pci-core", "vfio-pci"])
+        .modules(&[
+            "irqbypass",
+            "vfio",
+            "vfio_iommu_type1",
+            "vfio-pci-core",
+            "vfio-pci",
+        ])
         .timeout(Duration::from_secs(50))
         .init_script(
             r#"
@@ -195,6 +207,7 @@ vmtest_report modules "$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
 fn harness_reports_panic() -> TestResult {
     let result = Guest::builder()
         .name("harness_reports_panic")
+        .keep_on_failure(false)
         .timeout(Duration::from_secs(50))
         .init_script("echo c > /proc/sysrq-trigger\nsleep 30\n")
         .run();
@@ -206,6 +219,7 @@ fn harness_reports_timeout() -> TestResult {
     let start = Instant::now();
     let result = Guest::builder()
         .name("harness_reports_timeout")
+        .keep_on_failure(false)
         .timeout(Duration::from_secs(12))
         .init_script("vmtest_report sleeping yes\nsleep 600\n")
         .run();
@@ -219,7 +233,11 @@ fn harness_reports_timeout() -> TestResult {
     Ok(())
 }
 
-fn expect_failure(result: Result<vmtest::GuestRun, Error>, reason: &str, in_tail: &str) -> TestResult {
+fn expect_failure(
+    result: Result<vmtest::GuestRun, Error>,
+    reason: &str,
+    in_tail: &str,
+) -> TestResult {
     match result {
         Err(Error::GuestFailed {
             reason: got,
@@ -286,13 +304,26 @@ fn trial(name: &'static str, gate: Gate, test: fn() -> TestResult) -> Trial {
             );
             r.map_err(|e| Failed::from(e.to_string()))
         }),
+        Gate::Skip(reason) if require_all() => Trial::test(name, move || {
+            Err(Failed::from(format!(
+                "prerequisite missing and VMTEST_REQUIRE=1: {reason}"
+            )))
+        }),
         Gate::Skip(reason) => {
             eprintln!("SKIP {name}: {reason}");
-            Trial::test(name, move || Err(Failed::from(format!("prerequisite missing: {reason}"))))
-                .with_ignored_flag(true)
+            Trial::test(name, move || {
+                Err(Failed::from(format!("prerequisite missing: {reason}")))
+            })
+            .with_ignored_flag(true)
         }
         Gate::Broken(msg) => Trial::test(name, move || Err(Failed::from(msg))),
     }
+}
+
+/// `VMTEST_REQUIRE=1` (for CI once the packages are installed): a missing
+/// prerequisite fails the test instead of skipping it.
+fn require_all() -> bool {
+    std::env::var("VMTEST_REQUIRE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 fn main() -> ExitCode {
@@ -310,9 +341,7 @@ fn main() -> ExitCode {
                 a.cache_dir.display()
             );
         }))
-        .and(|| {
-            Gate::of(vmtest::accel().map(|a| eprintln!("vmtest: accelerator {a}")))
-        })
+        .and(|| Gate::of(vmtest::accel().map(|a| eprintln!("vmtest: accelerator {a}"))))
     };
     let testpmd = base.clone().and(|| {
         if args.list {
