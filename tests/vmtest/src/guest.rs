@@ -549,6 +549,7 @@ impl GuestBuilder {
             "panic=-1".into(),
             "oops=panic".into(),
             "rdinit=/init".into(),
+            "edd=off".into(),
         ];
         if self.iommu {
             cmdline.push("intel_iommu=on".into());
@@ -981,9 +982,9 @@ fn supervise(
     let _ = t_out.join();
     let _ = t_err.join();
 
-    let console = String::from_utf8_lossy(&console.lock().unwrap_or_else(|e| e.into_inner()))
-        .replace("\r\n", "\n")
-        .replace('\r', "");
+    let console = strip_escapes(&String::from_utf8_lossy(
+        &console.lock().unwrap_or_else(|e| e.into_inner()),
+    ));
     let qemu_stderr =
         String::from_utf8_lossy(&qerr.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     let mut run = GuestRun {
@@ -1008,6 +1009,33 @@ fn supervise(
     };
     parse_console(&mut run);
     Ok(run)
+}
+
+/// Drops `\r` and the terminal escape sequences the firmware prints
+/// (`ESC c`, `ESC [ ... letter`).
+fn strip_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' => {}
+            '\u{1b}' => {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    while let Some(&p) = chars.peek() {
+                        chars.next();
+                        if p.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn parse_console(run: &mut GuestRun) {
@@ -1094,6 +1122,14 @@ mod tests {
         let mut r = blank_run("");
         r.timed_out = true;
         assert!(r.failure().unwrap().starts_with("timed out"));
+    }
+
+    #[test]
+    fn escapes_are_stripped() {
+        assert_eq!(
+            strip_escapes("\u{1b}c\u{1b}[?7l\u{1b}[2JSeaBIOS\r\nok\u{1b}[0m\n"),
+            "SeaBIOS\nok\n"
+        );
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //! Custom harness (libtest-mimic) so that missing prerequisites are reported
 //! as *ignored* with one `SKIP name: reason` line, never as passed.
 
+use std::net::UdpSocket;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -203,6 +207,72 @@ vmtest_report modules "$(cut -d' ' -f1 /proc/modules | sort | tr '\n' ' ')"
     Ok(())
 }
 
+/// `-netdev dgram` towards a host-side peer: the guest's frames arrive as UDP
+/// datagrams on a loopback socket of the test.
+fn guest_netdev_dgram_peer() -> TestResult {
+    let peer = UdpSocket::bind("127.0.0.1:0").map_err(|e| Error::Config(format!("bind: {e}")))?;
+    peer.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| Error::Config(format!("socket: {e}")))?;
+    let remote = peer
+        .local_addr()
+        .map_err(|e| Error::Config(format!("socket: {e}")))?;
+    let local = {
+        let s = UdpSocket::bind("127.0.0.1:0").map_err(|e| Error::Config(format!("bind: {e}")))?;
+        s.local_addr()
+            .map_err(|e| Error::Config(format!("socket: {e}")))?
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(n) = peer.recv(&mut buf) {
+                    frames.push(buf[..n].to_vec());
+                }
+            }
+            frames
+        })
+    };
+    let run = Guest::builder()
+        .name("guest_netdev_dgram_peer")
+        .netdev_dgram(local, remote, "mac=52:54:00:12:34:03")
+        .modules(&["virtio_net"])
+        .timeout(Duration::from_secs(50))
+        .init_script(
+            r#"
+set -- $(vmtest_netdevs virtio_net)
+[ -n "$1" ] || vmtest_fail "no interface bound to virtio_net"
+ip addr add 192.0.2.2/24 dev "$1"
+ip link set "$1" up
+vmtest_wait_for 10 grep -qx up "/sys/class/net/$1/operstate" || vmtest_fail "link of $1 not up"
+arping -c 3 -w 2 -I "$1" 192.0.2.1 >/dev/null 2>&1
+vmtest_report sent arp
+"#,
+        )
+        .run();
+    stop.store(true, Ordering::SeqCst);
+    let frames = receiver.join().unwrap_or_default();
+    let run = run?;
+    let guest_mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x03];
+    let arp_from_guest = frames
+        .iter()
+        .filter(|f| f.len() >= 14 && f[6..12] == guest_mac && f[12..14] == [0x08, 0x06])
+        .count();
+    if arp_from_guest == 0 {
+        return Err(Error::GuestFailed {
+            name: run.name.clone(),
+            reason: format!(
+                "the host peer got {} datagrams, none an ARP frame from the guest",
+                frames.len()
+            ),
+            report: run.report(),
+        });
+    }
+    Ok(())
+}
+
 /// The harness turns a guest kernel panic into a failure with the console tail.
 fn harness_reports_panic() -> TestResult {
     let result = Guest::builder()
@@ -355,6 +425,11 @@ fn main() -> ExitCode {
         trial("guest_ping_testpmd", testpmd, guest_ping_testpmd),
         trial("guest_vfio_bind", base.clone(), guest_vfio_bind),
         trial("guest_vduse_control", base.clone(), guest_vduse_control),
+        trial(
+            "guest_netdev_dgram_peer",
+            base.clone(),
+            guest_netdev_dgram_peer,
+        ),
         trial("harness_reports_panic", base.clone(), harness_reports_panic),
         trial("harness_reports_timeout", base, harness_reports_timeout),
     ];
