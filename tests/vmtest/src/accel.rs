@@ -7,7 +7,7 @@
 //! `VMTEST_ACCEL=kvm|tcg` skips the probe.
 
 use std::fmt;
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -60,6 +60,35 @@ fn choose() -> Result<Accel, Error> {
         eprintln!("vmtest: /dev/kvm not usable ({e}); guests run under TCG");
         return Ok(Accel::Tcg);
     }
+    // The probe's verdict holds until the host reboots.
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let memo = crate::artifacts::cache_dir().join("kvm-probe");
+    if !boot_id.is_empty()
+        && let Ok(text) = fs::read_to_string(&memo)
+        && let Some((id, verdict)) = text.trim().split_once(' ')
+        && id == boot_id
+    {
+        let a = if verdict == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        eprintln!(
+            "vmtest: guests run under {a} (KVM probe result of this boot, {}; delete it to probe again)",
+            memo.display()
+        );
+        return Ok(a);
+    }
+    let a = probe()?;
+    if !boot_id.is_empty() {
+        let _ = crate::artifacts::write_atomic(&memo, format!("{boot_id} {a}\n").as_bytes());
+    }
+    Ok(a)
+}
+
+fn probe() -> Result<Accel, Error> {
     let start = std::time::Instant::now();
     let probe = Guest::builder()
         .name("kvm-probe")
