@@ -153,7 +153,20 @@ fn kernel(cache: &Path) -> Result<Kernel, Error> {
         return kernel_from(&kdir, &choice, Some(&deb));
     }
     match resolve_kernel_package() {
-        Ok(choice) => kernel_from(&kdir, &choice, None),
+        Ok(choice) => match kernel_from(&kdir, &choice, None) {
+            // The mirror is unreachable: an older prepared kernel still does.
+            Err(e @ Error::Missing { .. }) => match newest_cached_kernel(&kdir) {
+                Some(k) => {
+                    eprintln!(
+                        "vmtest: {e}\nvmtest: using the cached {} {}",
+                        k.package, k.version
+                    );
+                    Ok(k)
+                }
+                None => Err(e),
+            },
+            other => other,
+        },
         Err(e) => {
             // apt knows no kernel (no lists, no apt): fall back to a
             // previously prepared one.
