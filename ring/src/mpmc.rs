@@ -96,49 +96,57 @@ impl<T: Copy + Send> MpmcRing<T> {
         }
     }
 
+    /// Signed distance from `head` to the opposite tail value `opp`, in the
+    /// sense that matters to `role`: for producers the slots in use
+    /// (`head - opp`), for consumers the items available (`opp - head`).
+    /// Indices differ by far less than `isize::MAX`, so the wrapping
+    /// difference read as signed is the true signed distance.
+    #[inline(always)]
+    fn distance(role: Role, head: usize, opp: usize) -> isize {
+        match role {
+            Role::Producer => head.wrapping_sub(opp) as isize,
+            Role::Consumer => opp.wrapping_sub(head) as isize,
+        }
+    }
+
+    /// `true` if `opp` is behind `head` by more than a consistent snapshot
+    /// allows (producer: more than `capacity` slots in use; consumer: fewer
+    /// than 0 items), i.e. `opp` is older than the state `head` reflects.
+    #[inline(always)]
+    fn opposite_behind(role: Role, capacity: usize, head: usize, opp: usize) -> bool {
+        let d = Self::distance(role, head, opp);
+        match role {
+            Role::Producer => d > capacity as isize,
+            Role::Consumer => d < 0,
+        }
+    }
+
     /// Entries (free slots for producers, items for consumers) that `role`
     /// may take from its side's `head`, given `opp`, a value the opposite
     /// tail once had (fresh or cached). Always in `0..=capacity`.
     ///
-    /// The signed distance between the two free-running indices tells
-    /// whether the two values are consistent:
-    ///
-    /// * in range: `capacity - (head - opp)` free slots, or `opp - head`
-    ///   items;
-    /// * `opp` is behind `head` by more than the ring allows (producer:
-    ///   `head - opp > capacity`; consumer: `opp < head`): `opp` is stale
-    ///   (for a cached value it may lag by laps). Report 0 entries, which
-    ///   makes the caller refresh it, or report "full"/"empty" if even the
-    ///   fresh value says so;
-    /// * `head` is behind `opp` (producer: `head < opp`; consumer:
-    ///   `opp - head > capacity`): `head` is stale. Report `capacity`; the
-    ///   CAS on `head` is then bound to fail and hand us the current head.
-    ///   It must fail because `opp` is only reached after our side's head
-    ///   got past it (producer) or to within a lap of it (consumer), and
+    /// * Consistent values: `capacity - (head - opp)` free slots, or
+    ///   `opp - head` items.
+    /// * `opp` behind `head` ([`Self::opposite_behind`]): `opp` is stale. This
+    ///   happens with the cached value, which may lag by laps. Report 0
+    ///   entries, which makes the caller refresh it. (A freshly loaded `opp`
+    ///   is never behind, see `reserve`.)
+    /// * `head` behind `opp` (producer: `head < opp`; consumer:
+    ///   `opp - head > capacity`): `head` is stale. Report `capacity`; the CAS
+    ///   on `head` is then bound to fail and hand us the current head. It must
+    ///   fail because the opposite tail only reaches `opp` after our side's
+    ///   head got past it (producer) or to within a lap of it (consumer), and
     ///   that head move happens-before our Acquire of `opp` (directly or
     ///   through the Release/Acquire cache), so coherence forbids our later
     ///   CAS from reading the older head value.
     #[inline(always)]
     fn entries(role: Role, capacity: usize, head: usize, opp: usize) -> usize {
-        // Indices differ by far less than `isize::MAX`, so the wrapping
-        // difference read as signed is the true signed distance.
+        let d = Self::distance(role, head, opp);
         match role {
-            Role::Producer => {
-                let used = head.wrapping_sub(opp) as isize;
-                if used < 0 {
-                    capacity
-                } else {
-                    capacity.saturating_sub(used as usize)
-                }
-            }
-            Role::Consumer => {
-                let avail = opp.wrapping_sub(head) as isize;
-                if avail < 0 {
-                    0
-                } else {
-                    (avail as usize).min(capacity)
-                }
-            }
+            Role::Producer if d < 0 => capacity,
+            Role::Producer => capacity.saturating_sub(d as usize),
+            Role::Consumer if d < 0 => 0,
+            Role::Consumer => (d as usize).min(capacity),
         }
     }
 
@@ -152,10 +160,12 @@ impl<T: Copy + Send> MpmcRing<T> {
         }
         let (own, opposite) = self.sides(role);
         let capacity = self.slots.capacity();
-        // Relaxed: the head only selects slots; the permission to touch them
-        // comes from the opposite tail (Acquire, below), and a stale head
-        // just makes the CAS fail.
-        let mut head = own.head.load(Ordering::Relaxed);
+        // Acquire pairs with the Release of the CAS that wrote this head
+        // value: the writer read an opposite tail value consistent with it
+        // before its CAS, so our fresh load of the opposite tail below reads
+        // that value or a newer one, never one "behind" `head`. (A stale
+        // `head` is fine: the CAS fails.) On x86 this is a plain load.
+        let mut head = own.head.load(Ordering::Acquire);
         loop {
             // Acquire on the cache: it pairs with the Release store below
             // made by whichever thread of our side refreshed it after an
@@ -181,6 +191,14 @@ impl<T: Copy + Send> MpmcRing<T> {
                     // value the opposite tail once had.
                     own.opposite_tail.store(opp, Ordering::Release);
                 }
+                // The claim made at the head load above; model-checked by
+                // the loom tests, and checked in debug builds.
+                if cfg!(any(loom, debug_assertions)) {
+                    assert!(
+                        !Self::opposite_behind(role, capacity, head, opp),
+                        "fresh opposite tail {opp} behind head {head}"
+                    );
+                }
                 entries = Self::entries(role, capacity, head, opp);
             }
             let n = if entries >= want {
@@ -193,16 +211,18 @@ impl<T: Copy + Send> MpmcRing<T> {
             if n == 0 {
                 return None;
             }
-            // Relaxed CAS on success and failure: the CAS only hands out
-            // disjoint index ranges; the ordering of the slot accesses is
-            // carried by the tails. If it succeeds, `head` was current, so
-            // `entries` computed from it is a valid bound (the opposite tail
-            // only grows).
+            // The CAS hands out disjoint index ranges; the ordering of the
+            // slot accesses themselves is carried by the tails. If it
+            // succeeds, `head` was current, so `entries` computed from it is a
+            // valid bound (the opposite tail only grows). Release on success
+            // and Acquire on failure only serve the head/opposite-tail
+            // consistency described at the head load (a `lock cmpxchg` on x86
+            // either way).
             match own.head.compare_exchange_weak(
                 head,
                 head.wrapping_add(n),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
+                Ordering::Release,
+                Ordering::Acquire,
             ) {
                 Ok(_) => return Some((head, n)),
                 Err(current) => head = current,
