@@ -13,7 +13,12 @@ use vdpakit_core::mempool::{Mempool, MempoolConfig};
 fn mempool(c: &mut Criterion) {
     let pool = Mempool::new(
         "bench",
-        MempoolConfig { count: 8192, data_room: 2048, cache_size: 256, mem: MemMode::Auto },
+        MempoolConfig {
+            count: 8192,
+            data_room: 2048,
+            cache_size: 256,
+            mem: MemMode::Auto,
+        },
     )
     .expect("mempool");
     let mut g = c.benchmark_group("mempool_alloc_free");
@@ -28,19 +33,23 @@ fn mempool(c: &mut Criterion) {
                 cache.free_burst(black_box(&mut pkts));
             });
         });
-        g.bench_with_input(BenchmarkId::new("vec_stack_floor", burst), &burst, |b, &n| {
-            let mut free: Vec<usize> = (0..8192).collect();
-            let mut out = [0usize; 32];
-            b.iter(|| {
-                for o in out.iter_mut().take(n) {
-                    *o = free.pop().unwrap_or(0);
-                }
-                black_box(&mut out);
-                for o in out.iter().take(n) {
-                    free.push(*o);
-                }
-            });
-        });
+        g.bench_with_input(
+            BenchmarkId::new("vec_stack_floor", burst),
+            &burst,
+            |b, &n| {
+                let mut free: Vec<usize> = (0..8192).collect();
+                let mut out = [0usize; 32];
+                b.iter(|| {
+                    for o in out.iter_mut().take(n) {
+                        *o = free.pop().unwrap_or(0);
+                    }
+                    black_box(&mut out);
+                    for o in out.iter().take(n) {
+                        free.push(*o);
+                    }
+                });
+            },
+        );
     }
     g.finish();
 }
