@@ -5,7 +5,6 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -455,7 +454,7 @@ impl GuestBuilder {
         fs::write(run_dir.join("qemu.cmdline"), shell_words(&args))
             .ctx(|| "writing qemu.cmdline".into())?;
 
-        let mut run = supervise(&self, art, accel, args, run_dir)?;
+        let mut run = supervise(&self, accel, args, run_dir)?;
         fs::write(run.run_dir.join("console.log"), &run.console)
             .ctx(|| "writing console.log".into())?;
         run.kept = (self.keep_on_failure && run.failure().is_some()) || keep_files();
@@ -922,18 +921,15 @@ fn reader(
 
 fn supervise(
     b: &GuestBuilder,
-    art: &Artifacts,
     accel: Accel,
     args: Vec<String>,
     run_dir: PathBuf,
 ) -> Result<GuestRun, Error> {
-    let _ = art;
     let mut cmd = Command::new(&args[0]);
     cmd.args(&args[1..])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().ctx(|| format!("starting {}", args[0]))?;
     let stdout = child.stdout.take().expect("piped stdout");

@@ -5,7 +5,6 @@
 use std::env;
 use std::fs;
 use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -120,10 +119,8 @@ impl HostProcess {
         let err = out
             .try_clone()
             .ctx(|| format!("duplicating {}", log.display()))?;
-        cmd.stdin(Stdio::piped())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
+        // Same process group as the test: a Ctrl-C reaches the helper too.
+        cmd.stdin(Stdio::piped()).stdout(out).stderr(err);
         let mut child = cmd.spawn().ctx(|| format!("starting {name} ({cmd:?})"))?;
         let stdin = child.stdin.take();
         Ok(HostProcess {
@@ -231,13 +228,14 @@ impl Drop for HostProcess {
 /// a backend nobody in this project wrote, to pin the harness down against.
 ///
 /// It runs without hugepages (`--no-huge`), with no PCI scan, its own
-/// `--file-prefix`, both lcores floating over the CPUs this process may use,
+/// `--file-prefix` (whose EAL runtime directory is removed afterwards), both lcores floating over the CPUs this process may use,
 /// and in its non-interactive mode kept alive by the stdin pipe
 /// [`HostProcess`] holds. Dropping it kills it.
 #[derive(Debug)]
 pub struct Testpmd {
     proc: HostProcess,
     socket: PathBuf,
+    runtime_dir: PathBuf,
 }
 
 impl Testpmd {
@@ -276,16 +274,23 @@ impl Testpmd {
             .arg("--nb-cores=1")
             .arg("-a")
             .args(app_args);
+        let runtime_dir = eal_runtime_dir(&prefix);
         let mut proc = HostProcess::spawn("dpdk-testpmd", cmd, &log_dir.join("testpmd.log"))?;
+        let cleanup = |proc: &mut HostProcess| {
+            proc.stop(Duration::from_millis(500));
+            let _ = fs::remove_dir_all(&runtime_dir);
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
             if !proc.is_running() {
+                cleanup(&mut proc);
                 return Err(Error::HostProcess {
                     what: "dpdk-testpmd exited before creating its vhost-user socket".into(),
                     log_tail: proc.log_tail(30),
                 });
             }
             if Instant::now() >= deadline {
+                cleanup(&mut proc);
                 return Err(Error::HostProcess {
                     what: format!(
                         "dpdk-testpmd did not create {} within 30 s",
@@ -299,6 +304,7 @@ impl Testpmd {
         Ok(Testpmd {
             proc,
             socket: socket.to_path_buf(),
+            runtime_dir,
         })
     }
 
@@ -318,6 +324,29 @@ impl Testpmd {
         self.proc.stop(Duration::from_secs(10));
         self.proc.log()
     }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        self.proc.stop(Duration::from_millis(500));
+        let _ = fs::remove_dir_all(&self.runtime_dir);
+    }
+}
+
+/// Where DPDK's EAL puts the runtime files of `--file-prefix=prefix`
+/// (it creates the directory even with `--no-shconf`).
+fn eal_runtime_dir(prefix: &str) -> PathBuf {
+    let base = if fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+    {
+        PathBuf::from("/var/run")
+    } else {
+        env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(env::temp_dir)
+    };
+    base.join("dpdk").join(prefix)
 }
 
 /// `Cpus_allowed_list` of this process (e.g. `0-1`), for DPDK's `--lcores`.
