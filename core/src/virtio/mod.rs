@@ -1,0 +1,1 @@
+//! Virtio rings (split and packed, device and driver side) over guest memory. Being written.
