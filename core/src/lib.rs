@@ -19,6 +19,7 @@ pub mod mem;
 pub mod mempool;
 pub mod packet;
 pub mod port;
+pub mod vhost;
 pub mod virtio;
 
 pub use error::{Error, Result};
