@@ -296,3 +296,45 @@ fn ports_subcommand_lists_kinds_and_keys() {
         "{s}"
     );
 }
+
+/// Ctrl-C (SIGINT) and SIGTERM stop a run without --duration cleanly: exit 0 and a full report.
+#[test]
+fn sigint_and_sigterm_stop_cleanly_with_a_report() {
+    for sig in ["-INT", "-TERM"] {
+        let child = Command::new(env!("CARGO_BIN_EXE_vdpakit"))
+            .args([
+                "fwd",
+                "--port",
+                "ring:name=a",
+                "--cores",
+                "0",
+                "--json",
+                "--stats-period",
+                "0",
+            ])
+            .env("VDPAKIT_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let st = Command::new("kill")
+            .args([sig, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{sig}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            v["ports"][0]["rx_packets"].as_u64().unwrap() > 0,
+            "{sig}: {v}"
+        );
+        assert!(v["duration_s"].as_f64().unwrap() >= 1.0);
+    }
+}
