@@ -1,0 +1,940 @@
+//! Guest memory: the regions a front end shares with us, their translation, and the only code of
+//! the virtio module that dereferences guest pointers.
+//!
+//! Guest memory is shared with a driver that may be hostile and may change any byte at any time.
+//! Nothing here ever creates a Rust reference (`&`/`&mut`) to it: ring fields are read and written
+//! with single volatile or atomic accesses (each value is fetched once, so a driver changing it
+//! behind our back cannot make us see two different values), and packet payload is copied with
+//! `ptr::copy_nonoverlapping` between guest memory and buffers we own.
+//!
+//! - [`GuestRegion`], [`GuestMemory`]: the memory table, with checked GPA and front-end-virtual
+//!   (UVA) translation. Cloning a `GuestMemory` is one `Arc` increment; a region stays mapped
+//!   while any clone (or any queue or [`Segs`] built from it) lives.
+//! - [`Segs`]: the buffers of one popped chain, with safe gather/scatter copies.
+//! - `RingArea`/`TableView` (crate-private): bounds- and alignment-checked accessors over one
+//!   translated ring area or indirect table. Out-of-range offsets are a bug of ours, never a
+//!   consequence of guest input (callers check indices first): they are debug-asserted, read as
+//!   zero and drop writes in release builds, so they can never touch memory outside the area.
+
+use std::any::Any;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
+use std::ptr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use super::error::QueueError;
+use super::log::DirtyLog;
+
+/// The most regions a [`GuestMemory`] accepts (vhost-user's largest memory slot count).
+pub const MAX_REGIONS: usize = 509;
+
+/// The most buffers one popped chain may have (DPDK's `BUF_VECTOR_MAX`).
+pub const SEGS_MAX: usize = 256;
+
+type KeepAlive = Arc<dyn Any + Send + Sync>;
+
+/// Maps `offset + size` bytes of `fd` from file offset 0 (rounded up to the file's block size,
+/// i.e. the huge page size for hugetlb files), `MAP_SHARED` read-write, and returns the mapping
+/// and the address of byte `offset`. Mapping from 0 makes offsets that are not page aligned work.
+pub(crate) fn map_shared(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    size: u64,
+) -> std::io::Result<(KeepAlive, *mut u8)> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_string());
+    let block = fd
+        .try_clone_to_owned()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata())
+        .map(|m| m.blksize())?;
+    let block = if block.is_power_of_two() && block >= 4096 {
+        block
+    } else {
+        4096
+    };
+    let total = offset
+        .checked_add(size)
+        .and_then(|t| t.checked_next_multiple_of(block))
+        .ok_or_else(|| invalid("offset + size overflows"))?;
+    let total = usize::try_from(total).map_err(|_| invalid("mapping larger than usize"))?;
+    let map = memmap2::MmapOptions::new()
+        .len(total)
+        .map_raw(fd.as_raw_fd())?;
+    // `offset + size <= total`, so byte `offset` is inside the mapping.
+    let host = map.as_mut_ptr().wrapping_add(offset as usize);
+    Ok((Arc::new(map), host))
+}
+
+/// One contiguous piece of guest memory mapped into this process.
+#[derive(Clone)]
+pub struct GuestRegion {
+    gpa: u64,
+    size: u64,
+    uva: u64,
+    host: *mut u8,
+    _keep: Option<KeepAlive>,
+}
+
+// SAFETY: a region is an address range plus an optional keep-alive handle that is itself
+// `Send + Sync`. The memory behind `host` is shared memory that this crate only touches through
+// raw volatile/atomic accesses and raw copies (never through references), the same way the other
+// side of the share does, so handing the range to another thread is sound.
+unsafe impl Send for GuestRegion {}
+// SAFETY: as above; `&GuestRegion` only exposes the addresses.
+unsafe impl Sync for GuestRegion {}
+
+impl std::fmt::Debug for GuestRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRegion")
+            .field("gpa", &format_args!("{:#x}", self.gpa))
+            .field("size", &format_args!("{:#x}", self.size))
+            .field("uva", &format_args!("{:#x}", self.uva))
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+impl GuestRegion {
+    /// Maps `size` bytes of `fd` starting at file offset `mmap_offset`, `MAP_SHARED` read-write,
+    /// as the region `[gpa, gpa + size)` whose front-end virtual address is `uva` (vhost-user
+    /// `SET_MEM_TABLE` / `ADD_MEM_REG`).
+    ///
+    /// The file is mapped from offset 0 over `mmap_offset + size` bytes rounded up to the file's
+    /// block size (the huge page size for hugetlbfs and memfd hugepages), so an `mmap_offset`
+    /// that is not page aligned works too. The mapping lives as long as the region or any
+    /// [`GuestMemory`] holding it.
+    pub fn map_fd(
+        fd: BorrowedFd<'_>,
+        mmap_offset: u64,
+        size: u64,
+        gpa: u64,
+        uva: u64,
+    ) -> Result<GuestRegion, QueueError> {
+        let map_err = |source| QueueError::Map {
+            gpa,
+            size,
+            offset: mmap_offset,
+            source,
+        };
+        if size == 0 {
+            return Err(QueueError::RegionEmpty { index: 0, gpa });
+        }
+        let (map, host) = map_shared(fd, mmap_offset, size).map_err(map_err)?;
+        Ok(GuestRegion {
+            gpa,
+            size,
+            uva,
+            host,
+            _keep: Some(map),
+        })
+    }
+
+    /// A region over memory the caller already owns (a vdpakit `Segment`/`Zone`, test memory,
+    /// a virtio-user front end's own rings and buffers).
+    ///
+    /// # Safety
+    /// `host .. host + size` must be mapped, readable and writable, and must stay so for as long
+    /// as this region, any [`GuestMemory`] built from it (and its clones), or anything built from
+    /// those lives; `keep` may hold whatever keeps it alive. Nothing may hold Rust references into
+    /// the range while it is used as guest memory.
+    pub unsafe fn from_raw(
+        host: *mut u8,
+        size: u64,
+        gpa: u64,
+        uva: u64,
+        keep: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> GuestRegion {
+        GuestRegion {
+            gpa,
+            size,
+            uva,
+            host,
+            _keep: keep,
+        }
+    }
+
+    /// Guest physical address of the first byte.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The front end's virtual address of the first byte (vhost-user ring addresses use these).
+    pub fn uva(&self) -> u64 {
+        self.uva
+    }
+
+    /// Where the first byte is mapped in this process.
+    pub fn host(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// Host address of `[gpa, gpa + len)` if all of it is inside this region.
+    #[inline(always)]
+    fn host_of_gpa(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let off = gpa.checked_sub(self.gpa)?;
+        if off < self.size && len <= self.size - off {
+            // `off < size` and the region is mapped, so the result stays inside the mapping.
+            Some(self.host.wrapping_add(off as usize))
+        } else {
+            None
+        }
+    }
+}
+
+/// A guest memory table: non-overlapping regions sorted by guest physical address.
+///
+/// Cheap to clone (one `Arc`). Translation is lock-free and allocation-free.
+#[derive(Clone)]
+pub struct GuestMemory {
+    regions: Arc<[GuestRegion]>,
+}
+
+impl std::fmt::Debug for GuestMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.regions.iter()).finish()
+    }
+}
+
+impl Default for GuestMemory {
+    fn default() -> Self {
+        GuestMemory::empty()
+    }
+}
+
+impl GuestMemory {
+    /// Builds a memory table. Rejects zero-sized regions, regions whose GPA or UVA end overflows,
+    /// regions overlapping in GPA or in UVA space, and more than [`MAX_REGIONS`] regions; the
+    /// error names the offending region by its position in `regions`.
+    pub fn new(regions: Vec<GuestRegion>) -> Result<GuestMemory, QueueError> {
+        if regions.len() > MAX_REGIONS {
+            return Err(QueueError::TooManyRegions {
+                count: regions.len(),
+                max: MAX_REGIONS,
+            });
+        }
+        for (index, r) in regions.iter().enumerate() {
+            if r.size == 0 {
+                return Err(QueueError::RegionEmpty { index, gpa: r.gpa });
+            }
+            for (space, start) in [("gpa", r.gpa), ("uva", r.uva)] {
+                if start.checked_add(r.size).is_none() {
+                    return Err(QueueError::RegionOverflow {
+                        index,
+                        space,
+                        start,
+                        size: r.size,
+                    });
+                }
+            }
+        }
+        for space in ["gpa", "uva"] {
+            let start = |r: &GuestRegion| if space == "gpa" { r.gpa } else { r.uva };
+            let mut order: Vec<usize> = (0..regions.len()).collect();
+            order.sort_by_key(|&i| start(&regions[i]));
+            for w in order.windows(2) {
+                let (a, b) = (&regions[w[0]], &regions[w[1]]);
+                if start(a) + a.size > start(b) {
+                    // Name the later one in the caller's list as the offender.
+                    let (index, other) = (w[0].max(w[1]), w[0].min(w[1]));
+                    let (ri, ro) = (&regions[index], &regions[other]);
+                    return Err(QueueError::RegionOverlap {
+                        index,
+                        other,
+                        space,
+                        start: start(ri),
+                        end: start(ri) + ri.size,
+                        other_start: start(ro),
+                        other_end: start(ro) + ro.size,
+                    });
+                }
+            }
+        }
+        let mut regions = regions;
+        regions.sort_by_key(|r| r.gpa);
+        Ok(GuestMemory {
+            regions: regions.into(),
+        })
+    }
+
+    /// A table with no regions (every translation fails).
+    pub fn empty() -> GuestMemory {
+        GuestMemory {
+            regions: Arc::from(Vec::new()),
+        }
+    }
+
+    /// The regions, sorted by guest physical address.
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// Whether two handles share the same table (not just equal contents).
+    #[inline(always)]
+    pub fn ptr_eq(&self, other: &GuestMemory) -> bool {
+        Arc::ptr_eq(&self.regions, &other.regions)
+    }
+
+    #[inline(always)]
+    fn region_of_gpa(&self, gpa: u64) -> Option<&GuestRegion> {
+        let rs = &*self.regions;
+        let r = if rs.len() <= 8 {
+            rs.iter().find(|r| gpa >= r.gpa && gpa - r.gpa < r.size)?
+        } else {
+            let i = rs.partition_point(|r| r.gpa <= gpa);
+            let r = &rs[i.checked_sub(1)?];
+            if gpa - r.gpa < r.size {
+                r
+            } else {
+                return None;
+            }
+        };
+        Some(r)
+    }
+
+    fn region_of_uva(&self, uva: u64) -> Option<&GuestRegion> {
+        self.regions
+            .iter()
+            .find(|r| uva >= r.uva && uva - r.uva < r.size)
+    }
+
+    /// Host address of `[gpa, gpa + len)` if the whole range lies in one region (`len` 0 is
+    /// accepted for a `gpa` inside a region).
+    #[inline(always)]
+    pub fn gpa_to_host(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        self.region_of_gpa(gpa)?.host_of_gpa(gpa, len)
+    }
+
+    /// Host address of the front-end virtual range `[uva, uva + len)` if it lies in one region.
+    pub fn uva_to_host(&self, uva: u64, len: u64) -> Option<*mut u8> {
+        let r = self.region_of_uva(uva)?;
+        r.host_of_gpa(r.gpa + (uva - r.uva), len)
+    }
+
+    /// The guest physical address of a front-end virtual address.
+    pub fn uva_to_gpa(&self, uva: u64) -> Option<u64> {
+        let r = self.region_of_uva(uva)?;
+        Some(r.gpa + (uva - r.uva))
+    }
+
+    /// Calls `f(host, gpa, len)` for each piece of `[gpa, gpa + len)` that lies in one region,
+    /// in order. Fails without calling `f` at all if any byte is not guest memory.
+    fn for_each_piece(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(*mut u8, u64, u64) -> bool,
+    ) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        // First pass checks, second pass acts: a failure must not leave partial effects.
+        for pass in 0..2 {
+            let mut cur = gpa;
+            while cur < end {
+                let Some(r) = self.region_of_gpa(cur) else {
+                    return false;
+                };
+                let n = (end - cur).min(r.size - (cur - r.gpa));
+                if pass == 1 {
+                    let host = r.host.wrapping_add((cur - r.gpa) as usize);
+                    if !f(host, cur, n) {
+                        return false;
+                    }
+                }
+                cur += n;
+            }
+        }
+        true
+    }
+
+    /// Copies guest memory at `gpa` into `dst`. The range may span adjacent regions.
+    pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), QueueError> {
+        let mut done = 0usize;
+        let ok = self.for_each_piece(gpa, dst.len() as u64, |host, _, n| {
+            let n = n as usize;
+            // SAFETY: `host .. host + n` is inside one mapped region (checked by
+            // `for_each_piece`), `done + n <= dst.len()`, and `dst` is our own buffer, which
+            // cannot overlap guest memory (no references to guest memory exist).
+            unsafe { ptr::copy_nonoverlapping(host, dst[done..done + n].as_mut_ptr(), n) };
+            done += n;
+            true
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(QueueError::MemAccess {
+                gpa,
+                len: dst.len() as u64,
+            })
+        }
+    }
+
+    /// Copies `src` into guest memory at `gpa`. The range may span adjacent regions.
+    pub fn write(&self, gpa: u64, src: &[u8]) -> Result<(), QueueError> {
+        let mut done = 0usize;
+        let ok = self.for_each_piece(gpa, src.len() as u64, |host, _, n| {
+            let n = n as usize;
+            // SAFETY: as in `read`, with the roles swapped: `host .. host + n` is mapped guest
+            // memory and `src[done .. done + n]` is in bounds.
+            unsafe { ptr::copy_nonoverlapping(src[done..done + n].as_ptr(), host, n) };
+            done += n;
+            true
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(QueueError::MemAccess {
+                gpa,
+                len: src.len() as u64,
+            })
+        }
+    }
+
+    /// Translates one ring area (at set-up): the whole `[addr, addr + len)` must lie in one
+    /// region and its host address must be aligned to `align`.
+    pub(crate) fn ring_area(
+        &self,
+        area: &'static str,
+        addr: u64,
+        len: u64,
+        uva: bool,
+        align: usize,
+    ) -> Result<RingArea, QueueError> {
+        let host = if uva {
+            self.uva_to_host(addr, len)
+        } else {
+            self.gpa_to_host(addr, len)
+        };
+        let host = host.ok_or(QueueError::RingNotInMemory {
+            area,
+            kind: if uva { "uva" } else { "gpa" },
+            addr,
+            len,
+        })?;
+        if !(host as usize).is_multiple_of(align) || !addr.is_multiple_of(align as u64) {
+            return Err(QueueError::RingMisaligned {
+                area,
+                addr,
+                host: host as usize,
+                align,
+            });
+        }
+        Ok(RingArea {
+            raw: Raw {
+                ptr: host,
+                len: len as usize,
+            },
+            _mem: self.clone(),
+        })
+    }
+
+    /// A view of an indirect table `[gpa, gpa + len)` if it lies in one region.
+    #[inline(always)]
+    pub(crate) fn table(&self, gpa: u64, len: u32) -> Option<TableView<'_>> {
+        let ptr = self.gpa_to_host(gpa, u64::from(len))?;
+        Some(TableView {
+            raw: Raw {
+                ptr,
+                len: len as usize,
+            },
+            _mem: std::marker::PhantomData,
+        })
+    }
+
+    /// Appends the pieces of buffer `[gpa, gpa + len)` to `segs`. Fast path: one region.
+    /// Returns `Err(true)` if the buffer is not guest memory, `Err(false)` if `segs` is full.
+    #[inline(always)]
+    pub(crate) fn push_buffer(
+        &self,
+        segs: &mut Segs,
+        gpa: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), bool> {
+        if let Some(host) = self.gpa_to_host(gpa, u64::from(len)) {
+            return if segs.push(host, gpa, len, writable) {
+                Ok(())
+            } else {
+                Err(false)
+            };
+        }
+        // Slow path: a buffer spanning adjacent regions becomes one segment per region.
+        let mut full = false;
+        let ok = self.for_each_piece(gpa, u64::from(len), |host, g, n| {
+            // `n <= len`, so it fits u32.
+            if segs.push(host, g, n as u32, writable) {
+                true
+            } else {
+                full = true;
+                false
+            }
+        });
+        match (ok, full) {
+            (true, _) => Ok(()),
+            (false, true) => Err(false),
+            (false, false) => Err(true),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw accessors
+// ---------------------------------------------------------------------------------------------
+
+/// A pointer and length into guest memory. Private to this module: only `RingArea` (which holds
+/// a `GuestMemory` clone) and `TableView` (which borrows one) create it, so the range is always
+/// mapped while a `Raw` is reachable.
+#[derive(Clone, Copy)]
+struct Raw {
+    ptr: *mut u8,
+    len: usize,
+}
+
+/// One descriptor as read from guest memory (the same 16 bytes for both ring formats).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct RawDesc {
+    /// Buffer address (a GPA).
+    pub(crate) addr: u64,
+    /// Buffer length.
+    pub(crate) len: u32,
+    /// Bytes 12..14: split `flags`, packed buffer `id`.
+    pub(crate) w12: u16,
+    /// Bytes 14..16: split `next`, packed `flags`.
+    pub(crate) w14: u16,
+}
+
+impl Raw {
+    /// Host pointer of `[off, off + n)` if it is inside the range and aligned to `align`.
+    #[inline(always)]
+    fn at(&self, off: usize, n: usize, align: usize) -> Option<*mut u8> {
+        if off <= self.len && self.len - off >= n {
+            // In bounds (checked just above).
+            let p = self.ptr.wrapping_add(off);
+            if (p as usize).is_multiple_of(align) {
+                return Some(p);
+            }
+        }
+        debug_assert!(
+            false,
+            "guest access at {off} of {n} bytes outside an area of {}",
+            self.len
+        );
+        None
+    }
+
+    #[inline(always)]
+    fn load_u16(&self, off: usize) -> u16 {
+        match self.at(off, 2, 2) {
+            // SAFETY: `p` is in bounds of a mapped area (see `Raw`) and aligned for u16.
+            Some(p) => u16::from_le(unsafe { ptr::read_volatile(p.cast::<u16>()) }),
+            None => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn load_u16_acquire(&self, off: usize) -> u16 {
+        match self.at(off, 2, 2) {
+            Some(p) => {
+                // SAFETY: `p` is in bounds of a mapped area and aligned for u16; the location is
+                // only ever accessed atomically or with single volatile accesses by us, and the
+                // other side of the share uses its own atomic/barrier protocol.
+                let a = unsafe { AtomicU16::from_ptr(p.cast::<u16>()) };
+                u16::from_le(a.load(Ordering::Acquire))
+            }
+            None => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn store_u16(&self, off: usize, v: u16) {
+        if let Some(p) = self.at(off, 2, 2) {
+            // SAFETY: `p` is in bounds of a mapped, writable area and aligned for u16.
+            unsafe { ptr::write_volatile(p.cast::<u16>(), v.to_le()) };
+        }
+    }
+
+    #[inline(always)]
+    fn store_u16_release(&self, off: usize, v: u16) {
+        if let Some(p) = self.at(off, 2, 2) {
+            // SAFETY: as in `load_u16_acquire`; the area is writable.
+            let a = unsafe { AtomicU16::from_ptr(p.cast::<u16>()) };
+            a.store(v.to_le(), Ordering::Release);
+        }
+    }
+
+    #[inline(always)]
+    fn load_u32(&self, off: usize) -> u32 {
+        match self.at(off, 4, 4) {
+            // SAFETY: in bounds of a mapped area and aligned for u32.
+            Some(p) => u32::from_le(unsafe { ptr::read_volatile(p.cast::<u32>()) }),
+            None => 0,
+        }
+    }
+
+    #[inline(always)]
+    fn store_u32(&self, off: usize, v: u32) {
+        if let Some(p) = self.at(off, 4, 4) {
+            // SAFETY: in bounds of a mapped, writable area and aligned for u32.
+            unsafe { ptr::write_volatile(p.cast::<u32>(), v.to_le()) };
+        }
+    }
+
+    #[inline(always)]
+    fn store_u64(&self, off: usize, v: u64) {
+        if let Some(p) = self.at(off, 8, 8) {
+            // SAFETY: in bounds of a mapped, writable area and aligned for u64.
+            unsafe { ptr::write_volatile(p.cast::<u64>(), v.to_le()) };
+        }
+    }
+
+    /// Reads the 16-byte descriptor at `off` with one volatile access (any alignment).
+    #[inline(always)]
+    fn load_desc(&self, off: usize) -> RawDesc {
+        let Some(p) = self.at(off, 16, 1) else {
+            return RawDesc::default();
+        };
+        // SAFETY: `p .. p + 16` is in bounds of a mapped area; `[u8; 16]` has alignment 1.
+        let b = unsafe { ptr::read_volatile(p.cast::<[u8; 16]>()) };
+        let [
+            a0,
+            a1,
+            a2,
+            a3,
+            a4,
+            a5,
+            a6,
+            a7,
+            l0,
+            l1,
+            l2,
+            l3,
+            w0,
+            w1,
+            f0,
+            f1,
+        ] = b;
+        RawDesc {
+            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+            len: u32::from_le_bytes([l0, l1, l2, l3]),
+            w12: u16::from_le_bytes([w0, w1]),
+            w14: u16::from_le_bytes([f0, f1]),
+        }
+    }
+
+    fn zero(&self) {
+        // SAFETY: the whole range is mapped and writable (see `Raw`).
+        unsafe { ptr::write_bytes(self.ptr, 0, self.len) };
+    }
+}
+
+/// One translated ring area (descriptor table, avail/used ring, event suppression structure),
+/// owning a clone of the memory it lives in so it can never dangle.
+pub(crate) struct RingArea {
+    raw: Raw,
+    _mem: GuestMemory,
+}
+
+impl RingArea {
+    /// Host address of the area (for tests and debugging).
+    #[allow(dead_code)]
+    pub(crate) fn host(&self) -> *mut u8 {
+        self.raw.ptr
+    }
+
+    /// Volatile little-endian u16 load.
+    #[inline(always)]
+    pub(crate) fn load_u16(&self, off: usize) -> u16 {
+        self.raw.load_u16(off)
+    }
+
+    /// Acquire little-endian u16 load (ring indices and packed descriptor flags).
+    #[inline(always)]
+    pub(crate) fn load_u16_acquire(&self, off: usize) -> u16 {
+        self.raw.load_u16_acquire(off)
+    }
+
+    /// Volatile little-endian u16 store.
+    #[inline(always)]
+    pub(crate) fn store_u16(&self, off: usize, v: u16) {
+        self.raw.store_u16(off, v)
+    }
+
+    /// Release little-endian u16 store (publishing an index or a packed descriptor).
+    #[inline(always)]
+    pub(crate) fn store_u16_release(&self, off: usize, v: u16) {
+        self.raw.store_u16_release(off, v)
+    }
+
+    /// Volatile little-endian u32 load.
+    #[inline(always)]
+    pub(crate) fn load_u32(&self, off: usize) -> u32 {
+        self.raw.load_u32(off)
+    }
+
+    /// Volatile little-endian u32 store.
+    #[inline(always)]
+    pub(crate) fn store_u32(&self, off: usize, v: u32) {
+        self.raw.store_u32(off, v)
+    }
+
+    /// Volatile little-endian u64 store.
+    #[inline(always)]
+    pub(crate) fn store_u64(&self, off: usize, v: u64) {
+        self.raw.store_u64(off, v)
+    }
+
+    /// One 16-byte descriptor, read once.
+    #[inline(always)]
+    pub(crate) fn load_desc(&self, off: usize) -> RawDesc {
+        self.raw.load_desc(off)
+    }
+
+    /// Zeroes the whole area (driver-side ring initialisation).
+    pub(crate) fn zero(&self) {
+        self.raw.zero()
+    }
+}
+
+// SAFETY: a `RingArea` keeps its memory mapped (it owns a `GuestMemory` clone) and only accesses
+// it with single volatile/atomic operations, never through references; the owner (one queue)
+// may move to another thread with it.
+unsafe impl Send for RingArea {}
+
+/// A borrowed view of an indirect descriptor table.
+pub(crate) struct TableView<'a> {
+    raw: Raw,
+    _mem: std::marker::PhantomData<&'a GuestMemory>,
+}
+
+impl TableView<'_> {
+    /// One 16-byte descriptor, read once.
+    #[inline(always)]
+    pub(crate) fn load_desc(&self, off: usize) -> RawDesc {
+        self.raw.load_desc(off)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Segments of a popped chain
+// ---------------------------------------------------------------------------------------------
+
+/// One guest buffer (or the part of one in a single region) of a popped chain.
+#[derive(Clone, Copy, Debug)]
+pub struct Seg {
+    host: *mut u8,
+    gpa: u64,
+    len: u32,
+    writable: bool,
+}
+
+impl Seg {
+    const EMPTY: Seg = Seg {
+        host: ptr::null_mut(),
+        gpa: 0,
+        len: 0,
+        writable: false,
+    };
+
+    /// Where the buffer is mapped here. Dereferencing it is the caller's business (and
+    /// `unsafe`); [`Segs::read`] and [`Segs::write`] are the safe way.
+    #[inline(always)]
+    pub fn host(&self) -> *mut u8 {
+        self.host
+    }
+
+    /// Guest physical address of the buffer.
+    #[inline(always)]
+    pub fn gpa(&self) -> u64 {
+        self.gpa
+    }
+
+    /// Length in bytes (never 0: zero-length descriptors are skipped).
+    #[inline(always)]
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether the device may write the buffer (`VIRTQ_DESC_F_WRITE`).
+    #[inline(always)]
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+/// The buffers of one popped chain: device-readable ones first, then device-writable ones.
+/// Reused from pop to pop (allocated once, [`SEGS_MAX`] entries). It keeps a clone of the memory
+/// table its buffers came from, so they stay mapped while the `Segs` holds them.
+pub struct Segs {
+    segs: Box<[Seg]>,
+    n: usize,
+    n_readable: usize,
+    mem: GuestMemory,
+}
+
+// SAFETY: the raw pointers point into the regions of `mem`, which `Segs` keeps alive and which are
+// `Send + Sync`; moving the whole set to another thread moves that ownership with it. (`Segs` is
+// not `Sync`: `write(&self)` stores into guest memory.)
+unsafe impl Send for Segs {}
+
+impl Default for Segs {
+    fn default() -> Self {
+        Segs::new()
+    }
+}
+
+impl std::fmt::Debug for Segs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segs")
+            .field("readable", &self.readable())
+            .field("writable", &self.writable())
+            .finish()
+    }
+}
+
+impl Segs {
+    /// An empty set with room for [`SEGS_MAX`] buffers (allocates once).
+    pub fn new() -> Segs {
+        Segs {
+            segs: vec![Seg::EMPTY; SEGS_MAX].into_boxed_slice(),
+            n: 0,
+            n_readable: 0,
+            mem: GuestMemory::empty(),
+        }
+    }
+
+    /// Number of buffers.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether the chain had no non-empty buffer.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// All buffers, readable ones first.
+    #[inline(always)]
+    pub fn as_slice(&self) -> &[Seg] {
+        &self.segs[..self.n]
+    }
+
+    /// The device-readable buffers (driver → device data).
+    #[inline(always)]
+    pub fn readable(&self) -> &[Seg] {
+        &self.segs[..self.n_readable]
+    }
+
+    /// The device-writable buffers (device → driver data).
+    #[inline(always)]
+    pub fn writable(&self) -> &[Seg] {
+        &self.segs[self.n_readable..self.n]
+    }
+
+    /// Empties the set before a pop; adopts `mem` as the table its buffers come from (an `Arc`
+    /// clone only when the table changed).
+    #[inline(always)]
+    pub(crate) fn reset(&mut self, mem: &GuestMemory) {
+        self.n = 0;
+        self.n_readable = 0;
+        if !self.mem.ptr_eq(mem) {
+            self.mem = mem.clone();
+        }
+    }
+
+    /// Appends one buffer; false when full. `host .. host + len` must be inside `self.mem`
+    /// (guaranteed by `GuestMemory::push_buffer`, the only caller).
+    #[inline(always)]
+    fn push(&mut self, host: *mut u8, gpa: u64, len: u32, writable: bool) -> bool {
+        if self.n == self.segs.len() {
+            return false;
+        }
+        self.segs[self.n] = Seg {
+            host,
+            gpa,
+            len,
+            writable,
+        };
+        self.n += 1;
+        if !writable {
+            self.n_readable = self.n;
+        }
+        true
+    }
+
+    /// Gathers the device-readable bytes starting `offset` bytes into the chain into `dst`;
+    /// returns how many bytes were copied (less than `dst.len()` at the chain's end).
+    pub fn read(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let mut skip = offset;
+        let mut done = 0;
+        for s in self.readable() {
+            if done == dst.len() {
+                break;
+            }
+            let len = s.len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(dst.len() - done);
+            // `skip < len`: inside the buffer.
+            let from = s.host.wrapping_add(skip);
+            // SAFETY: `s.host + skip .. + n` is inside the buffer `[host, host + len)`, which lies
+            // in a mapped region of `self.mem` (kept alive by `self`); `dst[done .. done + n]` is
+            // in bounds and is our own memory, disjoint from guest memory.
+            unsafe { ptr::copy_nonoverlapping(from, dst[done..done + n].as_mut_ptr(), n) };
+            done += n;
+            skip = 0;
+        }
+        done
+    }
+
+    /// Scatters `src` into the device-writable buffers starting `offset` bytes into them;
+    /// returns how many bytes were copied (less than `src.len()` when they are full).
+    pub fn write(&self, offset: usize, src: &[u8]) -> usize {
+        let mut skip = offset;
+        let mut done = 0;
+        for s in self.writable() {
+            if done == src.len() {
+                break;
+            }
+            let len = s.len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let n = (len - skip).min(src.len() - done);
+            // `skip < len`: inside the buffer.
+            let to = s.host.wrapping_add(skip);
+            // SAFETY: as in `read`: the destination is inside a writable guest buffer of a
+            // mapped region kept alive by `self`; the source is our own slice, in bounds.
+            unsafe { ptr::copy_nonoverlapping(src[done..done + n].as_ptr(), to, n) };
+            done += n;
+            skip = 0;
+        }
+        done
+    }
+
+    /// Marks in `log` the pages of the first `written` bytes of the writable buffers (what a
+    /// device wrote), for live migration.
+    pub fn log_written(&self, log: &DirtyLog, written: u32) {
+        let mut left = u64::from(written);
+        for s in self.writable() {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(u64::from(s.len));
+            log.mark(s.gpa, n);
+            left -= n;
+        }
+    }
+}

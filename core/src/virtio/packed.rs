@@ -1,0 +1,668 @@
+//! Packed virtqueues (virtio 1.1+ §2.8), device and driver side.
+//!
+//! Layout (all little-endian):
+//!
+//! ```text
+//! descriptor ring: size × { addr u64, len u32, id u16, flags u16 }   align 16
+//! driver area:     event suppression { off_wrap u16, flags u16 }    align 4 (driver writes)
+//! device area:     event suppression { off_wrap u16, flags u16 }    align 4 (device writes)
+//! ```
+//!
+//! Both sides walk the one ring with a position and a wrap counter (starting at 1). The driver
+//! makes a descriptor available by setting `AVAIL` = its wrap counter and `USED` = the inverse;
+//! the device marks a chain used by writing one descriptor (id, written length) at its used
+//! position with `AVAIL` = `USED` = its wrap counter, then skips the chain's length. A chain's
+//! buffer id is in its last descriptor.
+//!
+//! Bursts: each side writes every descriptor of a burst except the first one's flags, then
+//! stores those flags with Release: one publish per burst, exactly like the split index store.
+
+use std::sync::atomic::{Ordering, fence};
+
+use super::chain::{Acc, indirect_entries};
+use super::error::QueueError;
+use super::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC};
+use super::log::DirtyLog;
+use super::mem::{GuestMemory, RingArea, Segs};
+use super::vring::{
+    MAX_QUEUE_SIZE, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_F_WRITE,
+};
+use super::{AddrKind, Chain, QueueConfig, ring_sizes};
+
+/// `avail_count` counts at most this many chains (one burst's worth).
+const AVAIL_SCAN_MAX: u16 = crate::mbuf::MAX_BURST as u16;
+
+const OFF_WRAP: usize = 0;
+const EV_FLAGS: usize = 2;
+const WRAP_BIT: u16 = 1 << 15;
+
+#[inline(always)]
+fn flags_off(slot: u16) -> usize {
+    16 * usize::from(slot) + 14
+}
+
+/// A position on the ring: slot index and wrap counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    idx: u16,
+    wrap: bool,
+}
+
+impl Pos {
+    const START: Pos = Pos { idx: 0, wrap: true };
+
+    /// Moves `n` slots forward on a ring of `size`, flipping the wrap counter per lap.
+    #[inline(always)]
+    fn advance(self, n: u16, size: u16) -> Pos {
+        let (s, n) = (u32::from(size), u32::from(n));
+        let u = u32::from(self.idx) + n;
+        let laps = u / s;
+        Pos {
+            idx: (u % s) as u16,
+            wrap: self.wrap ^ (laps & 1 == 1),
+        }
+    }
+
+    /// Moves `n` slots back.
+    fn back(self, n: u16, size: u16) -> Pos {
+        let (s, n) = (u32::from(size), u32::from(n) % (2 * u32::from(size)));
+        // Go forward by 2*size - n, which is the same as back by n on a 2-lap cycle.
+        let fwd = 2 * s - n;
+        let u = u32::from(self.idx) + fwd;
+        Pos {
+            idx: (u % s) as u16,
+            wrap: self.wrap ^ ((u / s) & 1 == 1),
+        }
+    }
+
+    /// As the vhost `GET_VRING_BASE` value: bit 15 = wrap counter.
+    fn encode(self) -> u16 {
+        self.idx | if self.wrap { WRAP_BIT } else { 0 }
+    }
+
+    fn decode(v: u16) -> Pos {
+        Pos {
+            idx: v & !WRAP_BIT,
+            wrap: v & WRAP_BIT != 0,
+        }
+    }
+
+    /// Linear position on the two-lap cycle `[0, 2 * size)`.
+    #[inline(always)]
+    fn linear(self, size: u16) -> u32 {
+        u32::from(self.idx) + if self.wrap { 0 } else { u32::from(size) }
+    }
+}
+
+/// Whether the event position `off_wrap` lies in `[old, new)` on a ring of `size`.
+#[inline(always)]
+fn event_in(off_wrap: u16, old: Pos, new: Pos, size: u16) -> bool {
+    let m = 2 * u32::from(size);
+    let e = Pos::decode(off_wrap).linear(size) % m;
+    let o = old.linear(size);
+    let span = (new.linear(size) + m - o) % m;
+    (e + m - o) % m < span
+}
+
+/// Whether a descriptor's flags say "available" for wrap counter `wrap`.
+#[inline(always)]
+fn is_avail(flags: u16, wrap: bool) -> bool {
+    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) != wrap
+}
+
+/// Whether a descriptor's flags say "used" for wrap counter `wrap`.
+#[inline(always)]
+fn is_used(flags: u16, wrap: bool) -> bool {
+    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) == wrap
+}
+
+fn check_size(size: u16) -> Result<(), QueueError> {
+    if size == 0 || size > MAX_QUEUE_SIZE {
+        return Err(QueueError::InvalidSize {
+            format: "packed",
+            size,
+            accepted: "1..=32768",
+        });
+    }
+    Ok(())
+}
+
+/// Translates the three packed ring areas.
+fn areas(cfg: &QueueConfig, mem: &GuestMemory) -> Result<[RingArea; 3], QueueError> {
+    check_size(cfg.size)?;
+    let (d, a, u) = ring_sizes(cfg.size, true, cfg.event_idx());
+    let uva = cfg.addr_kind == AddrKind::Uva;
+    Ok([
+        mem.ring_area("descriptor ring", cfg.desc, d, uva, 16)?,
+        mem.ring_area("driver area", cfg.avail, a, uva, 4)?,
+        mem.ring_area("device area", cfg.used, u, uva, 4)?,
+    ])
+}
+
+// =============================================================================================
+// Device side
+// =============================================================================================
+
+/// The device side of a packed virtqueue.
+pub struct PackedDevice {
+    desc: RingArea,
+    driver: RingArea,
+    device: RingArea,
+    size: u16,
+    event_idx: bool,
+    indirect: bool,
+    avail: Pos,
+    used: Pos,
+    /// The first used descriptor of the staged burst: (slot, flags to publish), and the used
+    /// position before the burst.
+    batch: Option<(u16, u16, Pos)>,
+    broken: bool,
+    features: u64,
+    /// GPA of the descriptor ring, for dirty logging (None if it could not be derived).
+    desc_gpa: Option<u64>,
+    log: Option<(DirtyLog, u64)>,
+}
+
+impl std::fmt::Debug for PackedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedDevice")
+            .field("size", &self.size)
+            .field("avail", &self.avail)
+            .field("used", &self.used)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl PackedDevice {
+    /// Sets up the device side: checks the size (1..=32768) and translates the descriptor ring
+    /// (16 × size bytes, align 16), driver area and device area (4 bytes each, align 4), each of
+    /// which must lie in one region. Both wrap counters start at 1, positions at 0.
+    pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<PackedDevice, QueueError> {
+        let [desc, driver, device] = areas(cfg, mem)?;
+        let desc_gpa = match cfg.addr_kind {
+            AddrKind::Gpa => Some(cfg.desc),
+            AddrKind::Uva => mem.uva_to_gpa(cfg.desc),
+        };
+        Ok(PackedDevice {
+            desc,
+            driver,
+            device,
+            size: cfg.size,
+            event_idx: cfg.features & VIRTIO_F_RING_EVENT_IDX != 0,
+            indirect: cfg.features & VIRTIO_F_RING_INDIRECT_DESC != 0,
+            avail: Pos::START,
+            used: Pos::START,
+            batch: None,
+            broken: false,
+            features: cfg.features,
+            desc_gpa,
+            log: None,
+        })
+    }
+
+    /// Queue size.
+    #[inline]
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Negotiated features.
+    #[inline]
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Restores the position (vhost `SET_VRING_BASE`): bits 0..15 the next slot to pop, bit 15
+    /// its wrap counter. The used position follows the same value. Fails if the slot is not
+    /// below the queue size.
+    pub fn set_last_avail(&mut self, value: u16) -> Result<(), QueueError> {
+        let p = Pos::decode(value);
+        if p.idx >= self.size {
+            return Err(QueueError::InvalidRingPosition {
+                value,
+                size: self.size,
+            });
+        }
+        self.avail = p;
+        self.used = p;
+        self.batch = None;
+        Ok(())
+    }
+
+    /// The next slot to pop with its wrap counter in bit 15 (vhost `GET_VRING_BASE`).
+    #[inline]
+    pub fn last_avail(&self) -> u16 {
+        self.avail.encode()
+    }
+
+    /// The next used slot with its wrap counter in bit 15.
+    #[inline]
+    pub fn last_used(&self) -> u16 {
+        self.used.encode()
+    }
+
+    /// How many complete chains are available from the current position (one Acquire load per
+    /// descriptor scanned), counting at most 512 ([`MAX_BURST`](crate::MAX_BURST)). A lower
+    /// bound: more may become available meanwhile. 0 when the queue is broken.
+    pub fn avail_count(&mut self) -> u16 {
+        if self.broken {
+            return 0;
+        }
+        let mut p = self.avail;
+        let mut chains = 0;
+        for _ in 0..self.size {
+            let f = self.desc.load_u16_acquire(flags_off(p.idx));
+            if !is_avail(f, p.wrap) {
+                break;
+            }
+            if f & VIRTQ_DESC_F_NEXT == 0 {
+                chains += 1;
+                if chains == AVAIL_SCAN_MAX {
+                    break;
+                }
+            }
+            p = p.advance(1, self.size);
+        }
+        chains
+    }
+
+    /// Pops the next available chain, writing its buffers into `segs` (device-readable first)
+    /// and returning its buffer id, descriptor count and totals; `Ok(None)` when the next
+    /// descriptor is not available. Same checks and guarantees as
+    /// [`SplitDevice::pop`](super::SplitDevice::pop) (a chain may not be longer than the ring;
+    /// in an indirect table entries are sequential and `NEXT` is ignored).
+    #[inline]
+    pub fn pop(&mut self, mem: &GuestMemory, segs: &mut Segs) -> Result<Option<Chain>, QueueError> {
+        if self.broken {
+            return Err(QueueError::Broken);
+        }
+        let head = self.avail;
+        let head_flags = self.desc.load_u16_acquire(flags_off(head.idx));
+        if !is_avail(head_flags, head.wrap) {
+            return Ok(None);
+        }
+        segs.reset(mem);
+        let mut acc = Acc::new(head.idx);
+        let limit = u32::from(self.size);
+        let mut p = head;
+        let mut n: u32 = 0;
+        let id = loop {
+            if n == limit {
+                return Err(QueueError::ChainTooLong {
+                    head: head.idx,
+                    limit,
+                });
+            }
+            let slot = p.idx;
+            let d = self.desc.load_desc(16 * usize::from(slot));
+            // Use the flags the availability check saw for the head.
+            let flags = if n == 0 { head_flags } else { d.w14 };
+            n += 1;
+            p = p.advance(1, self.size);
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if !self.indirect {
+                    return Err(QueueError::IndirectNotNegotiated { index: slot });
+                }
+                if flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(QueueError::IndirectWithNext { index: slot });
+                }
+                walk_indirect(&mut acc, mem, segs, d.addr, d.len)?;
+                break d.w12;
+            }
+            acc.add(mem, segs, slot, d.addr, d.len, flags)?;
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                break d.w12;
+            }
+        };
+        self.avail = p;
+        Ok(Some(Chain {
+            id,
+            // `n <= size <= 32768`.
+            descs: n as u16,
+            readable: acc.readable,
+            writable: acc.writable,
+        }))
+    }
+
+    /// Gives back the most recently popped chain: the next `pop` returns it again. Only valid
+    /// directly after that pop.
+    pub fn rewind(&mut self, chain: &Chain) {
+        self.avail = self.avail.back(chain.descs, self.size);
+    }
+
+    /// Stages the used descriptor for `chain` (`written` bytes written) at the used position and
+    /// skips `chain.descs` slots. The first descriptor of a burst gets its flags only in
+    /// [`PackedDevice::publish_used`], so the whole burst stays invisible until then.
+    #[inline]
+    pub fn push_used(&mut self, chain: &Chain, written: u32) {
+        let slot = self.used.idx;
+        let off = 16 * usize::from(slot);
+        self.desc.store_u32(off + 8, written);
+        self.desc.store_u16(off + 12, chain.id);
+        let flags = if self.used.wrap {
+            VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
+        } else {
+            0
+        };
+        if self.batch.is_none() {
+            self.batch = Some((slot, flags, self.used));
+        } else {
+            self.desc.store_u16(off + 14, flags);
+        }
+        if let (Some((log, _)), Some(gpa)) = (&self.log, self.desc_gpa) {
+            log.mark(gpa.wrapping_add(off as u64), 16);
+        }
+        self.used = self.used.advance(chain.descs, self.size);
+    }
+
+    /// Publishes the staged burst by storing its first descriptor's flags with Release; returns
+    /// whether the driver must be notified (driver area flags: ENABLE → yes, DISABLE → no,
+    /// DESC (EVENT_IDX) → if `off_wrap` lies in the published range). `false` when nothing was
+    /// staged.
+    #[inline]
+    pub fn publish_used(&mut self) -> bool {
+        let Some((slot, flags, old)) = self.batch.take() else {
+            return false;
+        };
+        self.desc.store_u16_release(flags_off(slot), flags);
+        fence(Ordering::SeqCst);
+        match self.driver.load_u16(EV_FLAGS) & 3 {
+            RING_EVENT_FLAGS_DISABLE => false,
+            RING_EVENT_FLAGS_DESC if self.event_idx => {
+                event_in(self.driver.load_u16(OFF_WRAP), old, self.used, self.size)
+            }
+            _ => true,
+        }
+    }
+
+    /// Tells the driver whether the device wants available-buffer notifications (device area):
+    /// DISABLE, or ENABLE — with EVENT_IDX, DESC at the next slot to pop. After enabling, check
+    /// [`PackedDevice::avail_count`] again.
+    pub fn set_notification(&mut self, enable: bool) {
+        if enable && self.event_idx {
+            self.device.store_u16(OFF_WRAP, self.avail.encode());
+            self.device.store_u16(EV_FLAGS, RING_EVENT_FLAGS_DESC);
+        } else if enable {
+            self.device.store_u16(EV_FLAGS, RING_EVENT_FLAGS_ENABLE);
+        } else {
+            self.device.store_u16(EV_FLAGS, RING_EVENT_FLAGS_DISABLE);
+        }
+        if let Some((log, gpa)) = &self.log {
+            log.mark(*gpa, 4);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Turns dirty logging on (`Some((log, device area GPA))`, vhost-user's `log_guest_addr`) or
+    /// off. While on, every used descriptor written (in the descriptor ring, whose GPA comes from
+    /// the queue configuration) and the device area are marked; marking the buffers written is
+    /// the caller's job ([`Segs::log_written`]).
+    pub fn set_log(&mut self, log: Option<(DirtyLog, u64)>) {
+        self.log = log;
+    }
+
+    /// Whether the owner marked the queue broken.
+    #[inline]
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Marks the queue broken: `pop` fails with [`QueueError::Broken`], `avail_count` is 0.
+    pub fn set_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+/// Walks a packed indirect table (entries in order, `NEXT` ignored).
+#[inline(never)]
+fn walk_indirect(
+    acc: &mut Acc,
+    mem: &GuestMemory,
+    segs: &mut Segs,
+    addr: u64,
+    len: u32,
+) -> Result<(), QueueError> {
+    let count = indirect_entries(addr, len)?;
+    let table = mem
+        .table(addr, len)
+        .ok_or(QueueError::IndirectTableNotInMemory { addr, len })?;
+    for i in 0..count {
+        // `count <= 32768`.
+        let i = i as u16;
+        let e = table.load_desc(16 * usize::from(i));
+        let flags = e.w14;
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return Err(QueueError::NestedIndirect { index: i });
+        }
+        acc.add(mem, segs, i, e.addr, e.len, flags)?;
+    }
+    Ok(())
+}
+
+// =============================================================================================
+// Driver side
+// =============================================================================================
+
+/// The driver side of a packed virtqueue: buffer ids from a free stack, ring slots tracked with
+/// wrap counters.
+pub struct PackedDriver {
+    desc: RingArea,
+    driver: RingArea,
+    device: RingArea,
+    size: u16,
+    event_idx: bool,
+    indirect: bool,
+    interrupts: bool,
+    avail: Pos,
+    used: Pos,
+    num_free: u16,
+    free_ids: Box<[u16]>,
+    n_free_ids: usize,
+    /// Per id: descriptors in flight (0 = free).
+    id_descs: Box<[u16]>,
+    /// First descriptor of the staged burst: (slot, flags to publish, position before it).
+    batch: Option<(u16, u16, Pos)>,
+}
+
+impl std::fmt::Debug for PackedDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedDriver")
+            .field("size", &self.size)
+            .field("num_free", &self.num_free)
+            .field("avail", &self.avail)
+            .field("used", &self.used)
+            .finish()
+    }
+}
+
+impl PackedDriver {
+    /// Sets up the driver side over rings at `cfg`'s addresses (same checks as
+    /// [`PackedDevice::new`]) and zeroes the three areas. Interrupts start enabled.
+    pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<PackedDriver, QueueError> {
+        let [desc, driver, device] = areas(cfg, mem)?;
+        desc.zero();
+        driver.zero();
+        device.zero();
+        let size = cfg.size;
+        Ok(PackedDriver {
+            desc,
+            driver,
+            device,
+            size,
+            event_idx: cfg.features & VIRTIO_F_RING_EVENT_IDX != 0,
+            indirect: cfg.features & VIRTIO_F_RING_INDIRECT_DESC != 0,
+            interrupts: true,
+            avail: Pos::START,
+            used: Pos::START,
+            num_free: size,
+            // Popped from the end: ids come out 0, 1, 2, ...
+            free_ids: (0..size).rev().collect(),
+            n_free_ids: usize::from(size),
+            id_descs: vec![0; usize::from(size)].into_boxed_slice(),
+            batch: None,
+        })
+    }
+
+    /// Queue size.
+    #[inline]
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Free descriptor slots.
+    #[inline]
+    pub fn free_count(&self) -> u16 {
+        self.num_free
+    }
+
+    fn alloc(&mut self, n: usize) -> Result<u16, QueueError> {
+        if n == 0 {
+            return Err(QueueError::EmptyChain);
+        }
+        if n > usize::from(self.num_free) || self.n_free_ids == 0 {
+            return Err(QueueError::QueueFull {
+                needed: n,
+                free: usize::from(self.num_free),
+            });
+        }
+        self.n_free_ids -= 1;
+        let id = self.free_ids[self.n_free_ids];
+        self.num_free -= n as u16;
+        self.id_descs[usize::from(id)] = n as u16;
+        Ok(id)
+    }
+
+    /// Writes one available descriptor at the current position and advances it.
+    #[inline(always)]
+    fn put(&mut self, addr: u64, len: u32, id: u16, mut flags: u16, first: bool) {
+        let slot = self.avail.idx;
+        let off = 16 * usize::from(slot);
+        self.desc.store_u64(off, addr);
+        self.desc.store_u32(off + 8, len);
+        self.desc.store_u16(off + 12, id);
+        flags |= if self.avail.wrap {
+            VIRTQ_DESC_F_AVAIL
+        } else {
+            VIRTQ_DESC_F_USED
+        };
+        if first && self.batch.is_none() {
+            self.batch = Some((slot, flags, self.avail));
+        } else {
+            self.desc.store_u16(off + 14, flags);
+        }
+        self.avail = self.avail.advance(1, self.size);
+    }
+
+    /// Posts one chain of `(gpa, len, device_writable)` buffers (device-readable ones first)
+    /// and returns its buffer id. Invisible to the device until
+    /// [`PackedDriver::publish_avail`].
+    pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
+        let id = self.alloc(bufs.len())?;
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            if i + 1 != bufs.len() {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            self.put(addr, len, id, flags, i == 0);
+        }
+        Ok(id)
+    }
+
+    /// Posts one chain through an indirect table the caller provides at `table_gpa`
+    /// (16 × `bufs.len()` bytes of guest memory, written here). Needs INDIRECT_DESC.
+    pub fn add_indirect(
+        &mut self,
+        mem: &GuestMemory,
+        bufs: &[(u64, u32, bool)],
+        table_gpa: u64,
+    ) -> Result<u16, QueueError> {
+        if !self.indirect || bufs.is_empty() || bufs.len() > MAX_QUEUE_SIZE as usize {
+            return Err(QueueError::IndirectUnsupported { len: bufs.len() });
+        }
+        let mut table = Vec::with_capacity(16 * bufs.len());
+        for &(addr, len, w) in bufs {
+            let flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            table.extend_from_slice(&addr.to_le_bytes());
+            table.extend_from_slice(&len.to_le_bytes());
+            table.extend_from_slice(&0u16.to_le_bytes());
+            table.extend_from_slice(&flags.to_le_bytes());
+        }
+        mem.write(table_gpa, &table)?;
+        let id = self.alloc(1)?;
+        self.put(
+            table_gpa,
+            table.len() as u32,
+            id,
+            VIRTQ_DESC_F_INDIRECT,
+            true,
+        );
+        Ok(id)
+    }
+
+    /// Makes every added chain visible by storing the burst's first descriptor flags with
+    /// Release; returns whether the device wants a kick (device area flags: ENABLE → yes,
+    /// DISABLE → no, DESC (EVENT_IDX) → if `off_wrap` lies in the published range).
+    #[inline]
+    pub fn publish_avail(&mut self) -> bool {
+        let Some((slot, flags, old)) = self.batch.take() else {
+            return false;
+        };
+        self.desc.store_u16_release(flags_off(slot), flags);
+        fence(Ordering::SeqCst);
+        match self.device.load_u16(EV_FLAGS) & 3 {
+            RING_EVENT_FLAGS_DISABLE => false,
+            RING_EVENT_FLAGS_DESC if self.event_idx => {
+                event_in(self.device.load_u16(OFF_WRAP), old, self.avail, self.size)
+            }
+            _ => true,
+        }
+    }
+
+    /// Takes the next used descriptor: `(id, len)`; `Ok(None)` when there is none. Fails
+    /// (without consuming anything) if the device names an id that is not in flight.
+    #[inline]
+    pub fn reap(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        let off = 16 * usize::from(self.used.idx);
+        let flags = self.desc.load_u16_acquire(off + 14);
+        if !is_used(flags, self.used.wrap) {
+            return Ok(None);
+        }
+        let len = self.desc.load_u32(off + 8);
+        let id = self.desc.load_u16(off + 12);
+        if id >= self.size || self.id_descs[usize::from(id)] == 0 {
+            return Err(QueueError::BadUsedId {
+                id: u32::from(id),
+                size: self.size,
+            });
+        }
+        let n = self.id_descs[usize::from(id)];
+        self.id_descs[usize::from(id)] = 0;
+        self.free_ids[self.n_free_ids] = id;
+        self.n_free_ids += 1;
+        self.num_free += n;
+        self.used = self.used.advance(n, self.size);
+        if self.event_idx && self.interrupts {
+            self.driver.store_u16(OFF_WRAP, self.used.encode());
+        }
+        Ok(Some((id, len)))
+    }
+
+    /// Tells the device whether the driver wants used-buffer notifications (driver area):
+    /// DISABLE, or ENABLE — with EVENT_IDX, DESC at the next used slot (and `reap` keeps it
+    /// there).
+    pub fn set_interrupts(&mut self, enable: bool) {
+        self.interrupts = enable;
+        if enable && self.event_idx {
+            self.driver.store_u16(OFF_WRAP, self.used.encode());
+            self.driver.store_u16(EV_FLAGS, RING_EVENT_FLAGS_DESC);
+        } else if enable {
+            self.driver.store_u16(EV_FLAGS, RING_EVENT_FLAGS_ENABLE);
+        } else {
+            self.driver.store_u16(EV_FLAGS, RING_EVENT_FLAGS_DISABLE);
+        }
+        fence(Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,665 @@
+//! Split virtqueues (virtio 1.x §2.7), device and driver side.
+//!
+//! Layout (all little-endian):
+//!
+//! ```text
+//! descriptor table: size × { addr u64, len u32, flags u16, next u16 }          align 16
+//! avail ring:       flags u16, idx u16, ring[size] u16, used_event u16 (EVENT_IDX)  align 2
+//! used ring:        flags u16, idx u16, ring[size] { id u32, len u32 },
+//!                   avail_event u16 (EVENT_IDX)                                      align 4
+//! ```
+//!
+//! The driver publishes chains by storing `avail.idx` (Release) after writing descriptors and
+//! ring entries; the device publishes completions by storing `used.idx` (Release) after writing
+//! used elements. Each side stages a whole burst and publishes it with one store.
+
+use std::sync::atomic::{Ordering, fence};
+
+use super::chain::{Acc, indirect_entries};
+use super::error::QueueError;
+use super::features::{
+    VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+};
+use super::log::DirtyLog;
+use super::mem::{GuestMemory, RingArea, Segs};
+use super::vring::{
+    MAX_QUEUE_SIZE, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,
+};
+use super::{AddrKind, Chain, QueueConfig, need_event, ring_sizes};
+
+const IDX: usize = 2;
+const RING: usize = 4;
+
+#[inline(always)]
+fn avail_slot(i: u16) -> usize {
+    RING + 2 * usize::from(i)
+}
+
+#[inline(always)]
+fn used_slot(i: u16) -> usize {
+    RING + 8 * usize::from(i)
+}
+
+fn check_size(size: u16) -> Result<(), QueueError> {
+    if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+        return Err(QueueError::InvalidSize {
+            format: "split",
+            size,
+            accepted: "a power of two in 1..=32768",
+        });
+    }
+    Ok(())
+}
+
+/// Translates the three split ring areas.
+fn areas(cfg: &QueueConfig, mem: &GuestMemory) -> Result<[RingArea; 3], QueueError> {
+    check_size(cfg.size)?;
+    let (d, a, u) = ring_sizes(cfg.size, false, cfg.event_idx());
+    let uva = cfg.addr_kind == AddrKind::Uva;
+    Ok([
+        mem.ring_area("descriptor table", cfg.desc, d, uva, 16)?,
+        mem.ring_area("avail ring", cfg.avail, a, uva, 2)?,
+        mem.ring_area("used ring", cfg.used, u, uva, 4)?,
+    ])
+}
+
+// =============================================================================================
+// Device side
+// =============================================================================================
+
+/// The device side of a split virtqueue: pops chains the driver made available, returns them
+/// through the used ring.
+pub struct SplitDevice {
+    desc: RingArea,
+    avail: RingArea,
+    used: RingArea,
+    size: u16,
+    mask: u16,
+    event_idx: bool,
+    indirect: bool,
+    notify_on_empty: bool,
+    /// Next avail ring position to pop.
+    last_avail: u16,
+    /// avail.idx as last read.
+    avail_cached: u16,
+    /// Next used ring position to write (staged, not yet published).
+    used_staged: u16,
+    /// used.idx as last published.
+    used_published: u16,
+    broken: bool,
+    features: u64,
+    log: Option<(DirtyLog, u64)>,
+}
+
+impl std::fmt::Debug for SplitDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitDevice")
+            .field("size", &self.size)
+            .field("last_avail", &self.last_avail)
+            .field("used_staged", &self.used_staged)
+            .field("used_published", &self.used_published)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+impl SplitDevice {
+    /// Sets up the device side: checks the size (a power of two in 1..=32768) and translates the
+    /// descriptor table (16 × size bytes, align 16), avail ring (4 + 2 × size [+ 2 with
+    /// EVENT_IDX], align 2) and used ring (4 + 8 × size [+ 2], align 4), each of which must lie
+    /// in one region. Ring memory is not touched; positions start at 0.
+    pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<SplitDevice, QueueError> {
+        let [desc, avail, used] = areas(cfg, mem)?;
+        Ok(SplitDevice {
+            desc,
+            avail,
+            used,
+            size: cfg.size,
+            mask: cfg.size - 1,
+            event_idx: cfg.features & VIRTIO_F_RING_EVENT_IDX != 0,
+            indirect: cfg.features & VIRTIO_F_RING_INDIRECT_DESC != 0,
+            notify_on_empty: cfg.features & VIRTIO_F_NOTIFY_ON_EMPTY != 0,
+            last_avail: 0,
+            avail_cached: 0,
+            used_staged: 0,
+            used_published: 0,
+            broken: false,
+            features: cfg.features,
+            log: None,
+        })
+    }
+
+    /// Queue size.
+    #[inline]
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Negotiated features.
+    #[inline]
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Restores the position (vhost `SET_VRING_BASE`): the next avail entry to pop, and the used
+    /// index (which follows the same value, as after a clean stop). Any value is valid.
+    pub fn set_last_avail(&mut self, value: u16) -> Result<(), QueueError> {
+        self.last_avail = value;
+        self.avail_cached = value;
+        self.used_staged = value;
+        self.used_published = value;
+        Ok(())
+    }
+
+    /// The next avail entry to pop (vhost `GET_VRING_BASE`).
+    #[inline]
+    pub fn last_avail(&self) -> u16 {
+        self.last_avail
+    }
+
+    /// The used index as published so far.
+    #[inline]
+    pub fn used_idx(&self) -> u16 {
+        self.used_published
+    }
+
+    /// How many chains the driver has made available beyond what was popped (one Acquire load of
+    /// `avail.idx`). A value above the queue size means a broken driver; the next `pop` reports
+    /// it. 0 when the queue is broken.
+    #[inline]
+    pub fn avail_count(&mut self) -> u16 {
+        if self.broken {
+            return 0;
+        }
+        self.avail_cached = self.avail.load_u16_acquire(IDX);
+        self.avail_cached.wrapping_sub(self.last_avail)
+    }
+
+    /// Pops the next available chain, writing its buffers into `segs` (device-readable first)
+    /// and returning its head index and totals; `Ok(None)` when nothing is available.
+    ///
+    /// `avail.idx` is re-read (Acquire) only when the entries seen by the last read are used up.
+    /// Every descriptor is read once. Errors leave the position unchanged (the same chain fails
+    /// again): avail idx more than the queue size ahead, head or `next` out of range, a chain
+    /// longer than its table (a loop), indirect misuse (not negotiated, with `NEXT`, nested,
+    /// bad table length or address), buffers outside guest memory, a readable buffer after a
+    /// writable one, more than [`SEGS_MAX`](super::SEGS_MAX) buffers. The device never reads
+    /// outside the translated rings or guest memory, whatever the driver wrote.
+    #[inline]
+    pub fn pop(&mut self, mem: &GuestMemory, segs: &mut Segs) -> Result<Option<Chain>, QueueError> {
+        if self.broken {
+            return Err(QueueError::Broken);
+        }
+        if self.avail_cached == self.last_avail {
+            self.avail_cached = self.avail.load_u16_acquire(IDX);
+            if self.avail_cached == self.last_avail {
+                return Ok(None);
+            }
+        }
+        let ahead = self.avail_cached.wrapping_sub(self.last_avail);
+        if ahead > self.size {
+            return Err(QueueError::AvailIdxJump {
+                avail_idx: self.avail_cached,
+                last_avail: self.last_avail,
+                ahead,
+                size: self.size,
+            });
+        }
+        let slot = self.last_avail & self.mask;
+        let head = self.avail.load_u16(avail_slot(slot));
+        if head >= self.size {
+            return Err(QueueError::HeadOutOfRange {
+                slot,
+                head,
+                size: self.size,
+            });
+        }
+        let chain = self.walk(head, mem, segs)?;
+        self.last_avail = self.last_avail.wrapping_add(1);
+        Ok(Some(chain))
+    }
+
+    #[inline(always)]
+    fn walk(&self, head: u16, mem: &GuestMemory, segs: &mut Segs) -> Result<Chain, QueueError> {
+        segs.reset(mem);
+        let mut acc = Acc::new(head);
+        let limit = u32::from(self.size);
+        let mut idx = head;
+        let mut n: u32 = 0;
+        loop {
+            if n == limit {
+                return Err(QueueError::ChainTooLong { head, limit });
+            }
+            n += 1;
+            let d = self.desc.load_desc(16 * usize::from(idx));
+            let (flags, next) = (d.w12, d.w14);
+            if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if !self.indirect {
+                    return Err(QueueError::IndirectNotNegotiated { index: idx });
+                }
+                if flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(QueueError::IndirectWithNext { index: idx });
+                }
+                walk_indirect(&mut acc, mem, segs, d.addr, d.len)?;
+                break;
+            }
+            acc.add(mem, segs, idx, d.addr, d.len, flags)?;
+            if flags & VIRTQ_DESC_F_NEXT == 0 {
+                break;
+            }
+            if next >= self.size {
+                return Err(QueueError::NextOutOfRange {
+                    index: idx,
+                    next,
+                    limit,
+                });
+            }
+            idx = next;
+        }
+        Ok(Chain {
+            id: head,
+            // `n <= size <= 32768`.
+            descs: n as u16,
+            readable: acc.readable,
+            writable: acc.writable,
+        })
+    }
+
+    /// Gives back the most recently popped chain: the next `pop` returns it again. Only valid
+    /// directly after that pop (no other pop in between).
+    #[inline]
+    pub fn rewind(&mut self, _chain: &Chain) {
+        self.last_avail = self.last_avail.wrapping_sub(1);
+    }
+
+    /// Stages the used element for `chain` (`written` bytes written into its writable buffers).
+    /// Invisible to the driver until [`SplitDevice::publish_used`].
+    #[inline]
+    pub fn push_used(&mut self, chain: &Chain, written: u32) {
+        let off = used_slot(self.used_staged & self.mask);
+        self.used.store_u32(off, u32::from(chain.id));
+        self.used.store_u32(off + 4, written);
+        if let Some((log, gpa)) = &self.log {
+            log.mark(gpa.wrapping_add(off as u64), 8);
+        }
+        self.used_staged = self.used_staged.wrapping_add(1);
+    }
+
+    /// Publishes every staged used element with one Release store of `used.idx` and returns
+    /// whether the driver must be notified: with EVENT_IDX when `used_event` lies in the
+    /// published range; otherwise unless the driver set `VIRTQ_AVAIL_F_NO_INTERRUPT` (or always
+    /// when NOTIFY_ON_EMPTY was negotiated and the device has consumed everything). `false` when
+    /// nothing was staged.
+    #[inline]
+    pub fn publish_used(&mut self) -> bool {
+        let (old, new) = (self.used_published, self.used_staged);
+        if old == new {
+            return false;
+        }
+        self.used.store_u16_release(IDX, new);
+        self.used_published = new;
+        if let Some((log, gpa)) = &self.log {
+            log.mark(gpa.wrapping_add(IDX as u64), 2);
+        }
+        // The used idx store must be visible before we read the driver's suppression state,
+        // or a driver that just re-enabled interrupts could miss this batch.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let event = self.avail.load_u16(avail_slot(self.size));
+            need_event(event, new, old)
+        } else {
+            if self.notify_on_empty && self.avail.load_u16_acquire(IDX) == self.last_avail {
+                return true;
+            }
+            self.avail.load_u16(0) & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+        }
+    }
+
+    /// Tells the driver whether the device wants available-buffer notifications. Without
+    /// EVENT_IDX this sets or clears `VIRTQ_USED_F_NO_NOTIFY`; with it, enabling sets
+    /// `avail_event` to the next entry to pop (a kick comes when the driver makes it available)
+    /// and disabling sets it one behind (no kick until the index wraps). After enabling, check
+    /// [`SplitDevice::avail_count`] again: entries made available just before were not kicked.
+    pub fn set_notification(&mut self, enable: bool) {
+        let (off, v) = if self.event_idx {
+            let ev = if enable {
+                self.last_avail
+            } else {
+                self.last_avail.wrapping_sub(1)
+            };
+            (used_slot(self.size), ev)
+        } else {
+            (0, if enable { 0 } else { VIRTQ_USED_F_NO_NOTIFY })
+        };
+        self.used.store_u16(off, v);
+        if let Some((log, gpa)) = &self.log {
+            log.mark(gpa.wrapping_add(off as u64), 2);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Turns dirty logging on (`Some((log, used ring GPA))`) or off. While on, every used ring
+    /// byte the device writes (elements, `used.idx`, flags / `avail_event`) is marked; marking
+    /// the buffers written is the caller's job ([`Segs::log_written`]).
+    pub fn set_log(&mut self, log: Option<(DirtyLog, u64)>) {
+        self.log = log;
+    }
+
+    /// Whether the owner marked the queue broken.
+    #[inline]
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Marks the queue broken: `pop` fails with [`QueueError::Broken`], `avail_count` is 0.
+    pub fn set_broken(&mut self) {
+        self.broken = true;
+    }
+}
+
+/// Walks a split indirect table (entries linked by `next`, starting at entry 0).
+#[inline(never)]
+fn walk_indirect(
+    acc: &mut Acc,
+    mem: &GuestMemory,
+    segs: &mut Segs,
+    addr: u64,
+    len: u32,
+) -> Result<(), QueueError> {
+    let count = indirect_entries(addr, len)?;
+    let table = mem
+        .table(addr, len)
+        .ok_or(QueueError::IndirectTableNotInMemory { addr, len })?;
+    let mut i: u16 = 0;
+    let mut n: u32 = 0;
+    loop {
+        if n == count {
+            return Err(QueueError::ChainTooLong {
+                head: acc.head,
+                limit: count,
+            });
+        }
+        n += 1;
+        let e = table.load_desc(16 * usize::from(i));
+        let (flags, next) = (e.w12, e.w14);
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            return Err(QueueError::NestedIndirect { index: i });
+        }
+        acc.add(mem, segs, i, e.addr, e.len, flags)?;
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        if u32::from(next) >= count {
+            return Err(QueueError::NextOutOfRange {
+                index: i,
+                next,
+                limit: count,
+            });
+        }
+        i = next;
+    }
+}
+
+// =============================================================================================
+// Driver side
+// =============================================================================================
+
+/// The driver side of a split virtqueue: posts chains, reaps used entries. Keeps its own shadow
+/// of the free descriptor list (never trusts ring memory for it).
+pub struct SplitDriver {
+    desc: RingArea,
+    avail: RingArea,
+    used: RingArea,
+    size: u16,
+    mask: u16,
+    event_idx: bool,
+    indirect: bool,
+    interrupts: bool,
+    free_head: u16,
+    num_free: u16,
+    /// Free list and chain links, per descriptor.
+    next: Box<[u16]>,
+    /// Per head in flight: its last descriptor.
+    tail: Box<[u16]>,
+    /// Per head: descriptors in flight (0 = not a head in flight).
+    in_flight: Box<[u16]>,
+    avail_idx: u16,
+    avail_published: u16,
+    last_used: u16,
+    used_cached: u16,
+}
+
+impl std::fmt::Debug for SplitDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SplitDriver")
+            .field("size", &self.size)
+            .field("num_free", &self.num_free)
+            .field("avail_idx", &self.avail_idx)
+            .field("last_used", &self.last_used)
+            .finish()
+    }
+}
+
+impl SplitDriver {
+    /// Sets up the driver side over rings at `cfg`'s addresses (same checks as
+    /// [`SplitDevice::new`]) and zeroes the three ring areas. Interrupts start enabled.
+    pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<SplitDriver, QueueError> {
+        let [desc, avail, used] = areas(cfg, mem)?;
+        desc.zero();
+        avail.zero();
+        used.zero();
+        let size = cfg.size;
+        Ok(SplitDriver {
+            desc,
+            avail,
+            used,
+            size,
+            mask: size - 1,
+            event_idx: cfg.features & VIRTIO_F_RING_EVENT_IDX != 0,
+            indirect: cfg.features & VIRTIO_F_RING_INDIRECT_DESC != 0,
+            interrupts: true,
+            free_head: 0,
+            num_free: size,
+            next: (1..=size).collect(),
+            tail: vec![0; usize::from(size)].into_boxed_slice(),
+            in_flight: vec![0; usize::from(size)].into_boxed_slice(),
+            avail_idx: 0,
+            avail_published: 0,
+            last_used: 0,
+            used_cached: 0,
+        })
+    }
+
+    /// Queue size.
+    #[inline]
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Free descriptors.
+    #[inline]
+    pub fn free_count(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Takes `n` descriptors off the free list; returns (head, tail).
+    fn alloc(&mut self, n: usize) -> Result<(u16, u16), QueueError> {
+        if n == 0 {
+            return Err(QueueError::EmptyChain);
+        }
+        if n > usize::from(self.num_free) {
+            return Err(QueueError::QueueFull {
+                needed: n,
+                free: usize::from(self.num_free),
+            });
+        }
+        let head = self.free_head;
+        let mut tail = head;
+        for _ in 1..n {
+            tail = self.next[usize::from(tail)];
+        }
+        self.free_head = self.next[usize::from(tail)];
+        self.num_free -= n as u16;
+        self.tail[usize::from(head)] = tail;
+        self.in_flight[usize::from(head)] = n as u16;
+        Ok((head, tail))
+    }
+
+    #[inline(always)]
+    fn write_desc(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let off = 16 * usize::from(idx);
+        self.desc.store_u64(off, addr);
+        self.desc.store_u32(off + 8, len);
+        self.desc.store_u16(off + 12, flags);
+        self.desc.store_u16(off + 14, next);
+    }
+
+    #[inline(always)]
+    fn stage_avail(&mut self, head: u16) {
+        self.avail
+            .store_u16(avail_slot(self.avail_idx & self.mask), head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Posts one chain of `(gpa, len, device_writable)` buffers (device-readable ones must come
+    /// first) with direct descriptors and returns its id (the head index). Invisible to the
+    /// device until [`SplitDriver::publish_avail`].
+    pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
+        let (head, _) = self.alloc(bufs.len())?;
+        let mut idx = head;
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let next = self.next[usize::from(idx)];
+            let last = i + 1 == bufs.len();
+            let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            self.write_desc(idx, addr, len, flags, if last { 0 } else { next });
+            idx = next;
+        }
+        self.stage_avail(head);
+        Ok(head)
+    }
+
+    /// Posts one chain through an indirect table the caller provides at `table_gpa`
+    /// (16 × `bufs.len()` bytes of guest memory, written here). Needs INDIRECT_DESC.
+    pub fn add_indirect(
+        &mut self,
+        mem: &GuestMemory,
+        bufs: &[(u64, u32, bool)],
+        table_gpa: u64,
+    ) -> Result<u16, QueueError> {
+        if !self.indirect || bufs.is_empty() || bufs.len() > MAX_QUEUE_SIZE as usize {
+            return Err(QueueError::IndirectUnsupported { len: bufs.len() });
+        }
+        let mut table = Vec::with_capacity(16 * bufs.len());
+        for (i, &(addr, len, w)) in bufs.iter().enumerate() {
+            let last = i + 1 == bufs.len();
+            let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            if !last {
+                flags |= VIRTQ_DESC_F_NEXT;
+            }
+            let next = if last { 0 } else { i as u16 + 1 };
+            table.extend_from_slice(&addr.to_le_bytes());
+            table.extend_from_slice(&len.to_le_bytes());
+            table.extend_from_slice(&flags.to_le_bytes());
+            table.extend_from_slice(&next.to_le_bytes());
+        }
+        mem.write(table_gpa, &table)?;
+        let (head, _) = self.alloc(1)?;
+        self.write_desc(
+            head,
+            table_gpa,
+            table.len() as u32,
+            VIRTQ_DESC_F_INDIRECT,
+            0,
+        );
+        self.stage_avail(head);
+        Ok(head)
+    }
+
+    /// Makes every added chain visible with one Release store of `avail.idx`; returns whether the
+    /// device wants a kick (EVENT_IDX: `avail_event` in the published range; otherwise unless
+    /// `VIRTQ_USED_F_NO_NOTIFY` is set). `false` when nothing was added.
+    #[inline]
+    pub fn publish_avail(&mut self) -> bool {
+        let (old, new) = (self.avail_published, self.avail_idx);
+        if old == new {
+            return false;
+        }
+        self.avail.store_u16_release(IDX, new);
+        self.avail_published = new;
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            need_event(self.used.load_u16(used_slot(self.size)), new, old)
+        } else {
+            self.used.load_u16(0) & VIRTQ_USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Takes the next used entry: `(id, len)`; `Ok(None)` when there is none. Fails (without
+    /// consuming anything) if the device moved `used.idx` more than the queue size ahead or
+    /// named an id that is not in flight.
+    #[inline]
+    pub fn reap(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        if self.used_cached == self.last_used {
+            let idx = self.used.load_u16_acquire(IDX);
+            if idx == self.last_used {
+                return Ok(None);
+            }
+            if idx.wrapping_sub(self.last_used) > self.size {
+                return Err(QueueError::UsedIdxJump {
+                    used_idx: idx,
+                    last_used: self.last_used,
+                    size: self.size,
+                });
+            }
+            self.used_cached = idx;
+        }
+        let off = used_slot(self.last_used & self.mask);
+        let id = self.used.load_u32(off);
+        let len = self.used.load_u32(off + 4);
+        if id >= u32::from(self.size) || self.in_flight[id as usize] == 0 {
+            return Err(QueueError::BadUsedId {
+                id,
+                size: self.size,
+            });
+        }
+        let head = id as u16;
+        let n = self.in_flight[usize::from(head)];
+        self.in_flight[usize::from(head)] = 0;
+        let tail = self.tail[usize::from(head)];
+        self.next[usize::from(tail)] = self.free_head;
+        self.free_head = head;
+        self.num_free += n;
+        self.last_used = self.last_used.wrapping_add(1);
+        if self.event_idx && self.interrupts {
+            self.avail.store_u16(avail_slot(self.size), self.last_used);
+        }
+        Ok(Some((head, len)))
+    }
+
+    /// Tells the device whether the driver wants used-buffer notifications. Without EVENT_IDX
+    /// this sets or clears `VIRTQ_AVAIL_F_NO_INTERRUPT`; with it, enabling sets `used_event` to
+    /// the next used entry (and `reap` keeps it there), disabling sets it one behind.
+    pub fn set_interrupts(&mut self, enable: bool) {
+        self.interrupts = enable;
+        if self.event_idx {
+            let ev = if enable {
+                self.last_used
+            } else {
+                self.last_used.wrapping_sub(1)
+            };
+            self.avail.store_u16(avail_slot(self.size), ev);
+        } else {
+            let flags = if enable {
+                0
+            } else {
+                VIRTQ_AVAIL_F_NO_INTERRUPT
+            };
+            self.avail.store_u16(0, flags);
+        }
+        fence(Ordering::SeqCst);
+    }
+}
