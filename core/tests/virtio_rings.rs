@@ -153,7 +153,10 @@ impl Harness {
                 self.mem.gpa_to_host(s.gpa(), u64::from(s.len()))
             );
         }
-        assert_eq!(self.segs.readable().len() + self.segs.writable().len(), want.len());
+        assert_eq!(
+            self.segs.readable().len() + self.segs.writable().len(),
+            want.len()
+        );
         // The readable bytes, gathered.
         let mut data = vec![0u8; rsum as usize + 3];
         assert_eq!(self.segs.read(0, &mut data), rsum as usize);
@@ -643,7 +646,10 @@ fn packed_uva_ring_addresses() {
 /// Driver-side limits: empty chains, full rings, indirect without the feature.
 #[test]
 fn driver_limits() {
-    for features in [VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED] {
+    for features in [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_PACKED,
+    ] {
         let mem = memory(&[(0, 0x20_0000)]);
         let (mut drv, _dev) = pair(&mem, 4, features);
         assert!(matches!(drv.add(&[]), Err(QueueError::EmptyChain)));
