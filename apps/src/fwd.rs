@@ -36,9 +36,11 @@ pub enum Mode {
     TxOnly,
     /// Only receive and free.
     RxOnly,
+    /// Answer ARP and ICMP echo requests back out of the receiving port; drop the rest.
+    IcmpEcho,
 }
 
-const MODES: &str = "io, mac, macswap, txonly, rxonly";
+const MODES: &str = "io, mac, macswap, txonly, rxonly, icmpecho";
 
 impl Mode {
     fn as_str(self) -> &'static str {
@@ -48,6 +50,7 @@ impl Mode {
             Mode::MacSwap => "macswap",
             Mode::TxOnly => "txonly",
             Mode::RxOnly => "rxonly",
+            Mode::IcmpEcho => "icmpecho",
         }
     }
 }
@@ -59,6 +62,7 @@ fn parse_mode(s: &str) -> std::result::Result<Mode, String> {
         "macswap" => Mode::MacSwap,
         "txonly" => Mode::TxOnly,
         "rxonly" => Mode::RxOnly,
+        "icmpecho" => Mode::IcmpEcho,
         _ => return Err(format!("accepted are {MODES}")),
     })
 }
@@ -87,7 +91,7 @@ pub struct FwdArgs {
     /// A port, KIND[:key=val,...] (repeat for more ports; `vdpakit ports` lists kinds and keys).
     #[arg(long = "port", value_name = "SPEC", required = true)]
     ports: Vec<String>,
-    /// Forwarding mode: io, mac, macswap, txonly, rxonly.
+    /// Forwarding mode: io, mac, macswap, txonly, rxonly, icmpecho.
     #[arg(long, default_value = "io", value_parser = parse_mode)]
     mode: Mode,
     /// CPUs for the forwarding lcores, like 0,1 or 0-3 (default: the last available CPU).
@@ -102,6 +106,10 @@ pub struct FwdArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_parser = seconds, allow_hyphen_values = true)]
     duration: Option<f64>,
+    /// Seconds to keep the ports up after forwarding stops, so peers can drain what is in flight
+    /// (a front end stops reading when its back end disconnects).
+    #[arg(long, default_value = "0", value_parser = seconds, allow_hyphen_values = true)]
+    linger: f64,
     /// Seconds between live statistics lines (0: none).
     #[arg(long, default_value = "1", value_parser = seconds, allow_hyphen_values = true)]
     stats_period: f64,
@@ -144,6 +152,7 @@ struct LcoreWork {
     burst: usize,
     pkt_size: usize,
     template: Vec<u8>,
+    replies: Burst,
 }
 
 fn usage(flag: &'static str, value: impl ToString, accepted: impl Into<String>) -> Error {
@@ -262,7 +271,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
     let mut streams = Vec::new();
     for (p, port_rxq) in rxq.iter_mut().enumerate() {
         for (qi, slot) in port_rxq.iter_mut().enumerate().take(q) {
-            let tp = if args.mode == Mode::TxOnly {
+            let tp = if matches!(args.mode, Mode::TxOnly | Mode::IcmpEcho) {
                 p
             } else {
                 peer(p)
@@ -311,6 +320,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
                 burst: args.burst,
                 pkt_size: args.pkt_size,
                 template: template.clone(),
+                replies: Burst::new(args.burst),
             })
         })
         .collect();
@@ -365,6 +375,10 @@ pub fn run(args: FwdArgs) -> Result<()> {
     let joined = lcores.join();
     let elapsed = started.elapsed().as_secs_f64();
     let finals: Vec<PortStats> = ports.iter().map(|p| p.stats()).collect();
+    if args.linger > 0.0 {
+        // Forwarding has stopped; the ports (and their connections) stay up for the peers.
+        std::thread::sleep(Duration::from_secs_f64(args.linger));
+    }
     for p in ports.iter_mut() {
         p.stop()?;
     }
@@ -407,6 +421,33 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                     let Some(rx) = s.rx.as_mut() else { continue };
                     if rx.rx_burst(&mut burst) > 0 {
                         w.cache.free_burst(&mut burst);
+                    }
+                }
+                Mode::IcmpEcho => {
+                    let (Some(rx), Some(tx)) = (s.rx.as_mut(), s.tx.as_mut()) else {
+                        continue;
+                    };
+                    if rx.rx_burst(&mut burst) == 0 {
+                        continue;
+                    }
+                    let (cache, replies, mac) = (&mut w.cache, &mut w.replies, s.src_mac);
+                    let mut ignored = 0u64;
+                    burst.drain_front(burst.len(), |mut m| {
+                        if packet::icmpecho(m.data_mut(), mac) {
+                            // Cannot fail: `replies` has the same limit as `burst`.
+                            let _ = replies.push(m);
+                        } else {
+                            ignored += 1;
+                            cache.free(m);
+                        }
+                    });
+                    if ignored > 0 {
+                        rx.stats().add_drops(ignored);
+                    }
+                    tx.tx_burst(replies);
+                    if !replies.is_empty() {
+                        tx.stats().add_drops(replies.len() as u64);
+                        cache.free_burst(replies);
                     }
                 }
                 Mode::Io | Mode::Mac | Mode::MacSwap => {

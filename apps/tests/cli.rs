@@ -185,7 +185,10 @@ fn human_summary_and_live_lines() {
 #[test]
 fn bad_input_is_one_line_exit_2() {
     let cases: &[(&[&str], &[&str])] = &[
-        (&["fwd", "--port", "bogus"], &["'bogus'", "null, ring"]),
+        (
+            &["fwd", "--port", "bogus"],
+            &["'bogus'", "null, ring, vhost-user"],
+        ),
         (&["fwd", "--port", "ring:nmae=a"], &["'nmae'", "name, peer"]),
         (
             &["fwd", "--port", "ring:name"],

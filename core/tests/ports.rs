@@ -192,7 +192,7 @@ fn wiring_errors_are_clear() {
         .err()
         .unwrap();
     assert!(matches!(e, Error::UnknownPortKind { .. }));
-    assert!(e.to_string().contains("null, ring"), "{e}");
+    assert!(e.to_string().contains("null, ring, vhost-user"), "{e}");
 }
 
 #[test]

@@ -12,6 +12,7 @@
 mod null;
 mod ring;
 mod spec;
+mod vhost_user;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -264,13 +265,14 @@ pub struct PortKind {
 }
 
 /// The port kinds this build knows.
-pub const KINDS: &[PortKind] = &[null::KIND, ring::KIND];
+pub const KINDS: &[PortKind] = &[null::KIND, ring::KIND, vhost_user::KIND];
 
 /// Builds a port from a spec.
 pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
     match spec.kind() {
         "null" => Ok(Box::new(null::NullPort::new(spec, env)?)),
         "ring" => Ok(Box::new(ring::RingPort::new(spec, env)?)),
+        "vhost-user" => Ok(Box::new(vhost_user::VhostUserPort::new(spec, env)?)),
         other => Err(Error::UnknownPortKind {
             kind: other.to_string(),
             known: KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),

@@ -80,7 +80,7 @@ impl<T> Handoff<T> {
         let mut spins = 0u32;
         while self.busy.load(Ordering::SeqCst) {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 std::thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -130,9 +130,10 @@ mod tests {
             }),
             Some(6)
         );
-        let mut g = h.close();
-        assert_eq!(*g.state(), Some(6));
-        drop(g);
+        {
+            let mut g = h.close();
+            assert_eq!(*g.state(), Some(6));
+        }
         assert_eq!(
             h.enter(|v| *v),
             None,

@@ -1,6 +1,73 @@
-//! vhost-user: the wire protocol, the connection, and (being built) the back end with its
-//! software datapath.
+//! vhost-user: the wire protocol ([`msg`]), the connection ([`socket`]), the back end's control
+//! state machine ([`device`]) and control thread ([`server`]), the control/datapath handoff
+//! ([`handoff`]) and the net software datapath ([`net`]).
 
+pub mod device;
 pub mod handoff;
 pub mod msg;
+pub mod net;
+pub mod server;
 pub mod socket;
+
+use std::path::PathBuf;
+
+/// Errors of the vhost-user back end. Each names the request and the offending value.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostError {
+    /// Framing or payload error.
+    #[error(transparent)]
+    Msg(#[from] msg::MsgError),
+    /// Connection error.
+    #[error(transparent)]
+    Conn(#[from] socket::ConnError),
+    /// A ring, memory or log problem.
+    #[error(transparent)]
+    Queue(#[from] crate::virtio::QueueError),
+    /// A vring index beyond the device's rings.
+    #[error("{req}: vring index {index} is out of range: the device has {count} vrings")]
+    BadVring {
+        /// Request name.
+        req: &'static str,
+        /// Index given.
+        index: u64,
+        /// Vrings the device has.
+        count: usize,
+    },
+    /// A ring size that is not accepted.
+    #[error("SET_VRING_NUM: vring {index} size {size} is invalid: accepted is {}", if *packed { "1..=32768" } else { "a power of two in 1..=32768" })]
+    BadRingSize {
+        /// Vring.
+        index: usize,
+        /// Size given.
+        size: u32,
+        /// Whether the packed layout was negotiated.
+        packed: bool,
+    },
+    /// A request or value the back end does not support.
+    #[error("{req}: unsupported: {what}")]
+    Unsupported {
+        /// Request name.
+        req: &'static str,
+        /// What exactly.
+        what: String,
+    },
+    /// Mapping the dirty log failed.
+    #[error("SET_LOG_BASE: cannot map the log of {size} bytes at offset {offset}: {source}")]
+    LogMap {
+        /// Size.
+        size: u64,
+        /// Offset.
+        offset: u64,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket could not be set up.
+    #[error("vhost-user socket {}: {why}", path.display())]
+    Socket {
+        /// Path.
+        path: PathBuf,
+        /// What failed.
+        why: String,
+    },
+}

@@ -1,0 +1,643 @@
+//! The vhost-user net back end's control state machine: one [`Device`] per socket.
+//!
+//! It handles one front-end message at a time on the control thread and never touches a ring
+//! while a poller may: every change to a running ring goes through the ring's [`Handoff`] (close
+//! the gate, change or rebuild the runtime, reopen). Pollers (port queues) only ever see a
+//! complete runtime ([`VqRun`]) or nothing.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::VhostError;
+use super::handoff::Handoff;
+use super::msg::{self, Header, Inflight, MemRegion, Req, VringAddr, proto};
+use super::net::{LogArea, VqRun, VringSetup};
+use super::socket::{Conn, Message};
+use crate::virtio::features as vf;
+use crate::virtio::{GuestMemory, GuestRegion};
+
+/// Largest ring size accepted.
+pub const MAX_RING: u32 = 32768;
+/// Most queue pairs a device offers.
+pub const MAX_QUEUE_PAIRS: u16 = 128;
+
+/// What a net back end offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Queue pairs offered (1..=128).
+    pub queue_pairs: u16,
+    /// Offer the packed ring layout.
+    pub packed: bool,
+    /// Offer mergeable receive buffers.
+    pub mrg_rxbuf: bool,
+    /// Offer IN_ORDER.
+    pub in_order: bool,
+    /// MTU offered with VIRTIO_NET_F_MTU (68..=65535).
+    pub mtu: u16,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            queue_pairs: 1,
+            packed: true,
+            mrg_rxbuf: true,
+            in_order: true,
+            mtu: 1500,
+        }
+    }
+}
+
+impl NetConfig {
+    /// The virtio feature bits offered.
+    pub fn features(&self) -> u64 {
+        let mut f = vf::VERSION_1
+            | vf::NOTIFY_ON_EMPTY
+            | vf::ANY_LAYOUT
+            | vf::RING_INDIRECT_DESC
+            | vf::RING_EVENT_IDX
+            | vf::NET_CSUM
+            | vf::NET_GUEST_CSUM
+            | vf::NET_HOST_TSO4
+            | vf::NET_HOST_TSO6
+            | vf::NET_GUEST_TSO4
+            | vf::NET_GUEST_TSO6
+            | vf::NET_MTU
+            | vf::NET_STATUS
+            | vf::NET_CTRL_VQ
+            | vf::NET_CTRL_RX
+            | vf::NET_GUEST_ANNOUNCE
+            | vf::VHOST_F_LOG_ALL
+            | vf::VHOST_USER_F_PROTOCOL_FEATURES;
+        if self.queue_pairs > 1 {
+            f |= vf::NET_MQ;
+        }
+        if self.packed {
+            f |= vf::RING_PACKED;
+        }
+        if self.mrg_rxbuf {
+            f |= vf::NET_MRG_RXBUF;
+        }
+        if self.in_order {
+            f |= vf::IN_ORDER;
+        }
+        f
+    }
+
+    /// The protocol feature bits offered.
+    pub fn protocol_features(&self) -> u64 {
+        proto::MQ
+            | proto::LOG_SHMFD
+            | proto::RARP
+            | proto::REPLY_ACK
+            | proto::NET_MTU
+            | proto::BACKEND_REQ
+            | proto::BACKEND_SEND_FD
+            | proto::CONFIGURE_MEM_SLOTS
+            | proto::STATUS
+    }
+}
+
+/// State shared between the control thread and the port's queues.
+#[derive(Debug)]
+pub struct Shared {
+    /// One handoff per vring: even = guest receive (our transmit), odd = guest transmit.
+    pub vqs: Vec<Handoff<VqRun>>,
+    /// Whether a front end is connected and at least one ring pair runs.
+    pub link_up: AtomicBool,
+    /// Pending RARP: bit 63 set + the MAC in the low 48 bits (SEND_RARP).
+    pub rarp: AtomicU64,
+    /// Connections accepted so far.
+    pub connections: AtomicU64,
+}
+
+impl Shared {
+    /// Shared state for `pairs` queue pairs.
+    pub fn new(pairs: u16) -> Arc<Shared> {
+        Arc::new(Shared {
+            vqs: (0..pairs as usize * 2).map(|_| Handoff::new()).collect(),
+            link_up: AtomicBool::new(false),
+            rarp: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct Vring {
+    num: u16,
+    addr: Option<VringAddr>,
+    base: u16,
+    kick: Option<OwnedFd>,
+    kick_set: bool,
+    call: Option<Arc<OwnedFd>>,
+    err: Option<OwnedFd>,
+    enabled: bool,
+}
+
+/// One socket's back-end state.
+#[derive(Debug)]
+pub struct Device {
+    cfg: NetConfig,
+    shared: Arc<Shared>,
+    acked: u64,
+    features_set: bool,
+    proto_acked: u64,
+    owner: bool,
+    mem: GuestMemory,
+    regions: Vec<MemRegion>,
+    vrings: Vec<Vring>,
+    log: Option<Arc<LogArea>>,
+    status: u8,
+    mtu: u16,
+    backend: Option<Conn>,
+}
+
+/// What the control thread does after a message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Keep serving.
+    Continue,
+    /// Close the connection (the front end asked for a reset that needs it, or a fatal error).
+    Close,
+}
+
+impl Device {
+    /// A fresh device over shared state with `cfg.queue_pairs` pairs.
+    pub fn new(cfg: NetConfig, shared: Arc<Shared>) -> Device {
+        let n = shared.vqs.len();
+        Device {
+            cfg,
+            shared,
+            acked: 0,
+            features_set: false,
+            proto_acked: 0,
+            owner: false,
+            mem: GuestMemory::empty(),
+            regions: Vec::new(),
+            vrings: (0..n).map(|_| Vring::default()).collect(),
+            log: None,
+            status: 0,
+            mtu: cfg.mtu,
+            backend: None,
+        }
+    }
+
+    /// Negotiated virtio features.
+    pub fn features(&self) -> u64 {
+        self.acked
+    }
+
+    /// Negotiated protocol features.
+    pub fn protocol_features(&self) -> u64 {
+        self.proto_acked
+    }
+
+    /// Stops every ring and forgets the connection's state (disconnect or RESET_OWNER).
+    pub fn reset(&mut self) {
+        for i in 0..self.vrings.len() {
+            self.stop_ring(i);
+        }
+        let cfg = self.cfg;
+        let shared = Arc::clone(&self.shared);
+        *self = Device::new(cfg, shared);
+        self.shared.link_up.store(false, Ordering::Relaxed);
+    }
+
+    /// Handles one message and sends its reply on `conn`. Errors are protocol errors: the caller
+    /// logs them and closes the connection.
+    pub fn handle(&mut self, conn: &mut Conn, m: Message) -> Result<Outcome, VhostError> {
+        let Some(req) = Req::from_u32(m.hdr.request) else {
+            return Err(msg::MsgError::UnknownRequest(m.hdr.request).into());
+        };
+        msg::check_fds(req, m.fds.len())?;
+        let need_ack =
+            m.hdr.need_reply() && self.proto_acked & proto::REPLY_ACK != 0 && !req.has_reply();
+        let res = self.dispatch(conn, req, &m.hdr, &m.payload, m.fds);
+        match res {
+            Ok(out) => {
+                if need_ack {
+                    self.reply(conn, req, &0u64.to_le_bytes())?;
+                }
+                self.update_link();
+                Ok(out)
+            }
+            Err(e) => {
+                if need_ack {
+                    let _ = self.reply(conn, req, &1u64.to_le_bytes());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn reply(&self, conn: &mut Conn, req: Req, payload: &[u8]) -> Result<(), VhostError> {
+        let h = Header {
+            request: req as u32,
+            flags: msg::FLAG_VERSION | msg::FLAG_REPLY,
+            size: payload.len() as u32,
+        };
+        conn.send(h, payload, &[])?;
+        Ok(())
+    }
+
+    fn vring_index(&self, req: Req, idx: u64) -> Result<usize, VhostError> {
+        let i = idx as usize;
+        if i >= self.vrings.len() {
+            return Err(VhostError::BadVring {
+                req: msg::name(req),
+                index: idx,
+                count: self.vrings.len(),
+            });
+        }
+        Ok(i)
+    }
+
+    fn dispatch(
+        &mut self,
+        conn: &mut Conn,
+        req: Req,
+        _hdr: &Header,
+        p: &[u8],
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Outcome, VhostError> {
+        use Req::*;
+        match req {
+            GetFeatures => self.reply(conn, req, &self.cfg.features().to_le_bytes())?,
+            SetFeatures => {
+                let f = msg::parse_u64(req, p)?;
+                let offered = self.cfg.features();
+                if f & !offered != 0 {
+                    return Err(VhostError::Unsupported {
+                        req: "SET_FEATURES",
+                        what: format!("feature bits {:#x} were not offered", f & !offered),
+                    });
+                }
+                let was_logging = self.acked & vf::VHOST_F_LOG_ALL != 0;
+                self.acked = f;
+                self.features_set = true;
+                if (f & vf::VHOST_F_LOG_ALL != 0) != was_logging {
+                    // Logging toggled (live migration start/end): rebuild running rings with it.
+                    self.refresh_all();
+                }
+            }
+            SetOwner => self.owner = true,
+            ResetOwner => {
+                self.reset();
+            }
+            GetProtocolFeatures => {
+                self.reply(conn, req, &self.cfg.protocol_features().to_le_bytes())?
+            }
+            SetProtocolFeatures => {
+                let f = msg::parse_u64(req, p)?;
+                self.proto_acked = f & self.cfg.protocol_features();
+            }
+            GetQueueNum => self.reply(conn, req, &(self.cfg.queue_pairs as u64).to_le_bytes())?,
+            GetMaxMemSlots => self.reply(conn, req, &msg::MAX_MEM_SLOTS.to_le_bytes())?,
+            SetMemTable => {
+                let regions = msg::parse_mem_table(p, fds.len())?;
+                if regions == self.regions {
+                    return Ok(Outcome::Continue);
+                }
+                let mapped = regions
+                    .iter()
+                    .zip(fds.iter())
+                    .map(|(r, fd)| {
+                        GuestRegion::map_fd(fd.as_fd(), r.mmap_offset, r.size, r.gpa, r.uva)
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mem = GuestMemory::new(mapped)?;
+                self.set_memory(mem, regions);
+            }
+            AddMemReg => {
+                let r = msg::parse_single_region(req, p)?;
+                if self.regions.len() as u64 >= msg::MAX_MEM_SLOTS {
+                    return Err(VhostError::Unsupported {
+                        req: "ADD_MEM_REG",
+                        what: format!("more than {} regions", msg::MAX_MEM_SLOTS),
+                    });
+                }
+                let fd = fds.remove(0);
+                let new = GuestRegion::map_fd(fd.as_fd(), r.mmap_offset, r.size, r.gpa, r.uva)?;
+                let mut all: Vec<GuestRegion> = self.mem.regions().to_vec();
+                all.push(new);
+                let mem = GuestMemory::new(all)?;
+                let mut regions = self.regions.clone();
+                regions.push(r);
+                self.set_memory(mem, regions);
+            }
+            RemMemReg => {
+                let r = msg::parse_single_region(req, p)?;
+                let Some(pos) = self
+                    .regions
+                    .iter()
+                    .position(|x| x.gpa == r.gpa && x.size == r.size && x.uva == r.uva)
+                else {
+                    return Err(VhostError::Unsupported {
+                        req: "REM_MEM_REG",
+                        what: format!("no region at gpa {:#x} of {} bytes", r.gpa, r.size),
+                    });
+                };
+                let mut all: Vec<GuestRegion> = self.mem.regions().to_vec();
+                let gi = all.iter().position(|g| g.gpa() == r.gpa).unwrap_or(pos);
+                all.remove(gi);
+                let mut regions = self.regions.clone();
+                regions.remove(pos);
+                let mem = GuestMemory::new(all)?;
+                self.set_memory(mem, regions);
+            }
+            SetLogBase => {
+                let l = msg::parse_log(p)?;
+                let area = LogArea::map(fds.remove(0).as_fd(), l.offset, l.size)?;
+                self.log = Some(Arc::new(area));
+                self.refresh_all();
+                // The front end waits for an (empty) reply when LOG_SHMFD is negotiated.
+                self.reply(conn, req, &[])?;
+            }
+            SetLogFd => {
+                // Eventfd to signal log syncs; vdpakit logs synchronously and does not need it.
+                drop(fds);
+            }
+            SetVringNum => {
+                let s = msg::parse_vring_state(req, p)?;
+                let i = self.vring_index(req, s.index as u64)?;
+                let packed = self.acked & vf::RING_PACKED != 0;
+                if s.num == 0 || s.num > MAX_RING || (!packed && !s.num.is_power_of_two()) {
+                    return Err(VhostError::BadRingSize {
+                        index: i,
+                        size: s.num,
+                        packed,
+                    });
+                }
+                self.vrings[i].num = s.num as u16;
+                self.refresh(i);
+            }
+            SetVringAddr => {
+                let a = msg::parse_vring_addr(p)?;
+                let i = self.vring_index(req, a.index as u64)?;
+                self.vrings[i].addr = Some(a);
+                self.refresh(i);
+            }
+            SetVringBase => {
+                let s = msg::parse_vring_state(req, p)?;
+                let i = self.vring_index(req, s.index as u64)?;
+                if s.num > u16::MAX as u32 {
+                    return Err(VhostError::Unsupported {
+                        req: "SET_VRING_BASE",
+                        what: format!("base {} above 65535", s.num),
+                    });
+                }
+                self.vrings[i].base = s.num as u16;
+                self.refresh(i);
+            }
+            GetVringBase => {
+                let s = msg::parse_vring_state(req, p)?;
+                let i = self.vring_index(req, s.index as u64)?;
+                let base = self.stop_ring(i).unwrap_or(self.vrings[i].base);
+                let v = &mut self.vrings[i];
+                v.base = base;
+                v.kick = None;
+                v.kick_set = false;
+                v.call = None;
+                v.enabled = false;
+                self.reply(
+                    conn,
+                    req,
+                    &msg::encode_vring_state(msg::VringState {
+                        index: s.index,
+                        num: base as u32,
+                    }),
+                )?;
+            }
+            SetVringKick | SetVringCall | SetVringErr => {
+                let u = msg::parse_u64(req, p)?;
+                let i = self.vring_index(req, u & msg::VRING_IDX_MASK)?;
+                let nofd = u & msg::VRING_NOFD != 0;
+                if nofd != fds.is_empty() {
+                    return Err(VhostError::Unsupported {
+                        req: msg::name(req),
+                        what: format!("NOFD flag {} with {} fds", nofd, fds.len()),
+                    });
+                }
+                let fd = fds.pop();
+                let v = &mut self.vrings[i];
+                match req {
+                    SetVringKick => {
+                        v.kick = fd;
+                        v.kick_set = true;
+                        // Without PROTOCOL_FEATURES rings start enabled when kicked.
+                        if self.acked & vf::VHOST_USER_F_PROTOCOL_FEATURES == 0 {
+                            v.enabled = true;
+                        }
+                    }
+                    SetVringCall => v.call = fd.map(Arc::new),
+                    _ => v.err = fd,
+                }
+                self.refresh(i);
+            }
+            SetVringEnable => {
+                let s = msg::parse_vring_state(req, p)?;
+                let i = self.vring_index(req, s.index as u64)?;
+                if s.num > 1 {
+                    return Err(VhostError::Unsupported {
+                        req: "SET_VRING_ENABLE",
+                        what: format!("state {} (0 or 1)", s.num),
+                    });
+                }
+                self.vrings[i].enabled = s.num == 1;
+                self.refresh(i);
+            }
+            SendRarp => {
+                let v = msg::parse_u64(req, p)?;
+                let mac = v & 0xffff_ffff_ffff;
+                self.shared.rarp.store(mac | (1 << 63), Ordering::Release);
+            }
+            NetSetMtu => {
+                let v = msg::parse_u64(req, p)?;
+                if !(68..=65535).contains(&v) {
+                    return Err(VhostError::Unsupported {
+                        req: "NET_SET_MTU",
+                        what: format!("MTU {v} (68..=65535)"),
+                    });
+                }
+                self.mtu = v as u16;
+            }
+            SetBackendReqFd => {
+                let fd = fds.remove(0);
+                self.backend = Some(Conn::new(std::os::unix::net::UnixStream::from(fd)));
+            }
+            IotlbMsg => {
+                let m = msg::parse_iotlb(p)?;
+                return Err(VhostError::Unsupported {
+                    req: "IOTLB_MSG",
+                    what: format!("IOTLB type {} (ACCESS_PLATFORM is not offered)", m.kind),
+                });
+            }
+            GetConfig => {
+                let c = msg::parse_config(req, p)?;
+                let space = self.config_space();
+                let end = (c.offset as usize)
+                    .checked_add(c.size as usize)
+                    .filter(|&e| e <= space.len());
+                let Some(end) = end else {
+                    return Err(VhostError::Unsupported {
+                        req: "GET_CONFIG",
+                        what: format!(
+                            "offset {} size {} beyond the {}-byte config",
+                            c.offset,
+                            c.size,
+                            space.len()
+                        ),
+                    });
+                };
+                let out = msg::ConfigMsg {
+                    data: space[c.offset as usize..end].to_vec(),
+                    ..c
+                };
+                self.reply(conn, req, &msg::encode_config(&out))?;
+            }
+            SetConfig => {
+                let _ = msg::parse_config(req, p)?;
+                return Err(VhostError::Unsupported {
+                    req: "SET_CONFIG",
+                    what: "the net config space is read-only".into(),
+                });
+            }
+            GetInflightFd | SetInflightFd => {
+                let i: Inflight = msg::parse_inflight(req, p)?;
+                return Err(VhostError::Unsupported {
+                    req: msg::name(req),
+                    what: format!(
+                        "inflight tracking ({} queues) is for block devices",
+                        i.num_queues
+                    ),
+                });
+            }
+            SetStatus => {
+                let v = msg::parse_u64(req, p)?;
+                if v > 0xff {
+                    return Err(VhostError::Unsupported {
+                        req: "SET_STATUS",
+                        what: format!("status {v:#x} (8 bits)"),
+                    });
+                }
+                self.status = v as u8;
+                if v == 0 {
+                    // A device reset from the driver: stop everything but keep the connection.
+                    for i in 0..self.vrings.len() {
+                        self.stop_ring(i);
+                    }
+                }
+            }
+            GetStatus => self.reply(conn, req, &(self.status as u64).to_le_bytes())?,
+        }
+        Ok(Outcome::Continue)
+    }
+
+    /// The virtio-net config space (mac, status, max pairs, mtu).
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; 12];
+        c[6..8].copy_from_slice(&1u16.to_le_bytes());
+        c[8..10].copy_from_slice(&self.cfg.queue_pairs.to_le_bytes());
+        c[10..12].copy_from_slice(&self.mtu.to_le_bytes());
+        c
+    }
+
+    fn set_memory(&mut self, mem: GuestMemory, regions: Vec<MemRegion>) {
+        // Stop every ring (keeping its position), swap the memory, restart what was running.
+        for i in 0..self.vrings.len() {
+            if let Some(base) = self.stop_ring(i) {
+                self.vrings[i].base = base;
+            }
+        }
+        self.mem = mem;
+        self.regions = regions;
+        self.refresh_all();
+    }
+
+    fn refresh_all(&mut self) {
+        for i in 0..self.vrings.len() {
+            if let Some(base) = self.stop_ring(i) {
+                self.vrings[i].base = base;
+            }
+            self.refresh(i);
+        }
+    }
+
+    /// Stops ring `i` if it runs; returns its position (GET_VRING_BASE semantics).
+    fn stop_ring(&mut self, i: usize) -> Option<u16> {
+        let mut g = self.shared.vqs[i].close();
+        let run = g.state().take();
+        run.map(|r| r.last_avail())
+    }
+
+    /// (Re)builds ring `i` when everything it needs is there, and opens its gate.
+    fn refresh(&mut self, i: usize) {
+        let running = {
+            let mut g = self.shared.vqs[i].close();
+            g.state().take().map(|r| r.last_avail())
+        };
+        if let Some(base) = running {
+            self.vrings[i].base = base;
+        }
+        let v = &self.vrings[i];
+        let ready = v.addr.is_some()
+            && v.kick_set
+            && v.enabled
+            && self.features_set
+            && v.num > 0
+            && !self.mem.regions().is_empty();
+        if !ready {
+            return;
+        }
+        let Some(addr) = v.addr else { return };
+        let setup = VringSetup {
+            index: i,
+            size: v.num as u32,
+            addr,
+            base: v.base,
+            features: self.acked,
+            call: v.call.clone(),
+            log: if self.acked & vf::VHOST_F_LOG_ALL != 0 {
+                self.log.clone()
+            } else {
+                None
+            },
+        };
+        match VqRun::build(&setup, &self.mem) {
+            Ok(run) => {
+                let mut g = self.shared.vqs[i].close();
+                *g.state() = Some(run);
+                g.open();
+                tracing::debug!(vring = i, "vring running");
+            }
+            Err(e) => {
+                tracing::warn!("vring {i}: {e}; the queue stays stopped until it is set up again");
+            }
+        }
+    }
+
+    fn update_link(&self) {
+        let up = self
+            .shared
+            .vqs
+            .chunks(2)
+            .any(|p| p.iter().all(|h| h.is_open()));
+        self.shared.link_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Sends CONFIG_CHANGE_MSG on the back-end channel, if there is one.
+    pub fn notify_config_change(&mut self) -> Result<bool, VhostError> {
+        let Some(b) = self.backend.as_mut() else {
+            return Ok(false);
+        };
+        let h = Header {
+            request: msg::BackendReq::ConfigChange as u32,
+            flags: msg::FLAG_VERSION,
+            size: 0,
+        };
+        b.send(h, &[], &[])?;
+        Ok(true)
+    }
+}

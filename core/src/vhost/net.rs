@@ -1,0 +1,354 @@
+//! The virtio-net software datapath of the vhost-user back end.
+//!
+//! A [`VqRun`] is one running vring: its device-side queue (split or packed, addresses translated
+//! once at build time), the guest memory, the call eventfd and the dirty log. The port's queues
+//! run [`VqRun::dequeue`] (guest transmit ring → mbufs) and [`VqRun::enqueue`] (mbufs → guest
+//! receive ring) inside the vring's handoff, once per burst. Per burst: one read of the avail
+//! index, one used-index publish, at most one guest notification (only when the guest asked for
+//! it). Every descriptor address and length was checked by the queue code before use; a malformed
+//! chain marks the queue broken and is counted as an error, it never panics.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use super::msg::{VRING_F_LOG, VringAddr};
+use crate::mbuf::{Burst, Mbuf, VnetHdr, offload};
+use crate::mempool::MempoolCache;
+use crate::port::QueueStats;
+use crate::virtio::features as vf;
+use crate::virtio::{
+    AddrKind, Chain, DeviceQueue, DirtyLog, GuestMemory, QueueConfig, QueueError, Segs,
+};
+
+pub use crate::virtio::DirtyLog as LogArea;
+
+/// virtio-net header flag: the checksum must be completed.
+const HDR_F_NEEDS_CSUM: u8 = 1;
+/// virtio-net header flag: the checksum is already validated.
+const HDR_F_DATA_VALID: u8 = 2;
+/// Most receive chains one packet may use with mergeable buffers.
+const MAX_MRG_CHAINS: usize = 64;
+
+/// Everything needed to (re)build a running vring.
+#[derive(Debug, Clone)]
+pub struct VringSetup {
+    /// Vring index.
+    pub index: usize,
+    /// Ring size.
+    pub size: u32,
+    /// Addresses from SET_VRING_ADDR (front-end virtual addresses).
+    pub addr: VringAddr,
+    /// Position (SET_VRING_BASE; packed: bit 15 is the wrap counter).
+    pub base: u16,
+    /// Negotiated features.
+    pub features: u64,
+    /// Call eventfd (None: the front end polls).
+    pub call: Option<Arc<OwnedFd>>,
+    /// Dirty log, when VHOST_F_LOG_ALL is on.
+    pub log: Option<Arc<DirtyLog>>,
+}
+
+/// One running vring. See the module documentation.
+pub struct VqRun {
+    q: DeviceQueue,
+    mem: GuestMemory,
+    segs: Box<Segs>,
+    call: Option<Arc<OwnedFd>>,
+    log: Option<Arc<DirtyLog>>,
+    hdr_len: usize,
+    mrg: bool,
+    guest_csum: bool,
+    guest_tso: bool,
+    chains: Box<[Option<(Chain, u32)>; MAX_MRG_CHAINS]>,
+}
+
+impl std::fmt::Debug for VqRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VqRun")
+            .field("hdr_len", &self.hdr_len)
+            .field("mrg", &self.mrg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VqRun {
+    /// Builds a running vring: translates and checks the ring addresses against guest memory.
+    pub fn build(s: &VringSetup, mem: &GuestMemory) -> Result<VqRun, QueueError> {
+        let cfg = QueueConfig {
+            size: s.size as u16,
+            desc: s.addr.desc,
+            avail: s.addr.avail,
+            used: s.addr.used,
+            addr_kind: AddrKind::Uva,
+            features: s.features,
+        };
+        let mut q = DeviceQueue::new(&cfg, mem)?;
+        q.set_last_avail(s.base)?;
+        // The back end polls: ask the driver not to kick.
+        q.set_notification(false);
+        let log = s.log.clone();
+        if let Some(l) = &log
+            && s.addr.flags & VRING_F_LOG != 0
+        {
+            q.set_log(Some(((**l).clone(), s.addr.log)));
+        }
+        let f = s.features;
+        Ok(VqRun {
+            q,
+            mem: mem.clone(),
+            segs: Box::new(Segs::new()),
+            call: s.call.clone(),
+            log,
+            hdr_len: if f & (vf::VERSION_1 | vf::NET_MRG_RXBUF) != 0 {
+                12
+            } else {
+                10
+            },
+            mrg: f & vf::NET_MRG_RXBUF != 0,
+            guest_csum: f & vf::NET_GUEST_CSUM != 0,
+            guest_tso: f & (vf::NET_GUEST_TSO4 | vf::NET_GUEST_TSO6) != 0,
+            chains: Box::new([None; MAX_MRG_CHAINS]),
+        })
+    }
+
+    /// The ring position, for GET_VRING_BASE.
+    pub fn last_avail(&self) -> u16 {
+        self.q.last_avail()
+    }
+
+    #[inline]
+    fn publish(&mut self) {
+        if self.q.publish_used()
+            && let Some(c) = &self.call
+        {
+            // The guest asked for an interrupt: one eventfd write (the only syscall, and only
+            // when the driver did not suppress notifications).
+            let _ = nix::unistd::write(c.as_fd(), &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Guest transmit ring → mbufs appended to `pkts` (at most `pkts.room()`).
+    #[inline]
+    pub fn dequeue(
+        &mut self,
+        cache: &mut MempoolCache,
+        pkts: &mut Burst,
+        stats: &QueueStats,
+    ) -> usize {
+        if self.q.is_broken() {
+            return 0;
+        }
+        let want = (self.q.avail_count() as usize).min(pkts.room());
+        let mut got = 0;
+        let mut used = 0;
+        for _ in 0..want {
+            let Some(mut m) = cache.alloc() else { break };
+            let chain = match self.q.pop(&self.mem, &mut self.segs) {
+                Ok(Some(c)) => c,
+                Ok(None) => {
+                    cache.free(m);
+                    break;
+                }
+                Err(_) => {
+                    cache.free(m);
+                    self.q.set_broken();
+                    stats.add_errors(1);
+                    break;
+                }
+            };
+            used += 1;
+            let total = chain.readable as usize;
+            let plen = total.saturating_sub(self.hdr_len);
+            if total < self.hdr_len || plen > m.tailroom() || plen == 0 {
+                // Runt or oversized frame: counted, buffer returned to the guest.
+                stats.add_errors(1);
+                cache.free(m);
+                self.q.push_used(&chain, 0);
+                continue;
+            }
+            let mut hdr = [0u8; 12];
+            self.segs.read(0, &mut hdr[..self.hdr_len]);
+            if let Some(dst) = m.append(plen) {
+                self.segs.read(self.hdr_len, dst);
+            }
+            apply_tx_hdr(&mut m, &hdr);
+            self.q.push_used(&chain, 0);
+            let _ = pkts.push(m);
+            got += 1;
+        }
+        if used > 0 {
+            self.publish();
+        }
+        got
+    }
+
+    /// Mbufs from the front of `pkts` → guest receive ring. What does not fit (no guest buffers
+    /// left) stays in `pkts`; sent mbufs are freed to `cache`. Returns how many were delivered;
+    /// packets the guest's buffers cannot hold are dropped and counted.
+    #[inline]
+    pub fn enqueue(
+        &mut self,
+        pkts: &mut Burst,
+        cache: &mut MempoolCache,
+        stats: &QueueStats,
+    ) -> usize {
+        if self.q.is_broken() {
+            return 0;
+        }
+        let mut consumed = 0usize; // packets taken off the front of `pkts`
+        let mut dropped = 0u64;
+        'pkts: for m in pkts.as_slice() {
+            let hdr = self.rx_hdr(m);
+            let data = m.data();
+            let total = self.hdr_len + data.len();
+            let mut n = 0usize; // chains used by this packet
+            let mut done = 0usize; // bytes of header + data written
+            let mut first_hdr_gpa = None;
+            while done < total {
+                let chain = match self.q.pop(&self.mem, &mut self.segs) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        // Out of guest buffers: give back what this packet took, stop here.
+                        self.rewind(n);
+                        break 'pkts;
+                    }
+                    Err(_) => {
+                        self.rewind(n);
+                        self.q.set_broken();
+                        stats.add_errors(1);
+                        break 'pkts;
+                    }
+                };
+                let room = chain.writable as usize;
+                if n == 0 && (room < self.hdr_len || (!self.mrg && room < total)) {
+                    // A buffer that cannot hold the packet (not mergeable) or even its header:
+                    // the packet is dropped and the buffer handed back empty.
+                    self.q.push_used(&chain, 0);
+                    dropped += 1;
+                    consumed += 1;
+                    continue 'pkts;
+                }
+                if n == MAX_MRG_CHAINS {
+                    self.q.rewind(&chain);
+                    self.rewind(n);
+                    dropped += 1;
+                    consumed += 1;
+                    continue 'pkts;
+                }
+                if n == 0 {
+                    first_hdr_gpa = self
+                        .segs
+                        .writable()
+                        .first()
+                        .filter(|s| s.len() as usize >= self.hdr_len)
+                        .map(|s| s.gpa());
+                }
+                let take = (total - done).min(room);
+                let mut w = 0usize;
+                if done < self.hdr_len {
+                    let hend = self.hdr_len.min(done + take);
+                    w += self.segs.write(0, &hdr[done..hend]);
+                }
+                if w < take {
+                    let ds = done + w - self.hdr_len;
+                    let de = done + take - self.hdr_len;
+                    w += self.segs.write(w, &data[ds..de]);
+                }
+                if let Some(l) = &self.log {
+                    self.segs.log_written(l, w as u32);
+                }
+                self.chains[n] = Some((chain, w as u32));
+                n += 1;
+                done += w;
+            }
+            if self.mrg && n > 1 {
+                // num_buffers lives in the first chain's header, written before we knew n.
+                match first_hdr_gpa {
+                    Some(gpa) if self.mem.write(gpa + 10, &(n as u16).to_le_bytes()).is_ok() => {}
+                    _ => {
+                        self.rewind(n);
+                        dropped += 1;
+                        consumed += 1;
+                        continue 'pkts;
+                    }
+                }
+            }
+            for slot in self.chains.iter_mut().take(n) {
+                if let Some((c, len)) = slot.take() {
+                    self.q.push_used(&c, len);
+                }
+            }
+            consumed += 1;
+        }
+        if consumed > 0 {
+            self.publish();
+            stats.add_drops(dropped);
+            pkts.drain_front(consumed, |m| cache.free(m));
+        }
+        consumed - dropped as usize
+    }
+
+    /// Gives the last `n` chains popped for a packet back to the ring, newest first.
+    fn rewind(&mut self, n: usize) {
+        for i in (0..n).rev() {
+            if let Some((c, _)) = self.chains[i].take() {
+                self.q.rewind(&c);
+            }
+        }
+    }
+
+    /// Builds the virtio-net header for a packet going to the guest.
+    #[inline]
+    fn rx_hdr(&self, m: &Mbuf) -> [u8; 12] {
+        let mut h = [0u8; 12];
+        let v = m.vnet();
+        let fl = m.ol_flags();
+        if self.guest_csum
+            && (v.flags & HDR_F_NEEDS_CSUM != 0 || fl & offload::RX_L4_CKSUM_NONE != 0)
+        {
+            h[0] = HDR_F_NEEDS_CSUM;
+            h[6..8].copy_from_slice(&v.csum_start.to_le_bytes());
+            h[8..10].copy_from_slice(&v.csum_offset.to_le_bytes());
+        } else if fl & offload::RX_L4_CKSUM_GOOD != 0 {
+            h[0] = HDR_F_DATA_VALID;
+        }
+        if self.guest_tso && v.gso_type != 0 {
+            h[1] = v.gso_type;
+            h[2..4].copy_from_slice(&v.hdr_len.to_le_bytes());
+            h[4..6].copy_from_slice(&v.gso_size.to_le_bytes());
+        }
+        if self.hdr_len == 12 {
+            h[10..12].copy_from_slice(&1u16.to_le_bytes());
+        }
+        h
+    }
+}
+
+/// Takes a guest transmit header into the mbuf's offload metadata.
+#[inline]
+fn apply_tx_hdr(m: &mut Mbuf, h: &[u8; 12]) {
+    let v = VnetHdr {
+        flags: h[0],
+        gso_type: h[1],
+        hdr_len: u16::from_le_bytes([h[2], h[3]]),
+        gso_size: u16::from_le_bytes([h[4], h[5]]),
+        csum_start: u16::from_le_bytes([h[6], h[7]]),
+        csum_offset: u16::from_le_bytes([h[8], h[9]]),
+        num_buffers: 0,
+    };
+    if v.flags == 0 && v.gso_type == 0 {
+        return;
+    }
+    let mut fl = 0;
+    if v.flags & HDR_F_NEEDS_CSUM != 0 {
+        fl |= offload::RX_L4_CKSUM_NONE;
+    }
+    if v.flags & HDR_F_DATA_VALID != 0 {
+        fl |= offload::RX_L4_CKSUM_GOOD;
+    }
+    if v.gso_type != 0 {
+        fl |= offload::RX_LRO;
+    }
+    m.set_ol_flags(fl);
+    m.set_vnet(v);
+}

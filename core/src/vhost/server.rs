@@ -1,0 +1,211 @@
+//! The control thread of one vhost-user socket: listens (server mode) or connects with a 1 s
+//! retry (client mode), serves one front end at a time, and resets the device when it goes away
+//! so the next one (a restarted QEMU or testpmd) starts clean. Dataplane lcores never wait on it.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::VhostError;
+use super::device::{Device, NetConfig, Outcome, Shared};
+use super::socket::{Conn, ConnError};
+
+/// How the socket is set up.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Socket path.
+    pub path: PathBuf,
+    /// Connect to the front end (which listens) instead of listening.
+    pub client: bool,
+    /// What the device offers.
+    pub net: NetConfig,
+}
+
+/// A running control thread. Dropping it stops the thread and removes the socket (server mode).
+#[derive(Debug)]
+pub struct Server {
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    path: PathBuf,
+    client: bool,
+}
+
+impl Server {
+    /// Binds (server mode) and starts the control thread.
+    pub fn start(cfg: ServerConfig) -> Result<Server, VhostError> {
+        let shared = Shared::new(cfg.net.queue_pairs);
+        let listener = if cfg.client {
+            None
+        } else {
+            if cfg.path.exists() {
+                // A stale socket from an earlier run: only remove it if nobody answers on it.
+                if UnixStream::connect(&cfg.path).is_ok() {
+                    return Err(VhostError::Socket {
+                        path: cfg.path.clone(),
+                        why: "another process is listening on it".into(),
+                    });
+                }
+                let _ = std::fs::remove_file(&cfg.path);
+            }
+            let l = UnixListener::bind(&cfg.path).map_err(|e| VhostError::Socket {
+                path: cfg.path.clone(),
+                why: format!("bind: {e}"),
+            })?;
+            Some(l)
+        };
+        let stop = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| {
+                VhostError::Socket {
+                    path: cfg.path.clone(),
+                    why: format!("eventfd: {e}"),
+                }
+            })?,
+        );
+        let (stop2, shared2, cfg2) = (Arc::clone(&stop), Arc::clone(&shared), cfg.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-ctl".into())
+            .spawn(move || control_loop(cfg2, listener, &stop2, shared2))
+            .map_err(|e| VhostError::Socket {
+                path: cfg.path.clone(),
+                why: format!("spawn: {e}"),
+            })?;
+        Ok(Server {
+            stop,
+            thread: Some(thread),
+            shared,
+            path: cfg.path,
+            client: cfg.client,
+        })
+    }
+
+    /// The state the port's queues use.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if !self.client {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Waits until `fd` is readable (or hung up) or `stop` fires; returns false on stop.
+fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> bool {
+    loop {
+        let mut fds = [
+            PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(0) => continue,
+            Ok(_) => {
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return false;
+                }
+                return true;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn stopped(stop: &EventFd) -> bool {
+    let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+fn control_loop(
+    cfg: ServerConfig,
+    listener: Option<UnixListener>,
+    stop: &EventFd,
+    shared: Arc<Shared>,
+) {
+    let mut dev = Device::new(cfg.net, Arc::clone(&shared));
+    loop {
+        if stopped(stop) {
+            break;
+        }
+        let stream = match &listener {
+            Some(l) => {
+                if !wait_readable(l, stop) {
+                    break;
+                }
+                match l.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!("{}: accept: {e}", cfg.path.display());
+                        continue;
+                    }
+                }
+            }
+            None => match UnixStream::connect(&cfg.path) {
+                Ok(s) => s,
+                Err(_) => {
+                    // Client mode: retry every second until the front end listens.
+                    if sleep_or_stop(stop, Duration::from_secs(1)) {
+                        break;
+                    }
+                    continue;
+                }
+            },
+        };
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!("{}: front end connected", cfg.path.display());
+        serve(&mut dev, Conn::new(stream), stop, &cfg.path);
+        dev.reset();
+        tracing::info!("{}: front end gone; device reset", cfg.path.display());
+    }
+    dev.reset();
+}
+
+/// Sleeps `d` unless `stop` fires first; returns whether it fired.
+fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
+    let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+    let t = PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX);
+    matches!(poll(&mut fds, t), Ok(n) if n > 0)
+}
+
+fn serve(dev: &mut Device, mut conn: Conn, stop: &EventFd, path: &Path) {
+    loop {
+        if !wait_readable(conn.stream(), stop) {
+            return;
+        }
+        let m = match conn.recv() {
+            Ok(m) => m,
+            Err(ConnError::Closed) => return,
+            Err(e) => {
+                tracing::warn!("{}: {e}; closing the connection", path.display());
+                return;
+            }
+        };
+        match dev.handle(&mut conn, m) {
+            Ok(Outcome::Continue) => {}
+            Ok(Outcome::Close) => return,
+            Err(e) => {
+                tracing::warn!("{}: {e}; closing the connection", path.display());
+                return;
+            }
+        }
+    }
+}
