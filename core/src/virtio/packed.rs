@@ -53,15 +53,26 @@ struct Pos {
 impl Pos {
     const START: Pos = Pos { idx: 0, wrap: true };
 
-    /// Moves `n` slots forward on a ring of `size`, flipping the wrap counter per lap.
+    /// Moves `n` slots forward on a ring of `size`, flipping the wrap counter per lap. No
+    /// division on the hot path (`n <= size`, the only case a valid ring produces).
     #[inline(always)]
     fn advance(self, n: u16, size: u16) -> Pos {
-        let (s, n) = (u32::from(size), u32::from(n));
-        let u = u32::from(self.idx) + n;
-        let laps = u / s;
-        Pos {
-            idx: (u % s) as u16,
-            wrap: self.wrap ^ (laps & 1 == 1),
+        let (s, u) = (u32::from(size), u32::from(self.idx) + u32::from(n));
+        if u < s {
+            Pos {
+                idx: u as u16,
+                wrap: self.wrap,
+            }
+        } else if u < 2 * s {
+            Pos {
+                idx: (u - s) as u16,
+                wrap: !self.wrap,
+            }
+        } else {
+            Pos {
+                idx: (u % s) as u16,
+                wrap: self.wrap ^ ((u / s) & 1 == 1),
+            }
         }
     }
 
