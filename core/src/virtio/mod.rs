@@ -610,3 +610,24 @@ impl DriverQueue {
         dispatch!(self, q => q.set_interrupts(enable))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn need_event_is_a_window_test() {
+        assert!(need_event(0, 1, 0));
+        assert!(!need_event(1, 1, 0));
+        assert!(need_event(5, 8, 4));
+        assert!(!need_event(8, 8, 4));
+        assert!(!need_event(3, 8, 4));
+        // Across the 16-bit wrap.
+        assert!(need_event(0xfffe, 2, 0xfff0));
+        assert!(need_event(1, 2, 0xfff0));
+        assert!(!need_event(2, 2, 0xfff0));
+        assert!(!need_event(0xffef, 2, 0xfff0));
+        // Nothing published.
+        assert!(!need_event(7, 7, 7));
+    }
+}

@@ -677,3 +677,61 @@ impl PackedDriver {
         fence(Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_advance_and_go_back_across_laps() {
+        for size in [1u16, 3, 4, 100, 32768] {
+            let mut p = Pos::START;
+            let mut linear: u64 = 0;
+            for step in [0u16, 1, 2, size, size.saturating_sub(1), 7, size, 1] {
+                let step = step.min(size);
+                let q = p.advance(step, size);
+                linear += u64::from(step);
+                assert_eq!(u64::from(q.idx), linear % u64::from(size));
+                assert_eq!(q.wrap, (linear / u64::from(size)) % 2 == 0);
+                assert_eq!(q.back(step, size), p);
+                assert_eq!(Pos::decode(q.encode()), q);
+                p = q;
+            }
+            // Beyond one lap in one step (never produced by a valid ring) still works.
+            let q = Pos::START.advance(u16::MAX, size);
+            let l = u64::from(u16::MAX);
+            assert_eq!(u64::from(q.idx), l % u64::from(size));
+            assert_eq!(q.wrap, (l / u64::from(size)) % 2 == 0);
+        }
+    }
+
+    #[test]
+    fn event_window() {
+        let size = 4;
+        let at = |idx, wrap| Pos { idx, wrap };
+        let ev = |p: Pos| p.encode();
+        // [ (3,1), (1,0) ) covers (3,1) and (0,0).
+        let (old, new) = (at(3, true), at(1, false));
+        assert!(event_in(ev(at(3, true)), old, new, size));
+        assert!(event_in(ev(at(0, false)), old, new, size));
+        assert!(!event_in(ev(at(1, false)), old, new, size));
+        assert!(!event_in(ev(at(2, true)), old, new, size));
+        assert!(!event_in(ev(at(0, true)), old, new, size));
+        // An empty window contains nothing; a full lap contains every slot of it.
+        assert!(!event_in(ev(at(2, true)), at(2, true), at(2, true), size));
+        for i in 0..4 {
+            let e = Pos::START.advance(2 + i, size);
+            assert!(event_in(ev(e), at(2, true), at(2, false), size));
+        }
+    }
+
+    #[test]
+    fn availability_flags() {
+        let a = VIRTQ_DESC_F_AVAIL;
+        let u = VIRTQ_DESC_F_USED;
+        assert!(is_avail(a, true) && !is_avail(a | u, true) && !is_avail(0, true));
+        assert!(is_avail(u, false) && !is_avail(0, false) && !is_avail(a | u, false));
+        assert!(is_used(a | u, true) && is_used(0, false));
+        assert!(!is_used(a, true) && !is_used(u, false));
+    }
+}
