@@ -692,7 +692,7 @@ mod tests {
                 let q = p.advance(step, size);
                 linear += u64::from(step);
                 assert_eq!(u64::from(q.idx), linear % u64::from(size));
-                assert_eq!(q.wrap, (linear / u64::from(size)) % 2 == 0);
+                assert_eq!(q.wrap, (linear / u64::from(size)).is_multiple_of(2));
                 assert_eq!(q.back(step, size), p);
                 assert_eq!(Pos::decode(q.encode()), q);
                 p = q;
@@ -701,7 +701,7 @@ mod tests {
             let q = Pos::START.advance(u16::MAX, size);
             let l = u64::from(u16::MAX);
             assert_eq!(u64::from(q.idx), l % u64::from(size));
-            assert_eq!(q.wrap, (l / u64::from(size)) % 2 == 0);
+            assert_eq!(q.wrap, (l / u64::from(size)).is_multiple_of(2));
         }
     }
 
