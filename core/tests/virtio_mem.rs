@@ -248,20 +248,31 @@ fn map_fd_shares_the_file() {
     ));
 }
 
-/// A vdpakit segment mapped a second time as guest memory: both views see the same bytes, so a
+/// A vdpakit segment (4 KiB pages, and hugepages when the machine has some) mapped a second time
+/// as guest memory, whole and from an unaligned offset: both views see the same bytes, so a
 /// vhost-user front end and back end can share rings.
 #[test]
 fn map_fd_of_a_segment() {
-    let seg = Segment::new("virtio-mem", 0x20_0000, MemMode::NoHuge).unwrap();
-    let r = GuestRegion::map_fd(seg.as_fd(), 0, seg.len() as u64, 0, seg.base() as u64).unwrap();
-    let mem = GuestMemory::new(vec![r]).unwrap();
-    mem.write(0x1234, b"shared").unwrap();
-    let mut b = vec![0u8; 6];
-    // SAFETY: reading 6 bytes of the segment's own mapping (in bounds: 0x1234 + 6 < its length),
-    // which `seg` keeps alive; nothing writes concurrently.
-    unsafe { std::ptr::copy_nonoverlapping(seg.base().wrapping_add(0x1234), b.as_mut_ptr(), 6) };
-    assert_eq!(b, b"shared");
-    assert_eq!(mem.uva_to_gpa(seg.base() as u64 + 0x10), Some(0x10));
+    for mode in [MemMode::NoHuge, MemMode::Auto] {
+        let seg = Segment::new("virtio-mem", 0x40_0000, mode).unwrap();
+        for offset in [0u64, 0x1234, 0x20_0100] {
+            let size = seg.len() as u64 - offset;
+            let uva = seg.base() as u64 + offset;
+            let r = GuestRegion::map_fd(seg.as_fd(), offset, size, 0x1000_0000, uva).unwrap();
+            let mem = GuestMemory::new(vec![r]).unwrap();
+            mem.write(0x1000_0000 + 0x1234, b"shared").unwrap();
+            let at = offset as usize + 0x1234;
+            let mut b = vec![0u8; 6];
+            // SAFETY: reading 6 bytes of the segment's own mapping (in bounds: `at + 6` is below
+            // its length), which `seg` keeps alive; nothing writes concurrently.
+            unsafe {
+                std::ptr::copy_nonoverlapping(seg.base().wrapping_add(at), b.as_mut_ptr(), 6)
+            };
+            assert_eq!(b, b"shared", "{mode:?} at offset {offset:#x}");
+            assert_eq!(mem.uva_to_gpa(uva + 0x10), Some(0x1000_0010));
+            mem.write(0x1000_0000 + 0x1234, &[0; 6]).unwrap();
+        }
+    }
 }
 
 #[test]

@@ -34,9 +34,10 @@ pub const SEGS_MAX: usize = 256;
 
 type KeepAlive = Arc<dyn Any + Send + Sync>;
 
-/// Maps `offset + size` bytes of `fd` from file offset 0 (rounded up to the file's block size,
-/// i.e. the huge page size for hugetlb files), `MAP_SHARED` read-write, and returns the mapping
-/// and the address of byte `offset`. Mapping from 0 makes offsets that are not page aligned work.
+/// Maps bytes `[offset, offset + size)` of `fd` `MAP_SHARED` read-write and returns the mapping
+/// and the address of byte `offset`. The mapping starts at `offset` rounded down to the file's
+/// block size (the huge page size for hugetlb files) and ends rounded up to it, so offsets that
+/// are not page aligned work too.
 pub(crate) fn map_shared(
     fd: BorrowedFd<'_>,
     offset: u64,
@@ -54,16 +55,19 @@ pub(crate) fn map_shared(
     } else {
         4096
     };
-    let total = offset
+    let start = offset & !(block - 1);
+    let lead = offset - start;
+    let total = lead
         .checked_add(size)
         .and_then(|t| t.checked_next_multiple_of(block))
         .ok_or_else(|| invalid("offset + size overflows"))?;
     let total = usize::try_from(total).map_err(|_| invalid("mapping larger than usize"))?;
     let map = memmap2::MmapOptions::new()
+        .offset(start)
         .len(total)
         .map_raw(fd.as_raw_fd())?;
-    // `offset + size <= total`, so byte `offset` is inside the mapping.
-    let host = map.as_mut_ptr().wrapping_add(offset as usize);
+    // `lead + size <= total`, so byte `offset` of the file is inside the mapping.
+    let host = map.as_mut_ptr().wrapping_add(lead as usize);
     Ok((Arc::new(map), host))
 }
 
@@ -101,10 +105,9 @@ impl GuestRegion {
     /// as the region `[gpa, gpa + size)` whose front-end virtual address is `uva` (vhost-user
     /// `SET_MEM_TABLE` / `ADD_MEM_REG`).
     ///
-    /// The file is mapped from offset 0 over `mmap_offset + size` bytes rounded up to the file's
-    /// block size (the huge page size for hugetlbfs and memfd hugepages), so an `mmap_offset`
-    /// that is not page aligned works too. The mapping lives as long as the region or any
-    /// [`GuestMemory`] holding it.
+    /// The mapping is widened to the file's block size (the huge page size for hugetlbfs and
+    /// memfd hugepages) on both ends, so an `mmap_offset` that is not page aligned works too. It
+    /// lives as long as the region or any [`GuestMemory`] holding it.
     pub fn map_fd(
         fd: BorrowedFd<'_>,
         mmap_offset: u64,
