@@ -3,7 +3,8 @@
 //!
 //! Guest memory is shared with a driver that may be hostile and may change any byte at any time.
 //! Nothing here ever creates a Rust reference (`&`/`&mut`) to it: ring fields are read and written
-//! with single volatile or atomic accesses (each value is fetched once, so a driver changing it
+//! with single volatile or atomic accesses (every 16-bit field atomically: indices and flags with
+//! Acquire/Release where they publish, Relaxed otherwise) (each value is fetched once, so a driver changing it
 //! behind our back cannot make us see two different values), and packet payload is copied with
 //! `ptr::copy_nonoverlapping` between guest memory and buffers we own.
 //!
@@ -535,8 +536,13 @@ impl Raw {
     #[inline(always)]
     fn load_u16(&self, off: usize) -> u16 {
         match self.at(off, 2, 2) {
-            // SAFETY: `p` is in bounds of a mapped area (see `Raw`) and aligned for u16.
-            Some(p) => u16::from_le(unsafe { ptr::read_volatile(p.cast::<u16>()) }),
+            Some(p) => {
+                // SAFETY: `p` is in bounds of a mapped area and aligned for u16; every u16 ring
+                // field is accessed atomically by us (Relaxed here: ordering comes from the
+                // Acquire/Release index and flag accesses and from explicit fences).
+                let a = unsafe { AtomicU16::from_ptr(p.cast::<u16>()) };
+                u16::from_le(a.load(Ordering::Relaxed))
+            }
             None => 0,
         }
     }
@@ -558,8 +564,9 @@ impl Raw {
     #[inline(always)]
     fn store_u16(&self, off: usize, v: u16) {
         if let Some(p) = self.at(off, 2, 2) {
-            // SAFETY: `p` is in bounds of a mapped, writable area and aligned for u16.
-            unsafe { ptr::write_volatile(p.cast::<u16>(), v.to_le()) };
+            // SAFETY: as in `load_u16`; the area is writable.
+            let a = unsafe { AtomicU16::from_ptr(p.cast::<u16>()) };
+            a.store(v.to_le(), Ordering::Relaxed);
         }
     }
 
@@ -663,7 +670,7 @@ impl RingArea {
         self.raw.ptr
     }
 
-    /// Volatile little-endian u16 load.
+    /// Relaxed atomic little-endian u16 load.
     #[inline(always)]
     pub(crate) fn load_u16(&self, off: usize) -> u16 {
         self.raw.load_u16(off)
@@ -675,7 +682,7 @@ impl RingArea {
         self.raw.load_u16_acquire(off)
     }
 
-    /// Volatile little-endian u16 store.
+    /// Relaxed atomic little-endian u16 store.
     #[inline(always)]
     pub(crate) fn store_u16(&self, off: usize, v: u16) {
         self.raw.store_u16(off, v)
