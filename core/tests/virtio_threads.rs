@@ -29,7 +29,7 @@ fn two_threads(size: u16, packed: bool) {
             let n = dev.avail_count();
             if n == 0 {
                 idle += 1;
-                if idle % 64 == 0 {
+                if idle.is_multiple_of(64) {
                     thread::yield_now();
                 }
                 continue;
@@ -81,7 +81,7 @@ fn two_threads(size: u16, packed: bool) {
         }
         if !progress {
             idle += 1;
-            if idle % 64 == 0 {
+            if idle.is_multiple_of(64) {
                 thread::yield_now();
             }
         }
