@@ -51,6 +51,10 @@ if [[ $want -gt 0 && -w /proc/sys/vm/nr_hugepages ]]; then
         echo "$want" >/proc/sys/vm/nr_hugepages 2>/dev/null || true
     fi
 fi
+# DPDK (the reference peer) needs a mounted hugetlbfs; vdpakit itself does not (memfd).
+if [[ $(id -u) -eq 0 ]] && ! grep -q " hugetlbfs " /proc/mounts; then
+    mkdir -p /dev/hugepages && mount -t hugetlbfs nodev /dev/hugepages 2>/dev/null || true
+fi
 say "hugepages: $(grep -E 'HugePages_(Total|Free)' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
 
 # ---------------------------------------------------------------- the suite

@@ -19,6 +19,8 @@ use crate::virtio::{GuestMemory, GuestRegion};
 
 /// Largest ring size accepted.
 pub const MAX_RING: u32 = 32768;
+/// Device status bit: the driver is ready.
+pub const STATUS_DRIVER_OK: u8 = 4;
 /// Most queue pairs a device offers.
 pub const MAX_QUEUE_PAIRS: u16 = 128;
 
@@ -128,7 +130,8 @@ impl Shared {
 struct Vring {
     num: u16,
     addr: Option<VringAddr>,
-    base: u16,
+    /// Position; None until SET_VRING_BASE (then a fresh ring: 0, packed 0x8000 = wrap counter 1).
+    base: Option<u16>,
     kick: Option<OwnedFd>,
     kick_set: bool,
     call: Option<Arc<OwnedFd>>,
@@ -212,6 +215,12 @@ impl Device {
             return Err(msg::MsgError::UnknownRequest(m.hdr.request).into());
         };
         msg::check_fds(req, m.fds.len())?;
+        tracing::debug!(
+            request = msg::name(req),
+            size = m.payload.len(),
+            fds = m.fds.len(),
+            "vhost-user message"
+        );
         let need_ack =
             m.hdr.need_reply() && self.proto_acked & proto::REPLY_ACK != 0 && !req.has_reply();
         let res = self.dispatch(conn, req, &m.hdr, &m.payload, m.fds);
@@ -388,15 +397,15 @@ impl Device {
                         what: format!("base {} above 65535", s.num),
                     });
                 }
-                self.vrings[i].base = s.num as u16;
+                self.vrings[i].base = Some(s.num as u16);
                 self.refresh(i);
             }
             GetVringBase => {
                 let s = msg::parse_vring_state(req, p)?;
                 let i = self.vring_index(req, s.index as u64)?;
-                let base = self.stop_ring(i).unwrap_or(self.vrings[i].base);
+                let base = self.stop_ring(i).or(self.vrings[i].base).unwrap_or(0);
                 let v = &mut self.vrings[i];
-                v.base = base;
+                v.base = Some(base);
                 v.kick = None;
                 v.kick_set = false;
                 v.call = None;
@@ -528,6 +537,9 @@ impl Device {
                     for i in 0..self.vrings.len() {
                         self.stop_ring(i);
                     }
+                } else {
+                    // DRIVER_OK starts the rings (the driver may not be ready before it).
+                    self.refresh_all();
                 }
             }
             GetStatus => self.reply(conn, req, &(self.status as u64).to_le_bytes())?,
@@ -548,7 +560,7 @@ impl Device {
         // Stop every ring (keeping its position), swap the memory, restart what was running.
         for i in 0..self.vrings.len() {
             if let Some(base) = self.stop_ring(i) {
-                self.vrings[i].base = base;
+                self.vrings[i].base = Some(base);
             }
         }
         self.mem = mem;
@@ -559,7 +571,7 @@ impl Device {
     fn refresh_all(&mut self) {
         for i in 0..self.vrings.len() {
             if let Some(base) = self.stop_ring(i) {
-                self.vrings[i].base = base;
+                self.vrings[i].base = Some(base);
             }
             self.refresh(i);
         }
@@ -579,14 +591,19 @@ impl Device {
             g.state().take().map(|r| r.last_avail())
         };
         if let Some(base) = running {
-            self.vrings[i].base = base;
+            self.vrings[i].base = Some(base);
         }
         let v = &self.vrings[i];
+        // With STATUS negotiated, the device may use buffers only after DRIVER_OK (virtio 1.x
+        // §3.1.1): a driver still initialising loses what is written before.
+        let driver_ok =
+            self.proto_acked & proto::STATUS == 0 || self.status & STATUS_DRIVER_OK != 0;
         let ready = v.addr.is_some()
             && v.kick_set
             && v.enabled
             && self.features_set
             && v.num > 0
+            && driver_ok
             && !self.mem.regions().is_empty();
         if !ready {
             return;
@@ -596,7 +613,11 @@ impl Device {
             index: i,
             size: v.num as u32,
             addr,
-            base: v.base,
+            base: v.base.unwrap_or(if self.acked & vf::RING_PACKED != 0 {
+                0x8000
+            } else {
+                0
+            }),
             features: self.acked,
             call: v.call.clone(),
             log: if self.acked & vf::VHOST_F_LOG_ALL != 0 {

@@ -1,0 +1,450 @@
+//! vdpakit's vhost-user back end against real peers: DPDK's `dpdk-testpmd` with `net_virtio_user`
+//! (a front end nobody here wrote) and a QEMU + Linux guest. Counts must match exactly.
+//!
+//! Custom harness (libtest-mimic): when a peer cannot run here, the case is reported as ignored
+//! with one `SKIP name: reason` line, never as passed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+use vmtest::{Guest, HostProcess, TempDir};
+
+fn vdpakit() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vdpakit"))
+}
+
+fn signal(p: &HostProcess, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &p.id().to_string()])
+        .status();
+}
+
+fn wait_exit(p: &mut HostProcess, within: Duration) -> Result<(), Failed> {
+    let end = Instant::now() + within;
+    while p.is_running() {
+        if Instant::now() > end {
+            return Err(format!("process did not exit in {within:?}:\n{}", p.log_tail(30)).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn wait_for_socket(path: &Path) -> Result<(), Failed> {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        if Instant::now() > end {
+            return Err(format!("{} never appeared", path.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Last "RX-packets:"/"TX-packets:" of testpmd's final port statistics.
+fn testpmd_counts(log: &str) -> Result<(u64, u64), Failed> {
+    // The "Accumulated forward statistics" block printed by `stop`.
+    let grab = |key: &str| -> Option<u64> {
+        log.lines().rev().find_map(|l| {
+            let i = l.find(key)?;
+            l[i + key.len()..].split_whitespace().next()?.parse().ok()
+        })
+    };
+    match (grab("RX-packets:"), grab("TX-packets:")) {
+        (Some(r), Some(t)) => Ok((r, t)),
+        _ => Err(format!("no final statistics in testpmd's log:\n{}", tail(log, 30)).into()),
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(n)..].join("\n")
+}
+
+struct Case {
+    name: &'static str,
+    /// A known intermittent failure (the issue tracker has it): run only with VK_PEER_ALL=1.
+    known_issue: Option<&'static str>,
+    /// vdpakit's mode; testpmd runs the opposite (txonly ↔ rxonly).
+    vk_mode: &'static str,
+    devargs: &'static str,
+    queues: u16,
+}
+
+fn testpmd_cmd(sock: &Path, prefix: &str, devargs: &str, mode: &str, queues: u16) -> Command {
+    let mut c = Command::new("dpdk-testpmd");
+    c.args([
+        "--lcores",
+        "0@0,1@0",
+        "--no-pci",
+        "-m",
+        "256",
+        "--single-file-segments",
+    ])
+    .arg(format!("--file-prefix={prefix}"))
+    .arg(format!(
+        "--vdev=net_virtio_user0,path={},queues={queues},{devargs}",
+        sock.display()
+    ))
+    // Interactive: the test types start / stop / quit, so forwarding can stop while the port
+    // stays up and the peer drains what is in flight (stopping the port ends the rings).
+    .args(["--", "-i", "--nb-cores=1", "--no-mlockall", "--no-flush-rx"])
+    .arg(format!("--forward-mode={mode}"))
+    .arg(format!("--rxq={queues}"))
+    .arg(format!("--txq={queues}"));
+    c
+}
+
+fn run_case(c: &Case) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-peer").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let prefix = format!("vk{}", std::process::id());
+    let json = dir.join("vdpakit.json");
+    let q = c.queues.to_string();
+    let sock_s = sock.display().to_string();
+    let port = format!("vhost-user:path={sock_s}");
+    let vk_tx = c.vk_mode == "txonly";
+    let mut vk_cmd = Command::new(vdpakit());
+    vk_cmd.args([
+        "fwd",
+        "--port",
+        &port,
+        "--mode",
+        c.vk_mode,
+        "--cores",
+        "1",
+        "--queues",
+        &q,
+        "--json",
+        "--stats-period",
+        "0",
+    ]);
+    if vk_tx {
+        // Transmit for 3 s, then keep the connection up so testpmd drains what is in flight.
+        vk_cmd.args(["--duration", "3", "--linger", "3"]);
+    }
+    vk_cmd.env(
+        "VDPAKIT_LOG",
+        std::env::var("VK_PEER_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    let mut vk = HostProcess::spawn(
+        "vdpakit",
+        sh_redirect(vk_cmd, &json),
+        &dir.join("vdpakit.log"),
+    )
+    .map_err(|e| e.to_string())?;
+    wait_for_socket(&sock)?;
+    let tp_mode = if vk_tx { "rxonly" } else { "txonly" };
+    let mut tp = HostProcess::spawn(
+        "testpmd",
+        testpmd_cmd(&sock, &prefix, c.devargs, tp_mode, c.queues),
+        &dir.join("testpmd.log"),
+    )
+    .map_err(|e| e.to_string())?;
+    let cmd = |tp: &mut HostProcess, line: &str| {
+        tp.write_stdin(format!("{line}\n").as_bytes())
+            .map_err(|e| Failed::from(e.to_string()))
+    };
+    cmd(&mut tp, "start")?;
+    if vk_tx {
+        // vdpakit sends for 3 s; testpmd drains, then stops forwarding (printing its counts).
+        std::thread::sleep(Duration::from_millis(4500));
+        cmd(&mut tp, "stop")?;
+        std::thread::sleep(Duration::from_millis(500));
+        cmd(&mut tp, "quit")?;
+        wait_exit(&mut tp, Duration::from_secs(20))?;
+        wait_exit(&mut vk, Duration::from_secs(20))?;
+    } else {
+        std::thread::sleep(Duration::from_secs(3));
+        cmd(&mut tp, "stop")?;
+        // testpmd no longer transmits but its port is up: vdpakit drains the ring.
+        std::thread::sleep(Duration::from_millis(1000));
+        signal(&vk, "-INT");
+        wait_exit(&mut vk, Duration::from_secs(20))?;
+        cmd(&mut tp, "quit")?;
+        wait_exit(&mut tp, Duration::from_secs(20))?;
+    }
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+    let tp_log = tp.log();
+    let (tp_rx, tp_tx) = testpmd_counts(&tp_log)?;
+    let out = std::fs::read_to_string(&json)
+        .map_err(|e| format!("{}: {e}\n{}", json.display(), vk.log_tail(20)))?;
+    let v: Value = serde_json::from_str(out.trim())
+        .map_err(|e| format!("vdpakit JSON: {e}: {out}\n{}", vk.log_tail(20)))?;
+    let p = &v["ports"][0];
+    let n = |k: &str| p[k].as_u64().unwrap_or(u64::MAX);
+    let (vk_rx, vk_txd, errs) = (
+        n("rx_packets"),
+        n("tx_packets"),
+        n("rx_errors") + n("tx_errors"),
+    );
+    eprintln!(
+        "{}: vdpakit rx {vk_rx} tx {vk_txd} | testpmd rx {tp_rx} tx {tp_tx}",
+        c.name
+    );
+    if errs != 0 {
+        return Err(format!("{}: vdpakit counted {errs} errors: {v}", c.name).into());
+    }
+    let (sent, got, what) = if vk_tx {
+        (vk_txd, tp_rx, "vdpakit tx vs testpmd rx")
+    } else {
+        (tp_tx, vk_rx, "testpmd tx vs vdpakit rx")
+    };
+    if sent == 0 {
+        return Err(format!(
+            "{}: no traffic\n{}\n{}",
+            c.name,
+            tail(&tp_log, 20),
+            vk.log_tail(20)
+        )
+        .into());
+    }
+    if sent != got {
+        let streams: Vec<&str> = tp_log
+            .lines()
+            .filter(|l| {
+                l.contains("Queue=") || l.contains("RX-packets") || l.contains("TX-packets")
+            })
+            .collect();
+        return Err(format!(
+            "{}: {what}: {sent} sent, {got} received\nvdpakit queues: {}\ntestpmd:\n{}\nvdpakit log:\n{}",
+            c.name,
+            p["queues"],
+            streams.join("\n"),
+            vk.log_tail(40)
+        )
+        .into());
+    }
+    if c.queues > 1 {
+        let qs = p["queues"].as_array().cloned().unwrap_or_default();
+        let key = if vk_tx { "tx_packets" } else { "rx_packets" };
+        if qs.len() != c.queues as usize || qs.iter().any(|x| x[key].as_u64().unwrap_or(0) == 0) {
+            return Err(format!(
+                "{}: expected traffic on all {} queues: {qs:?}",
+                c.name, c.queues
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with stdout into `file` (through sh, so HostProcess keeps the log of stderr).
+fn sh_redirect(cmd: Command, file: &Path) -> Command {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())));
+    let mut sh = Command::new("sh");
+    sh.arg("-c")
+        .arg(format!("exec {} > '{}'", parts.join(" "), file.display()));
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    sh
+}
+
+/// A Linux guest pings through `vdpakit fwd --mode icmpecho` on a vhost-user port: 5/5 replies.
+fn guest_ping_icmpecho() -> Result<(), Failed> {
+    let dir = TempDir::new("vk-ping").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let json = dir.join("vdpakit.json");
+    let port = format!("vhost-user:path={}", sock.display());
+    let mut cmd = Command::new(vdpakit());
+    cmd.args([
+        "fwd",
+        "--port",
+        &port,
+        "--mode",
+        "icmpecho",
+        "--cores",
+        "1",
+        "--json",
+        "--stats-period",
+        "0",
+    ]);
+    let mut vk = HostProcess::spawn("vdpakit", sh_redirect(cmd, &json), &dir.join("vdpakit.log"))
+        .map_err(|e| e.to_string())?;
+    wait_for_socket(&sock)?;
+    let run = Guest::builder()
+        .name("guest_ping_icmpecho")
+        .shared_memory(true)
+        .vhost_user_net(&sock, "mac=52:54:00:12:34:56")
+        .modules(&["virtio_net"])
+        .timeout(Duration::from_secs(55))
+        .init_script(
+            r#"
+set -- $(vmtest_netdevs virtio_net)
+[ -n "$1" ] || vmtest_fail "no virtio_net interface"
+ip link set "$1" up
+ip addr add 192.0.2.2/24 dev "$1"
+out=$(ping -c 5 -W 2 192.0.2.1 2>&1)
+echo "$out"
+vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')"
+"#,
+        )
+        .run()
+        .map_err(|e| e.to_string())?;
+    signal(&vk, "-INT");
+    wait_exit(&mut vk, Duration::from_secs(20))?;
+    let received = run.expect_marker("received").map_err(|e| e.to_string())?;
+    if received != "5" {
+        return Err(format!("ping: {received}/5 replies\n{}", run.console_tail(30)).into());
+    }
+    let v: Value = serde_json::from_str(
+        std::fs::read_to_string(&json)
+            .map_err(|e| e.to_string())?
+            .trim(),
+    )
+    .map_err(|e| e.to_string())?;
+    let p = &v["ports"][0];
+    // At least the ARP request and the five echo requests came in; five replies (plus the ARP
+    // reply) went out.
+    if p["tx_packets"].as_u64().unwrap_or(0) < 6 || p["rx_packets"].as_u64().unwrap_or(0) < 6 {
+        return Err(format!("vdpakit counts: {p}").into());
+    }
+    Ok(())
+}
+
+const PACKED_TX_LOSS: &str = "packed or IN_ORDER ring, vdpakit -> DPDK virtio-user: one burst of 32 is intermittently not seen by DPDK's driver (not reproduced with vdpakit's own driver, concurrent or not); see docs/KNOWN_ISSUES.md";
+
+const CASES: &[Case] = &[
+    Case {
+        name: "split_mrg_testpmd_to_vdpakit",
+        known_issue: None,
+        vk_mode: "rxonly",
+        devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
+        queues: 1,
+    },
+    Case {
+        name: "split_nomrg_vdpakit_to_testpmd",
+        known_issue: None,
+        vk_mode: "txonly",
+        devargs: "packed_vq=0,mrg_rxbuf=0,in_order=0",
+        queues: 1,
+    },
+    Case {
+        name: "split_inorder_vdpakit_to_testpmd",
+        known_issue: Some(PACKED_TX_LOSS),
+        vk_mode: "txonly",
+        devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
+        queues: 1,
+    },
+    Case {
+        name: "packed_mrg_testpmd_to_vdpakit",
+        known_issue: None,
+        vk_mode: "rxonly",
+        devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
+        queues: 1,
+    },
+    Case {
+        name: "packed_nomrg_vdpakit_to_testpmd",
+        known_issue: Some(PACKED_TX_LOSS),
+        vk_mode: "txonly",
+        devargs: "packed_vq=1,mrg_rxbuf=0,in_order=1",
+        queues: 1,
+    },
+    Case {
+        name: "split_2q_testpmd_to_vdpakit",
+        known_issue: None,
+        vk_mode: "rxonly",
+        devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
+        queues: 2,
+    },
+    Case {
+        name: "split_2q_vdpakit_to_testpmd",
+        known_issue: None,
+        vk_mode: "txonly",
+        devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
+        queues: 2,
+    },
+    Case {
+        name: "packed_2q_testpmd_to_vdpakit",
+        known_issue: None,
+        vk_mode: "rxonly",
+        devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
+        queues: 2,
+    },
+    Case {
+        name: "packed_2q_vdpakit_to_testpmd",
+        known_issue: Some(PACKED_TX_LOSS),
+        vk_mode: "txonly",
+        devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
+        queues: 2,
+    },
+];
+
+fn testpmd_skip() -> Option<String> {
+    if vmtest::find_program("dpdk-testpmd").is_none() {
+        return Some("`dpdk-testpmd` not found; install package dpdk-dev".into());
+    }
+    let mounted = std::fs::read_to_string("/proc/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" hugetlbfs ")));
+    if !mounted {
+        return Some("no hugetlbfs mounted (DPDK's virtio-user needs one): mount -t hugetlbfs nodev /dev/hugepages".into());
+    }
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+    if free < 160 {
+        return Some(format!(
+            "only {free} free 2 MiB hugepages (testpmd needs 128 + vdpakit's pool): echo 512 > /proc/sys/vm/nr_hugepages"
+        ));
+    }
+    None
+}
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    // Each case uses both CPUs: run them one at a time.
+    args.test_threads = Some(1);
+    let skip = testpmd_skip();
+    let mut trials: Vec<Trial> = CASES
+        .iter()
+        .map(|c| {
+            let t = Trial::test(c.name, move || run_case(c));
+            let known = c
+                .known_issue
+                .filter(|_| std::env::var_os("VK_PEER_ALL").is_none());
+            match (&skip, known) {
+                (Some(why), _) => {
+                    println!("SKIP {}: {why}", c.name);
+                    t.with_ignored_flag(true)
+                }
+                (None, Some(why)) => {
+                    println!("SKIP {}: {why} (VK_PEER_ALL=1 runs it)", c.name);
+                    t.with_ignored_flag(true)
+                }
+                (None, None) => t,
+            }
+        })
+        .collect();
+    // Guest artefacts (kernel, busybox, QEMU): a missing prerequisite skips, a broken harness fails.
+    let guest = if args.list {
+        Ok(())
+    } else {
+        vmtest::artifacts()
+            .map(drop)
+            .and_then(|()| vmtest::accel().map(drop))
+    };
+    let t = match guest {
+        Ok(()) => Trial::test("guest_ping_icmpecho", guest_ping_icmpecho),
+        Err(e) => match e.skip_reason() {
+            Some(why) => {
+                println!("SKIP guest_ping_icmpecho: {why}");
+                Trial::test("guest_ping_icmpecho", || Ok(())).with_ignored_flag(true)
+            }
+            None => {
+                let msg = e.to_string();
+                Trial::test("guest_ping_icmpecho", move || Err(msg.clone().into()))
+            }
+        },
+    };
+    trials.push(t);
+    libtest_mimic::run(&args, trials).exit_code()
+}
