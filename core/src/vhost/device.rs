@@ -226,10 +226,11 @@ impl Device {
         let res = self.dispatch(conn, req, &m.hdr, &m.payload, m.fds);
         match res {
             Ok(out) => {
+                // Before the ack: a front end that got it sees the link state it caused.
+                self.update_link();
                 if need_ack {
                     self.reply(conn, req, &0u64.to_le_bytes())?;
                 }
-                self.update_link();
                 Ok(out)
             }
             Err(e) => {
@@ -410,6 +411,8 @@ impl Device {
                 v.kick_set = false;
                 v.call = None;
                 v.enabled = false;
+                // The ring is stopped: the link state says so before the front end hears back.
+                self.update_link();
                 self.reply(
                     conn,
                     req,
@@ -533,9 +536,12 @@ impl Device {
                 }
                 self.status = v as u8;
                 if v == 0 {
-                    // A device reset from the driver: stop everything but keep the connection.
+                    // A device reset from the driver: stop everything but keep the connection,
+                    // and the positions (GET_VRING_BASE still reports how far each ring got).
                     for i in 0..self.vrings.len() {
-                        self.stop_ring(i);
+                        if let Some(base) = self.stop_ring(i) {
+                            self.vrings[i].base = Some(base);
+                        }
                     }
                 } else {
                     // DRIVER_OK starts the rings (the driver may not be ready before it).
