@@ -221,8 +221,11 @@ impl Device {
             fds = m.fds.len(),
             "vhost-user message"
         );
-        let need_ack =
-            m.hdr.need_reply() && self.proto_acked & proto::REPLY_ACK != 0 && !req.has_reply();
+        // SET_LOG_BASE always answers (below); that reply is the ack, a second would desync.
+        let need_ack = m.hdr.need_reply()
+            && self.proto_acked & proto::REPLY_ACK != 0
+            && !req.has_reply()
+            && req != Req::SetLogBase;
         let res = self.dispatch(conn, req, &m.hdr, &m.payload, m.fds);
         match res {
             Ok(out) => {
