@@ -275,11 +275,6 @@ fn negotiate(srv: &Server, g: &Guest, features: u64, base: [u16; 2]) -> Session 
     ] {
         assert_ne!(offered & bit, 0, "{name} offered");
     }
-    assert_eq!(
-        offered & vf::RING_PACKED,
-        0,
-        "split-only config offers no PACKED"
-    );
     assert_eq!(features & !offered, 0);
     fe.set_features(features).unwrap();
 
@@ -395,6 +390,13 @@ fn get_queue_num_reports_pairs() {
     send_raw(&s, Req::GetQueueNum as u32, &[], &[]);
     let n = u64::from_le_bytes(read_reply(&mut s, Req::GetQueueNum).try_into().unwrap());
     assert_eq!(n, 4);
+}
+
+#[test]
+fn split_config_offers_no_packed() {
+    let srv = start("split", split_cfg());
+    let fe = Frontend::connect(srv.path(), 2).unwrap();
+    assert_eq!(fe.get_features().unwrap() & vf::RING_PACKED, 0);
 }
 
 #[test]
@@ -1070,4 +1072,66 @@ fn dirty_log_through_the_server() {
         .unwrap();
     assert_eq!(sent, 1);
     assert!(bitmap_of(&log_file, log_len).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn hostile_message_on_a_running_device_resets_it() {
+    let net = split_cfg();
+    let srv = start("running", net);
+    let sh = Arc::clone(srv.shared());
+    let g = Guest::new();
+    let mut s = negotiate(&srv, &g, SPLIT_FEATURES, [0, 0]);
+    s.set_status(15);
+    assert!(sh.link_up.load(Ordering::Relaxed));
+    let fd = g.seg.file().as_raw_fd();
+    let p = mem_table(&[
+        (GPA0, MEM_LEN, g.uva(GPA0), 0),
+        (GPA0 + 0x1000, 0x1000, g.uva(GPA0) + 0x1000, 0x1000),
+    ]);
+    send_raw(&s.raw, Req::SetMemTable as u32, &p, &[fd, fd]);
+    let mut r = s.raw.try_clone().unwrap();
+    r.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    expect_closed(&mut r);
+    eventually("reset", || {
+        !sh.link_up.load(Ordering::Relaxed) && gates(&sh) == [false, false]
+    });
+    drop(s);
+    assert_serving(&srv, net);
+}
+
+#[test]
+fn packed_negotiation_and_vring_base() {
+    let net = NetConfig::default();
+    let srv = start("packedrun", net);
+    let sh = Arc::clone(srv.shared());
+    let g = Guest::new();
+    let features = SPLIT_FEATURES | vf::RING_PACKED;
+    // A fresh packed ring: position 0 with wrap counter 1 (bit 15).
+    let mut s = negotiate(&srv, &g, features, [0x8000, 0x8000]);
+    s.set_status(15);
+    assert_eq!(gates(&sh), [true, true]);
+    assert!(sh.link_up.load(Ordering::Relaxed));
+    let mut rx = DriverQueue::new(&g.ring(0, features), &g.mem).unwrap();
+    for i in 0..8u64 {
+        rx.add(&[(GPA0 + 0x4_0000 + i * 2048, 2048, true)]).unwrap();
+    }
+    rx.publish_avail();
+    let pl = pool("packed");
+    let mut cache = pl.cache(32);
+    let stats = QueueStats::new();
+    let sent = sh.vqs[0]
+        .enter(|run| {
+            let mut b = Burst::new(32);
+            for _ in 0..5 {
+                let mut m = cache.alloc().unwrap();
+                m.append(64).unwrap();
+                b.push(m).unwrap();
+            }
+            run.enqueue(&mut b, &mut cache, &stats)
+        })
+        .unwrap();
+    assert_eq!(sent, 5);
+    assert_eq!(s.fe.get_vring_base(0).unwrap(), 0x8000 | 5);
+    assert_eq!(s.fe.get_vring_base(1).unwrap(), 0x8000);
+    assert!(!sh.link_up.load(Ordering::Relaxed));
 }
