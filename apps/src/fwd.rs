@@ -106,6 +106,11 @@ pub struct FwdArgs {
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_parser = seconds, allow_hyphen_values = true)]
     duration: Option<f64>,
+    /// Seconds to wait after the ports are up before forwarding starts (the duration counts from
+    /// the start of forwarding): lets a peer finish its own start-up (DPDK's virtio driver
+    /// discards what arrives while it starts its queues).
+    #[arg(long, default_value = "0", value_parser = seconds, allow_hyphen_values = true)]
+    start_delay: f64,
     /// Seconds to keep the ports up after forwarding stops, so peers can drain what is in flight
     /// (a front end stops reading when its back end disconnects).
     #[arg(long, default_value = "0", value_parser = seconds, allow_hyphen_values = true)]
@@ -328,6 +333,13 @@ pub fn run(args: FwdArgs) -> Result<()> {
     // ---- run ----
     let stop = StopFlag::new();
     stop.install_signal_handlers()?;
+    if args.start_delay > 0.0 {
+        // Ports are up (control threads serve their peers); forwarding waits. Ctrl-C still works.
+        let until = Instant::now() + Duration::from_secs_f64(args.start_delay);
+        while Instant::now() < until && !stop.is_stopped() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let lcores = lcore::launch(&cpus[..nlcores], &stop, |i, _cpu| {
         let w = work[i].take();
         move |ctx: &LcoreCtx| {

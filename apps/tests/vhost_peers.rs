@@ -99,9 +99,15 @@ fn testpmd_cmd(sock: &Path, prefix: &str, devargs: &str, mode: &str, queues: u16
 }
 
 fn run_case(c: &Case) -> Result<(), Failed> {
+    let prefix = format!("vk{}", std::process::id());
+    let r = run_case_inner(c, &prefix);
+    cleanup_dpdk(&prefix);
+    r
+}
+
+fn run_case_inner(c: &Case, prefix: &str) -> Result<(), Failed> {
     let dir = TempDir::new("vk-peer").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
-    let prefix = format!("vk{}", std::process::id());
     let json = dir.join("vdpakit.json");
     let q = c.queues.to_string();
     let sock_s = sock.display().to_string();
@@ -123,8 +129,9 @@ fn run_case(c: &Case) -> Result<(), Failed> {
         "0",
     ]);
     if vk_tx {
-        // Transmit for 3 s, then keep the connection up so testpmd drains what is in flight.
-        vk_cmd.args(["--duration", "3", "--linger", "3"]);
+        // Wait until testpmd has started its queues (DPDK's driver discards what arrives while it
+        // does), transmit for 3 s, then keep the connection up so testpmd drains what is in flight.
+        vk_cmd.args(["--start-delay", "2", "--duration", "3", "--linger", "3"]);
     }
     vk_cmd.env(
         "VDPAKIT_LOG",
@@ -140,7 +147,7 @@ fn run_case(c: &Case) -> Result<(), Failed> {
     let tp_mode = if vk_tx { "rxonly" } else { "txonly" };
     let mut tp = HostProcess::spawn(
         "testpmd",
-        testpmd_cmd(&sock, &prefix, c.devargs, tp_mode, c.queues),
+        testpmd_cmd(&sock, prefix, c.devargs, tp_mode, c.queues),
         &dir.join("testpmd.log"),
     )
     .map_err(|e| e.to_string())?;
@@ -150,8 +157,8 @@ fn run_case(c: &Case) -> Result<(), Failed> {
     };
     cmd(&mut tp, "start")?;
     if vk_tx {
-        // vdpakit sends for 3 s; testpmd drains, then stops forwarding (printing its counts).
-        std::thread::sleep(Duration::from_millis(4500));
+        // vdpakit waits 2 s, sends for 3 s; testpmd drains, then stops forwarding (its counts).
+        std::thread::sleep(Duration::from_millis(6500));
         cmd(&mut tp, "stop")?;
         std::thread::sleep(Duration::from_millis(500));
         cmd(&mut tp, "quit")?;
@@ -167,8 +174,9 @@ fn run_case(c: &Case) -> Result<(), Failed> {
         cmd(&mut tp, "quit")?;
         wait_exit(&mut tp, Duration::from_secs(20))?;
     }
-    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
-    let tp_log = tp.log();
+    drop(tp);
+    cleanup_dpdk(prefix);
+    let tp_log = std::fs::read_to_string(dir.join("testpmd.log")).unwrap_or_default();
     let (tp_rx, tp_tx) = testpmd_counts(&tp_log)?;
     let out = std::fs::read_to_string(&json)
         .map_err(|e| format!("{}: {e}\n{}", json.display(), vk.log_tail(20)))?;
@@ -230,6 +238,22 @@ fn run_case(c: &Case) -> Result<(), Failed> {
         }
     }
     Ok(())
+}
+
+/// Removes what a testpmd with `prefix` leaves behind when it is killed: its runtime directory and
+/// its hugepage files (which would otherwise keep hugepages reserved for later tests).
+fn cleanup_dpdk(prefix: &str) {
+    let _ = std::fs::remove_dir_all(format!("/var/run/dpdk/{prefix}"));
+    if let Ok(dir) = std::fs::read_dir("/dev/hugepages") {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{prefix}map_"))
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 /// Runs `cmd` with stdout into `file` (through sh, so HostProcess keeps the log of stderr).
@@ -309,8 +333,6 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
     Ok(())
 }
 
-const PACKED_TX_LOSS: &str = "packed or IN_ORDER ring, vdpakit -> DPDK virtio-user: one burst of 32 is intermittently not seen by DPDK's driver (not reproduced with vdpakit's own driver, concurrent or not); see docs/KNOWN_ISSUES.md";
-
 const CASES: &[Case] = &[
     Case {
         name: "split_mrg_testpmd_to_vdpakit",
@@ -328,7 +350,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "split_inorder_vdpakit_to_testpmd",
-        known_issue: Some(PACKED_TX_LOSS),
+        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
         queues: 1,
@@ -342,7 +364,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "packed_nomrg_vdpakit_to_testpmd",
-        known_issue: Some(PACKED_TX_LOSS),
+        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=0,in_order=1",
         queues: 1,
@@ -370,7 +392,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "packed_2q_vdpakit_to_testpmd",
-        known_issue: Some(PACKED_TX_LOSS),
+        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
