@@ -271,6 +271,115 @@ fn sh_redirect(cmd: Command, file: &Path) -> Command {
     sh
 }
 
+/// Client mode: vdpakit connects to a listening front end (testpmd `server=1`), which is killed
+/// and restarted; vdpakit reconnects by itself (1 s retry) and traffic resumes.
+fn client_mode_reconnects() -> Result<(), Failed> {
+    let dir = TempDir::new("vk-reco").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let json = dir.join("vdpakit.json");
+    let prefix = format!("vkr{}", std::process::id());
+    let tp_cmd = || {
+        let mut c = Command::new("dpdk-testpmd");
+        c.args([
+            "--lcores",
+            "0@0,1@0",
+            "--no-pci",
+            "-m",
+            "256",
+            "--single-file-segments",
+        ])
+        .arg(format!("--file-prefix={prefix}"))
+        .arg(format!(
+            "--vdev=net_virtio_user0,path={},server=1,queues=1",
+            sock.display()
+        ))
+        .args([
+            "--",
+            "-i",
+            "--nb-cores=1",
+            "--no-mlockall",
+            "--forward-mode=txonly",
+        ]);
+        c
+    };
+    let result = (|| -> Result<(), Failed> {
+        let mut tp = HostProcess::spawn("testpmd", tp_cmd(), &dir.join("testpmd1.log"))
+            .map_err(|e| e.to_string())?;
+        wait_for_socket(&sock)?;
+        tp.write_stdin(b"start\n").map_err(|e| e.to_string())?;
+        let port = format!("vhost-user:path={},client=1", sock.display());
+        let mut cmd = Command::new(vdpakit());
+        cmd.args([
+            "fwd",
+            "--port",
+            &port,
+            "--mode",
+            "rxonly",
+            "--cores",
+            "1",
+            "--json",
+            "--stats-period",
+            "0",
+        ]);
+        cmd.env("VDPAKIT_LOG", "info");
+        let mut vk =
+            HostProcess::spawn("vdpakit", sh_redirect(cmd, &json), &dir.join("vdpakit.log"))
+                .map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(3));
+        // The front end goes away without a goodbye, then comes back on the same socket.
+        drop(tp);
+        cleanup_dpdk(&prefix);
+        let _ = std::fs::remove_file(&sock);
+        std::thread::sleep(Duration::from_secs(1));
+        let mut tp2 = HostProcess::spawn("testpmd", tp_cmd(), &dir.join("testpmd2.log"))
+            .map_err(|e| e.to_string())?;
+        wait_for_socket(&sock)?;
+        tp2.write_stdin(b"start\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(4));
+        tp2.write_stdin(b"stop\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(1000));
+        signal(&vk, "-INT");
+        wait_exit(&mut vk, Duration::from_secs(20))?;
+        tp2.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
+        wait_exit(&mut tp2, Duration::from_secs(20))?;
+        let (_, tx2) = testpmd_counts(&tp2.log())?;
+        let v: Value = serde_json::from_str(
+            std::fs::read_to_string(&json)
+                .map_err(|e| e.to_string())?
+                .trim(),
+        )
+        .map_err(|e| format!("{e}\n{}", vk.log_tail(20)))?;
+        let rx = v["ports"][0]["rx_packets"].as_u64().unwrap_or(0);
+        let log = vk.log();
+        let connects = log.matches("front end connected").count();
+        eprintln!(
+            "client_mode_reconnects: second testpmd sent {tx2}, vdpakit received {rx} in all, {connects} connections"
+        );
+        if tx2 == 0 {
+            return Err(
+                format!("the restarted front end sent nothing\n{}", tp2.log_tail(20)).into(),
+            );
+        }
+        if connects < 2 {
+            return Err(format!(
+                "vdpakit connected {connects} time(s), expected a reconnect\n{}",
+                vk.log_tail(20)
+            )
+            .into());
+        }
+        // Everything the second front end sent arrived (plus what the first one sent before it died).
+        if rx < tx2 {
+            return Err(format!(
+                "vdpakit received {rx} in all, less than the {tx2} sent after the reconnect"
+            )
+            .into());
+        }
+        Ok(())
+    })();
+    cleanup_dpdk(&prefix);
+    result
+}
+
 /// A Linux guest pings through `vdpakit fwd --mode icmpecho` on a vhost-user port: 5/5 replies.
 fn guest_ping_icmpecho() -> Result<(), Failed> {
     let dir = TempDir::new("vk-ping").map_err(|e| e.to_string())?;
@@ -446,6 +555,14 @@ fn main() -> ExitCode {
             }
         })
         .collect();
+    let t = Trial::test("client_mode_reconnects", client_mode_reconnects);
+    trials.push(match &skip {
+        Some(why) => {
+            println!("SKIP client_mode_reconnects: {why}");
+            t.with_ignored_flag(true)
+        }
+        None => t,
+    });
     // Guest artefacts (kernel, busybox, QEMU): a missing prerequisite skips, a broken harness fails.
     let guest = if args.list {
         Ok(())
