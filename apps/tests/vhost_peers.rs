@@ -66,8 +66,6 @@ fn tail(s: &str, n: usize) -> String {
 
 struct Case {
     name: &'static str,
-    /// A known intermittent failure (the issue tracker has it): run only with VK_PEER_ALL=1.
-    known_issue: Option<&'static str>,
     /// vdpakit's mode; testpmd runs the opposite (txonly ↔ rxonly).
     vk_mode: &'static str,
     devargs: &'static str,
@@ -445,63 +443,54 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
 const CASES: &[Case] = &[
     Case {
         name: "split_mrg_testpmd_to_vdpakit",
-        known_issue: None,
         vk_mode: "rxonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 1,
     },
     Case {
         name: "split_nomrg_vdpakit_to_testpmd",
-        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=0,in_order=0",
         queues: 1,
     },
     Case {
         name: "split_inorder_vdpakit_to_testpmd",
-        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
         queues: 1,
     },
     Case {
         name: "packed_mrg_testpmd_to_vdpakit",
-        known_issue: None,
         vk_mode: "rxonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 1,
     },
     Case {
         name: "packed_nomrg_vdpakit_to_testpmd",
-        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=0,in_order=1",
         queues: 1,
     },
     Case {
         name: "split_2q_testpmd_to_vdpakit",
-        known_issue: None,
         vk_mode: "rxonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 2,
     },
     Case {
         name: "split_2q_vdpakit_to_testpmd",
-        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 2,
     },
     Case {
         name: "packed_2q_testpmd_to_vdpakit",
-        known_issue: None,
         vk_mode: "rxonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
     },
     Case {
         name: "packed_2q_vdpakit_to_testpmd",
-        known_issue: None,
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
@@ -539,19 +528,12 @@ fn main() -> ExitCode {
         .iter()
         .map(|c| {
             let t = Trial::test(c.name, move || run_case(c));
-            let known = c
-                .known_issue
-                .filter(|_| std::env::var_os("VK_PEER_ALL").is_none());
-            match (&skip, known) {
-                (Some(why), _) => {
+            match &skip {
+                Some(why) => {
                     println!("SKIP {}: {why}", c.name);
                     t.with_ignored_flag(true)
                 }
-                (None, Some(why)) => {
-                    println!("SKIP {}: {why} (VK_PEER_ALL=1 runs it)", c.name);
-                    t.with_ignored_flag(true)
-                }
-                (None, None) => t,
+                None => t,
             }
         })
         .collect();
