@@ -312,6 +312,37 @@ pub enum PortState {
 }
 
 impl PortState {
+    /// Checks that a port in this state may take `conf`: not while started, and at least one
+    /// receive and one transmit queue.
+    pub fn check_configure(self, port: &str, conf: &PortConf) -> Result<()> {
+        if self == PortState::Started {
+            return Err(Error::PortState {
+                port: port.to_string(),
+                op: "configure",
+                state: "started",
+            });
+        }
+        if conf.rx_queues == 0 || conf.tx_queues == 0 {
+            return Err(Error::PortConfig {
+                port: port.to_string(),
+                why: "needs at least one rx and one tx queue".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks that a port in this state may start (it must be configured and stopped).
+    pub fn check_start(self, port: &str) -> Result<()> {
+        if self != PortState::Stopped {
+            return Err(Error::PortState {
+                port: port.to_string(),
+                op: "start",
+                state: self.as_str(),
+            });
+        }
+        Ok(())
+    }
+
     /// A readable name, for errors.
     pub fn as_str(self) -> &'static str {
         match self {

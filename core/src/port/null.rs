@@ -94,19 +94,7 @@ impl Port for NullPort {
     }
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
-        if self.state == PortState::Started {
-            return Err(Error::PortState {
-                port: self.name.clone(),
-                op: "configure",
-                state: "started",
-            });
-        }
-        if conf.rx_queues == 0 || conf.tx_queues == 0 {
-            return Err(Error::PortConfig {
-                port: self.name.clone(),
-                why: "needs at least one rx and one tx queue".into(),
-            });
-        }
+        self.state.check_configure(&self.name, conf)?;
         self.conf = *conf;
         self.stats = StatsBlocks::new(conf.rx_queues, conf.tx_queues);
         self.state = PortState::Stopped;
@@ -114,13 +102,7 @@ impl Port for NullPort {
     }
 
     fn start(&mut self) -> Result<()> {
-        if self.state != PortState::Stopped {
-            return Err(Error::PortState {
-                port: self.name.clone(),
-                op: "start",
-                state: self.state.as_str(),
-            });
-        }
+        self.state.check_start(&self.name)?;
         self.state = PortState::Started;
         self.taken = false;
         Ok(())

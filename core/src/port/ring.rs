@@ -219,19 +219,7 @@ impl Port for RingPort {
     }
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
-        if self.state == PortState::Started {
-            return Err(Error::PortState {
-                port: self.name.clone(),
-                op: "configure",
-                state: "started",
-            });
-        }
-        if conf.rx_queues == 0 || conf.tx_queues == 0 {
-            return Err(Error::PortConfig {
-                port: self.name.clone(),
-                why: "needs at least one rx and one tx queue".into(),
-            });
-        }
+        self.state.check_configure(&self.name, conf)?;
         self.conf = *conf;
         self.rings.declare(
             &self.name,
@@ -246,13 +234,7 @@ impl Port for RingPort {
     }
 
     fn start(&mut self) -> Result<()> {
-        if self.state != PortState::Stopped {
-            return Err(Error::PortState {
-                port: self.name.clone(),
-                op: "start",
-                state: self.state.as_str(),
-            });
-        }
+        self.state.check_start(&self.name)?;
         let mut txs = Vec::new();
         for q in 0..self.conf.tx_queues as usize {
             txs.push(self.rings.take_tx(&self.name, &self.peer, q)?);

@@ -120,17 +120,8 @@ impl Port for VhostUserPort {
     }
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
-        if self.state == PortState::Started {
-            return Err(Error::PortState {
-                port: self.name.clone(),
-                op: "configure",
-                state: "started",
-            });
-        }
-        if conf.rx_queues == 0
-            || conf.rx_queues != conf.tx_queues
-            || conf.rx_queues > MAX_QUEUE_PAIRS
-        {
+        self.state.check_configure(&self.name, conf)?;
+        if conf.rx_queues != conf.tx_queues || conf.rx_queues > MAX_QUEUE_PAIRS {
             return Err(Error::PortConfig {
                 port: self.name.clone(),
                 why: format!(
@@ -158,13 +149,7 @@ impl Port for VhostUserPort {
     }
 
     fn start(&mut self) -> Result<()> {
-        if self.state != PortState::Stopped {
-            return Err(Error::PortState {
-                port: self.name.clone(),
-                op: "start",
-                state: self.state.as_str(),
-            });
-        }
+        self.state.check_start(&self.name)?;
         let server = Server::start(ServerConfig {
             path: self.path.clone(),
             client: self.client,
