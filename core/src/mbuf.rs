@@ -23,6 +23,7 @@ use vdpakit_ring::{Consumer, Producer};
 
 use crate::error::Result;
 use crate::mempool::PoolCore;
+use crate::virtio::VirtioNetHdr;
 
 /// Bytes reserved in front of the packet data (for encapsulation or a virtio-net header).
 pub const HEADROOM: usize = 128;
@@ -51,30 +52,10 @@ pub mod offload {
     pub const TX_TCP_CKSUM: u64 = 1 << 18;
     /// TX: compute the UDP checksum.
     pub const TX_UDP_CKSUM: u64 = 1 << 19;
-    /// TX: segment as TCP (TSO) with [`VnetHdr::gso_size`](super::VnetHdr) segments.
+    /// TX: segment as TCP (TSO) with [`VirtioNetHdr::gso_size`](crate::virtio::VirtioNetHdr) segments.
     pub const TX_TCP_SEG: u64 = 1 << 20;
     /// TX: segment as UDP (USO).
     pub const TX_UDP_SEG: u64 = 1 << 21;
-}
-
-/// The virtio-net header fields an mbuf carries between a virtio ring and a port.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VnetHdr {
-    /// `VIRTIO_NET_HDR_F_*` flags.
-    pub flags: u8,
-    /// `VIRTIO_NET_HDR_GSO_*` type.
-    pub gso_type: u8,
-    /// Length of the headers to replicate per segment.
-    pub hdr_len: u16,
-    /// Segment payload size.
-    pub gso_size: u16,
-    /// Where checksumming starts.
-    pub csum_start: u16,
-    /// Where the checksum goes, from `csum_start`.
-    pub csum_offset: u16,
-    /// Number of merged receive buffers (`MRG_RXBUF`).
-    pub num_buffers: u16,
 }
 
 /// Buffer metadata, at the start of every pool element. Cache line 0 holds everything a
@@ -93,7 +74,7 @@ pub(crate) struct MbufHdr {
     pub(crate) buf_len: u32,
     pub(crate) ol_flags: u64,
     pub(crate) pool: *const PoolCore,
-    pub(crate) vnet: VnetHdr,
+    pub(crate) vnet: VirtioNetHdr,
     pub(crate) hash: u32,
     // --- cache line 1: rarely used ---
     pub(crate) packet_type: u32,
@@ -119,7 +100,7 @@ impl MbufHdr {
         self.ol_flags = 0;
         self.packet_type = 0;
         self.hash = 0;
-        self.vnet = VnetHdr::default();
+        self.vnet = VirtioNetHdr::default();
     }
 }
 
@@ -369,13 +350,13 @@ impl Mbuf {
 
     /// The virtio-net header fields.
     #[inline(always)]
-    pub fn vnet(&self) -> VnetHdr {
+    pub fn vnet(&self) -> VirtioNetHdr {
         self.hdr().vnet
     }
 
     /// Replaces the virtio-net header fields.
     #[inline(always)]
-    pub fn set_vnet(&mut self, v: VnetHdr) {
+    pub fn set_vnet(&mut self, v: VirtioNetHdr) {
         self.hdr_mut().vnet = v;
     }
 

@@ -14,8 +14,9 @@ use crossbeam_utils::CachePadded;
 use vdpakit_ring::MpmcRing;
 
 use crate::error::{Error, Result};
-use crate::mbuf::{Burst, HDR_SIZE, HEADROOM, MAX_BURST, Mbuf, MbufHdr, NO_PORT, VnetHdr};
+use crate::mbuf::{Burst, HDR_SIZE, HEADROOM, MAX_BURST, Mbuf, MbufHdr, NO_PORT};
 use crate::mem::{MemMode, Segment, Zone};
+use crate::virtio::VirtioNetHdr;
 
 /// Default data room per buffer (after the headroom).
 pub const DEFAULT_DATA_ROOM: u32 = 2048;
@@ -163,7 +164,7 @@ impl Mempool {
                 buf_len: HEADROOM as u32 + core.data_room,
                 ol_flags: 0,
                 pool: self.core.as_ptr(),
-                vnet: VnetHdr::default(),
+                vnet: VirtioNetHdr::default(),
                 hash: 0,
                 packet_type: 0,
                 index: i as u32,

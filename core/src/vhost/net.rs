@@ -12,20 +12,18 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use super::msg::{VRING_F_LOG, VringAddr};
-use crate::mbuf::{Burst, Mbuf, VnetHdr, offload};
+use crate::mbuf::{Burst, Mbuf, offload};
 use crate::mempool::MempoolCache;
 use crate::port::QueueStats;
 use crate::virtio::features as vf;
+use crate::virtio::net::{VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, hdr_len};
 use crate::virtio::{
     AddrKind, Chain, DeviceQueue, DirtyLog, GuestMemory, QueueConfig, QueueError, Segs,
+    VirtioNetHdr,
 };
 
 pub use crate::virtio::DirtyLog as LogArea;
 
-/// virtio-net header flag: the checksum must be completed.
-const HDR_F_NEEDS_CSUM: u8 = 1;
-/// virtio-net header flag: the checksum is already validated.
-const HDR_F_DATA_VALID: u8 = 2;
 /// Most receive chains one packet may use with mergeable buffers.
 const MAX_MRG_CHAINS: usize = 64;
 
@@ -99,11 +97,7 @@ impl VqRun {
             segs: Box::new(Segs::new()),
             call: s.call.clone(),
             log,
-            hdr_len: if f & (vf::VERSION_1 | vf::NET_MRG_RXBUF) != 0 {
-                12
-            } else {
-                10
-            },
+            hdr_len: hdr_len(f),
             mrg: f & vf::NET_MRG_RXBUF != 0,
             guest_csum: f & vf::NET_GUEST_CSUM != 0,
             guest_tso: f & (vf::NET_GUEST_TSO4 | vf::NET_GUEST_TSO6) != 0,
@@ -171,7 +165,7 @@ impl VqRun {
             if let Some(dst) = m.append(plen) {
                 self.segs.read(self.hdr_len, dst);
             }
-            apply_tx_hdr(&mut m, &hdr);
+            apply_tx_hdr(&mut m, &hdr[..self.hdr_len]);
             self.q.push_used(&chain, 0);
             let _ = pkts.push(m);
             got += 1;
@@ -297,58 +291,57 @@ impl VqRun {
         }
     }
 
-    /// Builds the virtio-net header for a packet going to the guest.
+    /// Builds the virtio-net header for a packet going to the guest (its wire bytes; the first
+    /// `hdr_len` are written).
     #[inline]
     fn rx_hdr(&self, m: &Mbuf) -> [u8; 12] {
-        let mut h = [0u8; 12];
         let v = m.vnet();
         let fl = m.ol_flags();
+        let mut h = VirtioNetHdr {
+            num_buffers: 1,
+            ..VirtioNetHdr::default()
+        };
         if self.guest_csum
-            && (v.flags & HDR_F_NEEDS_CSUM != 0 || fl & offload::RX_L4_CKSUM_NONE != 0)
+            && (v.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 || fl & offload::RX_L4_CKSUM_NONE != 0)
         {
-            h[0] = HDR_F_NEEDS_CSUM;
-            h[6..8].copy_from_slice(&v.csum_start.to_le_bytes());
-            h[8..10].copy_from_slice(&v.csum_offset.to_le_bytes());
+            h.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+            h.csum_start = v.csum_start;
+            h.csum_offset = v.csum_offset;
         } else if fl & offload::RX_L4_CKSUM_GOOD != 0 {
-            h[0] = HDR_F_DATA_VALID;
+            h.flags = VIRTIO_NET_HDR_F_DATA_VALID;
         }
         if self.guest_tso && v.gso_type != 0 {
-            h[1] = v.gso_type;
-            h[2..4].copy_from_slice(&v.hdr_len.to_le_bytes());
-            h[4..6].copy_from_slice(&v.gso_size.to_le_bytes());
+            h.gso_type = v.gso_type;
+            h.hdr_len = v.hdr_len;
+            h.gso_size = v.gso_size;
         }
-        if self.hdr_len == 12 {
-            h[10..12].copy_from_slice(&1u16.to_le_bytes());
-        }
-        h
+        h.to_bytes()
     }
 }
 
-/// Takes a guest transmit header into the mbuf's offload metadata.
+/// Takes a guest transmit header (its `hdr_len` wire bytes) into the mbuf's offload metadata.
 #[inline]
-fn apply_tx_hdr(m: &mut Mbuf, h: &[u8; 12]) {
-    let v = VnetHdr {
-        flags: h[0],
-        gso_type: h[1],
-        hdr_len: u16::from_le_bytes([h[2], h[3]]),
-        gso_size: u16::from_le_bytes([h[4], h[5]]),
-        csum_start: u16::from_le_bytes([h[6], h[7]]),
-        csum_offset: u16::from_le_bytes([h[8], h[9]]),
-        num_buffers: 0,
+fn apply_tx_hdr(m: &mut Mbuf, wire: &[u8]) {
+    let Some(v) = VirtioNetHdr::from_bytes(wire) else {
+        return;
     };
     if v.flags == 0 && v.gso_type == 0 {
         return;
     }
     let mut fl = 0;
-    if v.flags & HDR_F_NEEDS_CSUM != 0 {
+    if v.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
         fl |= offload::RX_L4_CKSUM_NONE;
     }
-    if v.flags & HDR_F_DATA_VALID != 0 {
+    if v.flags & VIRTIO_NET_HDR_F_DATA_VALID != 0 {
         fl |= offload::RX_L4_CKSUM_GOOD;
     }
     if v.gso_type != 0 {
         fl |= offload::RX_LRO;
     }
     m.set_ol_flags(fl);
-    m.set_vnet(v);
+    // num_buffers means nothing on a transmitted packet.
+    m.set_vnet(VirtioNetHdr {
+        num_buffers: 0,
+        ..v
+    });
 }
