@@ -12,7 +12,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::mbuf::{Burst, MAX_BURST, MbufRx, MbufTx, mbuf_channel};
-use crate::mempool::{Mempool, MempoolCache};
+use crate::mempool::Mempool;
 
 pub(super) const KIND: PortKind = PortKind {
     name: "ring",
@@ -269,7 +269,6 @@ impl Port for RingPort {
                     Box::new(RingTx {
                         ring,
                         stats: Arc::clone(&self.stats.tx[q as usize]),
-                        _cache: self.pool.cache(0),
                     }) as Box<dyn TxQueue>
                 }),
             })
@@ -354,9 +353,6 @@ impl RxQueue for RingRx {
 struct RingTx {
     ring: MbufTx,
     stats: Arc<QueueStats>,
-    // Not used on the datapath (sent packets move into the ring); kept so every queue kind
-    // carries the pool alive for as long as it exists.
-    _cache: MempoolCache,
 }
 
 impl TxQueue for RingTx {

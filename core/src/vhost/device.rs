@@ -542,9 +542,7 @@ impl Device {
                     // A device reset from the driver: stop everything but keep the connection,
                     // and the positions (GET_VRING_BASE still reports how far each ring got).
                     for i in 0..self.vrings.len() {
-                        if let Some(base) = self.stop_ring(i) {
-                            self.vrings[i].base = Some(base);
-                        }
+                        self.stop_ring(i);
                     }
                 } else {
                     // DRIVER_OK starts the rings (the driver may not be ready before it).
@@ -568,9 +566,7 @@ impl Device {
     fn set_memory(&mut self, mem: GuestMemory, regions: Vec<MemRegion>) {
         // Stop every ring (keeping its position), swap the memory, restart what was running.
         for i in 0..self.vrings.len() {
-            if let Some(base) = self.stop_ring(i) {
-                self.vrings[i].base = Some(base);
-            }
+            self.stop_ring(i);
         }
         self.mem = mem;
         self.regions = regions;
@@ -579,29 +575,26 @@ impl Device {
 
     fn refresh_all(&mut self) {
         for i in 0..self.vrings.len() {
-            if let Some(base) = self.stop_ring(i) {
-                self.vrings[i].base = Some(base);
-            }
             self.refresh(i);
         }
     }
 
-    /// Stops ring `i` if it runs; returns its position (GET_VRING_BASE semantics).
+    /// Stops ring `i` if it runs, keeping its position as the ring's base for a restart, and
+    /// returns that position (GET_VRING_BASE semantics).
     fn stop_ring(&mut self, i: usize) -> Option<u16> {
-        let mut g = self.shared.vqs[i].close();
-        let run = g.state().take();
-        run.map(|r| r.last_avail())
+        let base = {
+            let mut g = self.shared.vqs[i].close();
+            g.state().take().map(|r| r.last_avail())
+        };
+        if let Some(b) = base {
+            self.vrings[i].base = Some(b);
+        }
+        base
     }
 
     /// (Re)builds ring `i` when everything it needs is there, and opens its gate.
     fn refresh(&mut self, i: usize) {
-        let running = {
-            let mut g = self.shared.vqs[i].close();
-            g.state().take().map(|r| r.last_avail())
-        };
-        if let Some(base) = running {
-            self.vrings[i].base = Some(base);
-        }
+        self.stop_ring(i);
         let v = &self.vrings[i];
         // With STATUS negotiated, the device may use buffers only after DRIVER_OK (virtio 1.x
         // §3.1.1): a driver still initialising loses what is written before.

@@ -130,11 +130,6 @@ fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> bool {
     }
 }
 
-fn stopped(stop: &EventFd) -> bool {
-    let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
-    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-}
-
 fn control_loop(
     cfg: ServerConfig,
     listener: Option<UnixListener>,
@@ -143,7 +138,7 @@ fn control_loop(
 ) {
     let mut dev = Device::new(cfg.net, Arc::clone(&shared));
     loop {
-        if stopped(stop) {
+        if sleep_or_stop(stop, Duration::ZERO) {
             break;
         }
         let stream = match &listener {
