@@ -423,11 +423,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                         m.set_data_len(w.pkt_size);
                         m.data_mut()[..w.template.len()].copy_from_slice(&w.template);
                     }
-                    tx.tx_burst(&mut burst);
-                    if !burst.is_empty() {
-                        tx.stats().add_drops(burst.len() as u64);
-                        w.cache.free_burst(&mut burst);
-                    }
+                    send_or_drop(tx.as_mut(), &mut burst, &mut w.cache);
                 }
                 Mode::RxOnly => {
                     let Some(rx) = s.rx.as_mut() else { continue };
@@ -456,11 +452,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                     if ignored > 0 {
                         rx.stats().add_drops(ignored);
                     }
-                    tx.tx_burst(replies);
-                    if !replies.is_empty() {
-                        tx.stats().add_drops(replies.len() as u64);
-                        cache.free_burst(replies);
-                    }
+                    send_or_drop(tx.as_mut(), replies, cache);
                 }
                 Mode::Io | Mode::Mac | Mode::MacSwap => {
                     let Some(rx) = s.rx.as_mut() else { continue };
@@ -481,13 +473,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                         _ => {}
                     }
                     match s.tx.as_mut() {
-                        Some(tx) => {
-                            tx.tx_burst(&mut burst);
-                            if !burst.is_empty() {
-                                tx.stats().add_drops(burst.len() as u64);
-                                w.cache.free_burst(&mut burst);
-                            }
-                        }
+                        Some(tx) => send_or_drop(tx.as_mut(), &mut burst, &mut w.cache),
                         None => {
                             rx.stats().add_drops(burst.len() as u64);
                             w.cache.free_burst(&mut burst);
@@ -496,6 +482,17 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                 }
             }
         }
+    }
+}
+
+/// Sends `pkts` on `tx`; whatever the queue does not take is freed and counted as dropped on
+/// that queue, so every packet is either forwarded or counted.
+#[inline(always)]
+fn send_or_drop(tx: &mut dyn TxQueue, pkts: &mut Burst, cache: &mut MempoolCache) {
+    tx.tx_burst(pkts);
+    if !pkts.is_empty() {
+        tx.stats().add_drops(pkts.len() as u64);
+        cache.free_burst(pkts);
     }
 }
 

@@ -276,30 +276,8 @@ fn client_mode_reconnects() -> Result<(), Failed> {
     let sock = dir.join("vhost.sock");
     let json = dir.join("vdpakit.json");
     let prefix = format!("vkr{}", std::process::id());
-    let tp_cmd = || {
-        let mut c = Command::new("dpdk-testpmd");
-        c.args([
-            "--lcores",
-            "0@0,1@0",
-            "--no-pci",
-            "-m",
-            "256",
-            "--single-file-segments",
-        ])
-        .arg(format!("--file-prefix={prefix}"))
-        .arg(format!(
-            "--vdev=net_virtio_user0,path={},server=1,queues=1",
-            sock.display()
-        ))
-        .args([
-            "--",
-            "-i",
-            "--nb-cores=1",
-            "--no-mlockall",
-            "--forward-mode=txonly",
-        ]);
-        c
-    };
+    // testpmd listens (server=1) and transmits; vdpakit connects to it.
+    let tp_cmd = || testpmd_cmd(&sock, &prefix, "server=1", "txonly", 1);
     let result = (|| -> Result<(), Failed> {
         let mut tp = HostProcess::spawn("testpmd", tp_cmd(), &dir.join("testpmd1.log"))
             .map_err(|e| e.to_string())?;
