@@ -29,6 +29,8 @@ type Vm = GuestMemoryMmap<()>;
 const MEM: usize = 0x100_0000;
 const RING: u64 = 0x1_0000;
 const TABLES: u64 = 0x80_0000;
+/// The used ring, apart from the mock's rings (see `device_oracle`).
+const USED: u64 = 0x4_0000;
 const BUFS: u64 = 0x40_0000;
 
 fn vm(size: usize) -> Arc<Vm> {
@@ -69,6 +71,15 @@ fn device_oracle(size: u16, event_idx: bool, rounds: usize, seed: u64) {
     let vqa = MockSplitQueue::create(&*a, GuestAddress(RING), size);
     let vqb = MockSplitQueue::create(&*b, GuestAddress(RING), size);
     let mut qa: Queue = vqa.create_queue().unwrap();
+    // The mock places the used ring right after the avail ring, leaving no room for
+    // `used_event`: writing it would overwrite the used ring. Both sides get a used ring of its
+    // own instead, as a real driver lays them out.
+    qa.set_used_ring_address(Some(USED as u32), Some((USED >> 32) as u32));
+    assert_eq!(
+        qa.used_ring(),
+        USED,
+        "virtio-queue took the used ring address"
+    );
     qa.set_event_idx(event_idx);
     let mem_b = ours(&b, MEM);
     let mut features = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_INDIRECT_DESC;
@@ -79,7 +90,7 @@ fn device_oracle(size: u16, event_idx: bool, rounds: usize, seed: u64) {
         size,
         desc: vqb.desc_table_addr().0,
         avail: vqb.avail_addr().0,
-        used: vqb.used_addr().0,
+        used: USED,
         addr_kind: AddrKind::Gpa,
         features,
     };

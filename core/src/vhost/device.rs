@@ -321,6 +321,9 @@ impl Device {
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let mem = GuestMemory::new(mapped)?;
+                for r in &regions {
+                    tracing::debug!(gpa = r.gpa, size = r.size, uva = r.uva, "memory region");
+                }
                 self.set_memory(mem, regions);
             }
             AddMemReg => {

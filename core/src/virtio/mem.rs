@@ -604,6 +604,15 @@ impl Raw {
         }
     }
 
+    /// Hints the CPU to fetch the cache line holding byte `off` (no access, no fault; ignored
+    /// when out of bounds).
+    #[inline(always)]
+    fn prefetch(&self, off: usize) {
+        if off < self.len {
+            prefetch_line(self.ptr.wrapping_add(off));
+        }
+    }
+
     /// Reads the 16-byte descriptor at `off` with one volatile access (any alignment).
     #[inline(always)]
     fn load_desc(&self, off: usize) -> RawDesc {
@@ -654,6 +663,36 @@ impl Raw {
         // SAFETY: the whole range is mapped and writable (see `Raw`).
         unsafe { ptr::write_bytes(self.ptr, 0, self.len) };
     }
+}
+
+/// Asks the CPU to bring the cache line at `p` closer (a hint: it never faults, whatever `p`
+/// is, and is a no-op on targets without a prefetch instruction).
+#[inline(always)]
+pub(crate) fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        // SAFETY: PREFETCHT0 is a hint that performs no architectural access: it cannot fault or
+        // read anything visible to the program, for any address (SSE is part of the x86-64
+        // baseline, so the instruction always exists).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Asks the CPU to fetch the cache line at `p` for writing (PREFETCHW: the line arrives owned,
+/// so a later store does not wait for the other core to give it up). A hint: it never faults.
+#[inline(always)]
+pub(crate) fn prefetch_line_w(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHW (0F 0D /1) is a hint with no architectural effect: it cannot fault and
+    // touches no register or flag; processors without it execute it as a no-op prefetch.
+    unsafe {
+        std::arch::asm!("prefetchw [{0}]", in(reg) p, options(nostack, preserves_flags, readonly));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// One translated ring area (descriptor table, avail/used ring, event suppression structure),
@@ -716,6 +755,12 @@ impl RingArea {
     #[inline(always)]
     pub(crate) fn load_desc(&self, off: usize) -> RawDesc {
         self.raw.load_desc(off)
+    }
+
+    /// Prefetch hint for the line holding byte `off` of the area.
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, off: usize) {
+        self.raw.prefetch(off)
     }
 
     /// Zeroes the whole area (driver-side ring initialisation).
@@ -958,5 +1003,117 @@ impl Segs {
             log.mark(s.gpa, n);
             left -= n;
         }
+    }
+}
+
+/// Write destinations captured from popped chains, so a burst can pop every chain first (its
+/// descriptor reads overlapping) and copy afterwards (its stores issued back to back, with the
+/// destination lines requested for writing in advance). Each entry is the first device-writable
+/// buffer of one chain. Keeps a clone of the memory table the buffers belong to, so they stay
+/// mapped while held. Allocated once.
+pub struct StagedWrites {
+    items: Box<[Seg]>,
+    n: usize,
+    mem: GuestMemory,
+}
+
+// SAFETY: as for `Segs`: the raw pointers point into regions of `mem`, which the value keeps
+// alive and which are `Send + Sync`.
+unsafe impl Send for StagedWrites {}
+
+impl std::fmt::Debug for StagedWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedWrites")
+            .field("len", &self.n)
+            .finish()
+    }
+}
+
+impl StagedWrites {
+    /// Room for `cap` destinations.
+    pub fn new(cap: usize) -> StagedWrites {
+        StagedWrites {
+            items: vec![Seg::EMPTY; cap].into_boxed_slice(),
+            n: 0,
+            mem: GuestMemory::empty(),
+        }
+    }
+
+    /// Number of staged destinations.
+    #[inline(always)]
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether nothing is staged.
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Capacity.
+    #[inline(always)]
+    pub fn capacity(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Empties the set; adopts `mem` as the table destinations come from.
+    #[inline(always)]
+    pub fn clear(&mut self, mem: &GuestMemory) {
+        self.n = 0;
+        if !self.mem.ptr_eq(mem) {
+            self.mem = mem.clone();
+        }
+    }
+
+    /// Stages the first writable buffer of the chain in `segs` if it alone holds at least `need`
+    /// bytes, and asks for its first `need` bytes' lines for writing. False (nothing staged) when
+    /// full, when the chain has no such buffer, or when `segs` came from another memory table.
+    #[inline(always)]
+    pub fn push_first_writable(&mut self, segs: &Segs, need: usize) -> bool {
+        if self.n == self.items.len() || !segs.mem.ptr_eq(&self.mem) {
+            return false;
+        }
+        let Some(&s) = segs.writable().first() else {
+            return false;
+        };
+        if (s.len as usize) < need {
+            return false;
+        }
+        let mut off = 0;
+        while off < need {
+            // `off < need <= len`: inside the buffer.
+            prefetch_line_w(s.host.wrapping_add(off));
+            off += 64;
+        }
+        prefetch_line_w(s.host.wrapping_add(need - 1));
+        self.items[self.n] = s;
+        self.n += 1;
+        true
+    }
+
+    /// Writes `a` then `b` back to back at the start of destination `i`, as much as fits;
+    /// returns the bytes written (0 for an `i` not staged).
+    #[inline(always)]
+    pub fn write2(&self, i: usize, a: &[u8], b: &[u8]) -> usize {
+        let Some(s) = self.items[..self.n].get(i) else {
+            return 0;
+        };
+        let len = s.len as usize;
+        let na = a.len().min(len);
+        let nb = b.len().min(len - na);
+        // SAFETY: `s.host .. s.host + len` is a writable guest buffer inside a region of
+        // `self.mem`, which `self` keeps mapped; `na <= len`; the source is our own slice, in
+        // bounds and disjoint from guest memory.
+        unsafe { ptr::copy_nonoverlapping(a.as_ptr(), s.host, na) };
+        // SAFETY: as above; `na + nb <= len`, so `host + na .. + nb` is inside the buffer.
+        unsafe { ptr::copy_nonoverlapping(b.as_ptr(), s.host.wrapping_add(na), nb) };
+        na + nb
+    }
+
+    /// Guest physical address of destination `i` (for the dirty log).
+    #[inline(always)]
+    pub fn gpa(&self, i: usize) -> u64 {
+        self.items[..self.n].get(i).map_or(0, |s| s.gpa)
     }
 }

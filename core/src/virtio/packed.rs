@@ -280,6 +280,20 @@ impl PackedDevice {
         chains
     }
 
+    /// Prefetch hints for the descriptor lines of the next `n` ring slots (4 descriptors per
+    /// 64-byte line), so a burst's cache misses overlap instead of being taken one by one in
+    /// `pop`. Touches nothing.
+    #[inline]
+    pub fn prefetch(&self, n: usize) {
+        let n = n.min(usize::from(self.size));
+        let mut i = 0;
+        while i < n {
+            let slot = (usize::from(self.avail.idx) + i) % usize::from(self.size);
+            self.desc.prefetch(16 * slot);
+            i += 4;
+        }
+    }
+
     /// Pops the next available chain, writing its buffers into `segs` (device-readable first)
     /// and returning its buffer id, descriptor count and totals; `Ok(None)` when the next
     /// descriptor is not available. Same checks and guarantees as
