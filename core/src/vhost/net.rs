@@ -18,8 +18,8 @@ use crate::port::QueueStats;
 use crate::virtio::features as vf;
 use crate::virtio::net::{VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, hdr_len};
 use crate::virtio::{
-    AddrKind, Chain, DeviceQueue, DirtyLog, GuestMemory, QueueConfig, QueueError, Segs,
-    StagedWrites, VirtioNetHdr,
+    AddrKind, Chain, DeviceQueue, DirtyLog, GuestMemory, QueueConfig, QueueError, Segs, Staged,
+    VirtioNetHdr,
 };
 
 pub use crate::virtio::DirtyLog as LogArea;
@@ -60,7 +60,7 @@ pub struct VqRun {
     guest_csum: bool,
     guest_tso: bool,
     chains: Box<[Option<(Chain, u32)>; MAX_MRG_CHAINS]>,
-    staged: StagedWrites,
+    staged: Staged,
     staged_chains: Box<[Chain; STAGE]>,
 }
 
@@ -106,7 +106,7 @@ impl VqRun {
             guest_csum: f & vf::NET_GUEST_CSUM != 0,
             guest_tso: f & (vf::NET_GUEST_TSO4 | vf::NET_GUEST_TSO6) != 0,
             chains: Box::new([None; MAX_MRG_CHAINS]),
-            staged: StagedWrites::new(STAGE),
+            staged: Staged::new(STAGE),
             staged_chains: Box::new([Chain::default(); STAGE]),
         })
     }
@@ -139,9 +139,8 @@ impl VqRun {
             return 0;
         }
         let want = (self.q.avail_count() as usize).min(pkts.room());
-        let mut got = 0;
-        let mut used = 0;
-        for _ in 0..want {
+        let (mut got, mut used) = self.dequeue_staged(cache, pkts, want);
+        while used < want {
             let Some(mut m) = cache.alloc() else { break };
             let chain = match self.q.pop(&self.mem, &mut self.segs) {
                 Ok(Some(c)) => c,
@@ -286,6 +285,75 @@ impl VqRun {
             pkts.drain_front(consumed, |m| cache.free(m));
         }
         consumed - dropped as usize
+    }
+
+    /// The transmit fast path: chains whose readable bytes (header and frame) lie in one buffer
+    /// (the usual case). Pops up to [`STAGE`] chains with an mbuf for each first, requesting the
+    /// buffers' lines, then copies them all (see [`VqRun::enqueue_staged`] for why). Stops at
+    /// the first chain that needs the general path (several buffers, runt or oversized frame),
+    /// leaving it in the ring; returns (packets appended to `pkts`, chains used), equal here.
+    #[inline]
+    fn dequeue_staged(
+        &mut self,
+        cache: &mut MempoolCache,
+        pkts: &mut Burst,
+        want: usize,
+    ) -> (usize, usize) {
+        let mut done = 0;
+        while done < want {
+            let batch = (want - done).min(STAGE);
+            self.staged.clear(&self.mem);
+            let start = pkts.len();
+            let mut fallback = false;
+            for _ in 0..batch {
+                let Some(m) = cache.alloc() else {
+                    fallback = true;
+                    break;
+                };
+                let chain = match self.q.pop(&self.mem, &mut self.segs) {
+                    Ok(Some(c)) => c,
+                    _ => {
+                        cache.free(m);
+                        fallback = true;
+                        break;
+                    }
+                };
+                let total = chain.readable as usize;
+                let plen = total.saturating_sub(self.hdr_len);
+                if total < self.hdr_len
+                    || plen == 0
+                    || plen > m.tailroom()
+                    || !self.staged.push_first_readable(&self.segs, total)
+                {
+                    self.q.rewind(&chain);
+                    cache.free(m);
+                    fallback = true;
+                    break;
+                }
+                self.staged_chains[self.staged.len() - 1] = chain;
+                // Cannot fail: `want` is at most the room `pkts` had.
+                if let Err(m) = pkts.push(m) {
+                    cache.free(m);
+                }
+            }
+            let n = self.staged.len();
+            let hl = self.hdr_len;
+            for (i, m) in pkts.as_mut_slice()[start..].iter_mut().enumerate() {
+                let mut hdr = [0u8; 12];
+                self.staged.read(i, 0, &mut hdr[..hl]);
+                let plen = self.staged_chains[i].readable as usize - hl;
+                if let Some(dst) = m.append(plen) {
+                    self.staged.read(i, hl, dst);
+                }
+                apply_tx_hdr(m, &hdr[..hl]);
+                self.q.push_used(&self.staged_chains[i], 0);
+            }
+            done += n;
+            if fallback || n < batch {
+                break;
+            }
+        }
+        (done, done)
     }
 
     /// The receive fast path: packets whose header and data fit the first writable buffer of

@@ -604,15 +604,6 @@ impl Raw {
         }
     }
 
-    /// Hints the CPU to fetch the cache line holding byte `off` (no access, no fault; ignored
-    /// when out of bounds).
-    #[inline(always)]
-    fn prefetch(&self, off: usize) {
-        if off < self.len {
-            prefetch_line(self.ptr.wrapping_add(off));
-        }
-    }
-
     /// Reads the 16-byte descriptor at `off` with one volatile access (any alignment).
     #[inline(always)]
     fn load_desc(&self, off: usize) -> RawDesc {
@@ -755,12 +746,6 @@ impl RingArea {
     #[inline(always)]
     pub(crate) fn load_desc(&self, off: usize) -> RawDesc {
         self.raw.load_desc(off)
-    }
-
-    /// Prefetch hint for the line holding byte `off` of the area.
-    #[inline(always)]
-    pub(crate) fn prefetch(&self, off: usize) {
-        self.raw.prefetch(off)
     }
 
     /// Zeroes the whole area (driver-side ring initialisation).
@@ -1006,12 +991,12 @@ impl Segs {
     }
 }
 
-/// Write destinations captured from popped chains, so a burst can pop every chain first (its
-/// descriptor reads overlapping) and copy afterwards (its stores issued back to back, with the
-/// destination lines requested for writing in advance). Each entry is the first device-writable
-/// buffer of one chain. Keeps a clone of the memory table the buffers belong to, so they stay
+/// Buffers captured from popped chains, so a burst can pop every chain first (its descriptor
+/// reads overlapping) and copy afterwards (the buffers' lines requested in advance: for writing
+/// when the device fills them, for reading when it drains them). Each entry is the first
+/// device-writable or device-readable buffer of one chain. Keeps a clone of the memory table the buffers belong to, so they stay
 /// mapped while held. Allocated once.
-pub struct StagedWrites {
+pub struct Staged {
     items: Box<[Seg]>,
     n: usize,
     mem: GuestMemory,
@@ -1019,20 +1004,18 @@ pub struct StagedWrites {
 
 // SAFETY: as for `Segs`: the raw pointers point into regions of `mem`, which the value keeps
 // alive and which are `Send + Sync`.
-unsafe impl Send for StagedWrites {}
+unsafe impl Send for Staged {}
 
-impl std::fmt::Debug for StagedWrites {
+impl std::fmt::Debug for Staged {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StagedWrites")
-            .field("len", &self.n)
-            .finish()
+        f.debug_struct("Staged").field("len", &self.n).finish()
     }
 }
 
-impl StagedWrites {
+impl Staged {
     /// Room for `cap` destinations.
-    pub fn new(cap: usize) -> StagedWrites {
-        StagedWrites {
+    pub fn new(cap: usize) -> Staged {
+        Staged {
             items: vec![Seg::EMPTY; cap].into_boxed_slice(),
             n: 0,
             mem: GuestMemory::empty(),
@@ -1090,6 +1073,52 @@ impl StagedWrites {
         self.items[self.n] = s;
         self.n += 1;
         true
+    }
+
+    /// Stages the first device-readable buffer of the chain in `segs` if the chain's readable
+    /// bytes all lie in it (`total` readable bytes in all) and asks for its lines. False
+    /// (nothing staged) when full, when the chain's readable part spans buffers, or when `segs`
+    /// came from another memory table.
+    #[inline(always)]
+    pub fn push_first_readable(&mut self, segs: &Segs, total: usize) -> bool {
+        if self.n == self.items.len() || !segs.mem.ptr_eq(&self.mem) {
+            return false;
+        }
+        let Some(&s) = segs.readable().first() else {
+            return false;
+        };
+        if s.len as usize != total {
+            return false;
+        }
+        let mut off = 0;
+        while off < total {
+            // `off < total == len`: inside the buffer.
+            prefetch_line(s.host.wrapping_add(off));
+            off += 64;
+        }
+        prefetch_line(s.host.wrapping_add(total - 1));
+        self.items[self.n] = s;
+        self.n += 1;
+        true
+    }
+
+    /// Copies bytes `offset ..` of staged buffer `i` into `dst`, as many as both hold; returns
+    /// how many (0 for an `i` not staged or an offset past the end).
+    #[inline(always)]
+    pub fn read(&self, i: usize, offset: usize, dst: &mut [u8]) -> usize {
+        let Some(s) = self.items[..self.n].get(i) else {
+            return 0;
+        };
+        let len = s.len as usize;
+        if offset >= len {
+            return 0;
+        }
+        let n = dst.len().min(len - offset);
+        // SAFETY: `s.host + offset .. + n` lies inside the buffer `[host, host + len)` of a
+        // region of `self.mem`, which `self` keeps mapped; `dst[..n]` is our own memory, in
+        // bounds and disjoint from guest memory.
+        unsafe { ptr::copy_nonoverlapping(s.host.wrapping_add(offset), dst.as_mut_ptr(), n) };
+        n
     }
 
     /// Writes `a` then `b` back to back at the start of destination `i`, as much as fits;

@@ -50,7 +50,7 @@ pub mod split;
 
 pub use error::QueueError;
 pub use log::{DirtyLog, LOG_PAGE_SIZE};
-pub use mem::{GuestMemory, GuestRegion, MAX_REGIONS, SEGS_MAX, Seg, Segs, StagedWrites};
+pub use mem::{GuestMemory, GuestRegion, MAX_REGIONS, SEGS_MAX, Seg, Segs, Staged};
 pub use packed::{PackedDevice, PackedDriver};
 pub use split::{SplitDevice, SplitDriver};
 
@@ -496,12 +496,6 @@ impl DeviceQueue {
     #[inline]
     pub fn avail_count(&mut self) -> u16 {
         dispatch!(self, q => q.avail_count())
-    }
-
-    /// Prefetch hints for the next `n` chains' descriptors (see [`SplitDevice::prefetch`]).
-    #[inline]
-    pub fn prefetch(&self, n: usize) {
-        dispatch!(self, q => q.prefetch(n))
     }
 
     /// Pops the next available chain into `segs`; see [`SplitDevice::pop`].

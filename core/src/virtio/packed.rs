@@ -169,12 +169,22 @@ pub struct PackedDevice {
     /// The first used descriptor of the staged burst: (slot, flags to publish), and the used
     /// position before the burst.
     batch: Option<(u16, u16, Pos)>,
+    /// Used descriptors staged since the last flush: (slot, id, len, flags). Written to the ring
+    /// in one pass at publish time, not while the burst's packets are being copied (the driver
+    /// polls those lines; writing them one by one bounces them between the cores).
+    shadow: Box<[(u16, u16, u32, u16); SHADOW]>,
+    shadow_len: usize,
+    /// Whether part of the current batch was already written (its head's flags excepted).
+    batch_flushed: bool,
     broken: bool,
     features: u64,
     /// GPA of the descriptor ring, for dirty logging (None if it could not be derived).
     desc_gpa: Option<u64>,
     log: Option<(DirtyLog, u64)>,
 }
+
+/// Used descriptors staged locally before they are written to the ring.
+const SHADOW: usize = 64;
 
 impl std::fmt::Debug for PackedDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -207,6 +217,9 @@ impl PackedDevice {
             avail: Pos::START,
             used: Pos::START,
             batch: None,
+            shadow: Box::new([(0, 0, 0, 0); SHADOW]),
+            shadow_len: 0,
+            batch_flushed: false,
             broken: false,
             features: cfg.features,
             desc_gpa,
@@ -240,6 +253,8 @@ impl PackedDevice {
         self.avail = p;
         self.used = p;
         self.batch = None;
+        self.shadow_len = 0;
+        self.batch_flushed = false;
         Ok(())
     }
 
@@ -278,20 +293,6 @@ impl PackedDevice {
             p = p.advance(1, self.size);
         }
         chains
-    }
-
-    /// Prefetch hints for the descriptor lines of the next `n` ring slots (4 descriptors per
-    /// 64-byte line), so a burst's cache misses overlap instead of being taken one by one in
-    /// `pop`. Touches nothing.
-    #[inline]
-    pub fn prefetch(&self, n: usize) {
-        let n = n.min(usize::from(self.size));
-        let mut i = 0;
-        while i < n {
-            let slot = (usize::from(self.avail.idx) + i) % usize::from(self.size);
-            self.desc.prefetch(16 * slot);
-            i += 4;
-        }
     }
 
     /// Pops the next available chain, writing its buffers into `segs` (device-readable first)
@@ -364,9 +365,6 @@ impl PackedDevice {
     #[inline]
     pub fn push_used(&mut self, chain: &Chain, written: u32) {
         let slot = self.used.idx;
-        let off = 16 * usize::from(slot);
-        self.desc.store_u32(off + 8, written);
-        self.desc.store_u16(off + 12, chain.id);
         let flags = if self.used.wrap {
             VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED
         } else {
@@ -374,24 +372,44 @@ impl PackedDevice {
         };
         if self.batch.is_none() {
             self.batch = Some((slot, flags, self.used));
-        } else {
-            self.desc.store_u16(off + 14, flags);
         }
-        if let (Some((log, _)), Some(gpa)) = (&self.log, self.desc_gpa) {
-            log.mark(gpa.wrapping_add(off as u64), 16);
+        if self.shadow_len == SHADOW {
+            self.flush_shadow();
         }
+        self.shadow[self.shadow_len] = (slot, chain.id, written, flags);
+        self.shadow_len += 1;
         self.used = self.used.advance(chain.descs, self.size);
     }
 
-    /// Publishes the staged burst by storing its first descriptor's flags with Release; returns
-    /// whether the driver must be notified (driver area flags: ENABLE → yes, DISABLE → no,
-    /// DESC (EVENT_IDX) → if `off_wrap` lies in the published range). `false` when nothing was
-    /// staged.
+    /// Writes the staged used descriptors into the ring, all but the batch head's flags (which
+    /// publish the batch).
+    #[inline]
+    fn flush_shadow(&mut self) {
+        for (k, &(slot, id, len, flags)) in self.shadow[..self.shadow_len].iter().enumerate() {
+            let off = 16 * usize::from(slot);
+            self.desc.store_u32(off + 8, len);
+            self.desc.store_u16(off + 12, id);
+            if k > 0 || self.batch_flushed {
+                self.desc.store_u16(off + 14, flags);
+            }
+            if let (Some((log, _)), Some(gpa)) = (&self.log, self.desc_gpa) {
+                log.mark(gpa.wrapping_add(off as u64), 16);
+            }
+        }
+        self.shadow_len = 0;
+        self.batch_flushed = true;
+    }
+
+    /// Publishes the staged used descriptors (the first one's flags are written last, with
+    /// Release) and returns whether the driver must be notified, per its event suppression
+    /// structure. `false` when nothing was staged.
     #[inline]
     pub fn publish_used(&mut self) -> bool {
         let Some((slot, flags, old)) = self.batch.take() else {
             return false;
         };
+        self.flush_shadow();
+        self.batch_flushed = false;
         self.desc.store_u16_release(flags_off(slot), flags);
         fence(Ordering::SeqCst);
         match self.driver.load_u16(EV_FLAGS) & 3 {

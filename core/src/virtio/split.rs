@@ -186,23 +186,6 @@ impl SplitDevice {
         self.avail_cached.wrapping_sub(self.last_avail)
     }
 
-    /// Prefetch hints for the descriptors of the next `n` available chains (at most those
-    /// already seen by [`SplitDevice::avail_count`]): the heads are read from the avail ring
-    /// (one or two lines) and their descriptor lines requested together, so the cache misses of a
-    /// burst overlap instead of being taken one by one in `pop`. Reads nothing outside the rings;
-    /// out-of-range heads are skipped (`pop` reports them).
-    #[inline]
-    pub fn prefetch(&self, n: usize) {
-        let n = n.min(usize::from(self.avail_cached.wrapping_sub(self.last_avail)));
-        for i in 0..n.min(usize::from(self.size)) {
-            let slot = self.last_avail.wrapping_add(i as u16) & self.mask;
-            let head = self.avail.load_u16(avail_slot(slot));
-            if head < self.size {
-                self.desc.prefetch(16 * usize::from(head));
-            }
-        }
-    }
-
     /// Pops the next available chain, writing its buffers into `segs` (device-readable first)
     /// and returning its head index and totals; `Ok(None)` when nothing is available.
     ///
