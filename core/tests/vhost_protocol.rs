@@ -864,7 +864,21 @@ fn set_bit(b: &mut [u8], p: u64) {
 
 #[test]
 fn dirty_log_marks_exactly_the_written_pages() {
-    let features = vf::VERSION_1 | vf::NET_MRG_RXBUF | vf::VHOST_F_LOG_ALL;
+    dirty_log_case(false);
+}
+
+/// The same with packed rings: the device writes used descriptors into the descriptor ring, so
+/// that ring's page is marked (and the buffers written), nothing else.
+#[test]
+fn dirty_log_marks_exactly_the_written_pages_packed() {
+    dirty_log_case(true);
+}
+
+fn dirty_log_case(packed: bool) {
+    let mut features = vf::VERSION_1 | vf::NET_MRG_RXBUF | vf::VHOST_F_LOG_ALL;
+    if packed {
+        features |= vf::RING_PACKED;
+    }
     let seg = Segment::new("vhost-proto-log", LOG_MEM as usize, MemMode::NoHuge).unwrap();
     let uva0 = seg.base() as u64;
     // SAFETY: the region covers exactly the segment's mapping, alive for the whole test; no
@@ -899,7 +913,8 @@ fn dirty_log_marks_exactly_the_written_pages() {
             avail: uva0 + q.avail,
             log: q.used,
         },
-        base: 0,
+        // Packed: bit 15 is the wrap counter, which starts at 1.
+        base: if packed { 0x8000 } else { 0 },
         features,
         call: None,
         log: Some(Arc::clone(&log)),
@@ -959,8 +974,14 @@ fn dirty_log_marks_exactly_the_written_pages() {
     }
     assert_eq!(n, lens.len());
     while tx.reap().unwrap().is_some() {}
-    set_bit(&mut want, page(rxq.used));
-    set_bit(&mut want, page(txq.used));
+    if packed {
+        // Packed: used descriptors are written in place, in the descriptor ring.
+        set_bit(&mut want, page(rxq.desc));
+        set_bit(&mut want, page(txq.desc));
+    } else {
+        set_bit(&mut want, page(rxq.used));
+        set_bit(&mut want, page(txq.used));
+    }
 
     let got = bitmap_of(&log_file, log_len);
     let pages = |b: &[u8]| -> Vec<u64> {
@@ -1134,4 +1155,98 @@ fn packed_negotiation_and_vring_base() {
     assert_eq!(s.fe.get_vring_base(0).unwrap(), 0x8000 | 5);
     assert_eq!(s.fe.get_vring_base(1).unwrap(), 0x8000);
     assert!(!sh.link_up.load(Ordering::Relaxed));
+}
+
+/// CONFIGURE_MEM_SLOTS: ADD_MEM_REG maps a second region while the rings run (a packet lands in
+/// it), REM_MEM_REG unmaps it (a buffer there is then refused: the queue is marked broken and
+/// the error counted, nothing is written), and a region overlapping a mapped one is refused.
+#[test]
+fn add_and_remove_memory_regions() {
+    let srv = start("memreg", split_cfg());
+    let sh = Arc::clone(srv.shared());
+    let g = Guest::new();
+    let mut s = negotiate(&srv, &g, SPLIT_FEATURES, [0, 0]);
+    s.set_status(15);
+    assert_eq!(gates(&sh), [true, true]);
+
+    const LEN2: u64 = 0x10_0000;
+    let gpa2 = GPA0 + MEM_LEN + 0x10_0000;
+    let seg2 = Segment::new("vhost-proto-2", LEN2 as usize, MemMode::NoHuge).unwrap();
+    let info2 = VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa2,
+        memory_size: LEN2,
+        userspace_addr: seg2.base() as u64,
+        mmap_offset: 0,
+        mmap_handle: seg2.file().as_raw_fd(),
+    };
+    s.fe.add_mem_region(&info2).unwrap();
+    eventually("rings running after ADD_MEM_REG", || {
+        gates(&sh) == [true, true]
+    });
+
+    // The guest's view: both regions.
+    // SAFETY: both regions cover exactly their segments' mappings, alive for the whole test.
+    let r1 =
+        unsafe { GuestRegion::from_raw(g.seg.base(), MEM_LEN, GPA0, g.seg.base() as u64, None) };
+    // SAFETY: as above.
+    let r2 = unsafe { GuestRegion::from_raw(seg2.base(), LEN2, gpa2, seg2.base() as u64, None) };
+    let both = GuestMemory::new(vec![r1, r2]).unwrap();
+    let mut rx = DriverQueue::new(&g.ring(0, SPLIT_FEATURES), &both).unwrap();
+    let buf = gpa2 + 0x800;
+    rx.add(&[(buf, 2048, true)]).unwrap();
+    rx.publish_avail();
+
+    let p = pool("memreg");
+    let mut cache = p.cache(32);
+    let stats = QueueStats::new();
+    let payload: Vec<u8> = (0..64u8).map(|i| i ^ 0x5a).collect();
+    let mut send = |cache: &mut vdpakit_core::mempool::MempoolCache| {
+        sh.vqs[0]
+            .enter(|run| {
+                let mut b = Burst::new(4);
+                let mut m = cache.alloc().unwrap();
+                m.append(payload.len()).unwrap().copy_from_slice(&payload);
+                b.push(m).unwrap();
+                run.enqueue(&mut b, cache, &stats)
+            })
+            .expect("rx gate open")
+    };
+    assert_eq!(send(&mut cache), 1, "a packet into the added region");
+    let (_, len) = rx.reap().unwrap().expect("used entry");
+    assert_eq!(len as usize, 12 + payload.len());
+    let mut got = vec![0u8; payload.len()];
+    both.read(buf + 12, &mut got).unwrap();
+    assert_eq!(got, payload);
+
+    s.fe.remove_mem_region(&info2).unwrap();
+    eventually("rings running after REM_MEM_REG", || {
+        gates(&sh) == [true, true]
+    });
+    both.write(buf, &[0u8; 128]).unwrap();
+    rx.add(&[(buf, 2048, true)]).unwrap();
+    rx.publish_avail();
+    let errors_before = stats.read().errors;
+    assert_eq!(
+        send(&mut cache),
+        0,
+        "the removed region is no longer guest memory"
+    );
+    assert_eq!(stats.read().errors, errors_before + 1);
+    let mut after = vec![0u8; 128];
+    both.read(buf, &mut after).unwrap();
+    assert!(
+        after.iter().all(|&b| b == 0),
+        "nothing written to the removed region"
+    );
+
+    // Overlapping the first region: refused (NACK with REPLY_ACK).
+    let seg3 = Segment::new("vhost-proto-3", LEN2 as usize, MemMode::NoHuge).unwrap();
+    let overlap = VhostUserMemoryRegionInfo {
+        guest_phys_addr: GPA0 + 0x1000,
+        memory_size: LEN2,
+        userspace_addr: seg3.base() as u64,
+        mmap_offset: 0,
+        mmap_handle: seg3.file().as_raw_fd(),
+    };
+    assert!(s.fe.add_mem_region(&overlap).is_err());
 }
