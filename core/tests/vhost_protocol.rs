@@ -1200,7 +1200,7 @@ fn add_and_remove_memory_regions() {
     let mut cache = p.cache(32);
     let stats = QueueStats::new();
     let payload: Vec<u8> = (0..64u8).map(|i| i ^ 0x5a).collect();
-    let mut send = |cache: &mut vdpakit_core::mempool::MempoolCache| {
+    let send = |cache: &mut vdpakit_core::mempool::MempoolCache| {
         sh.vqs[0]
             .enter(|run| {
                 let mut b = Burst::new(4);
