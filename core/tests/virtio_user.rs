@@ -333,3 +333,33 @@ fn back_end_restart_reconnects_and_accounts_for_everything() {
         let _ = std::fs::remove_dir_all(sock.parent().unwrap());
     }
 }
+
+/// `server=1`: the front end listens and a back end in client mode connects to it.
+#[test]
+fn server_mode_front_end_takes_a_connecting_back_end() {
+    let pool = pool();
+    let sock = sock_path();
+    let mut fe = front_end(
+        &format!("virtio-user:path={},server=1,packed=1", sock.display()),
+        &pool,
+    );
+    assert!(sock.exists(), "the front end listens at once");
+    let mut be = back_end(
+        &format!("vhost-user:path={},client=1", sock.display()),
+        &pool,
+    );
+    wait_until("both links", || fe.link().up && be.link().up);
+    let mut fq = fe.take_queues().unwrap();
+    let mut bq = be.take_queues().unwrap();
+    transfer(&pool, &mut fq[0], &mut bq[0], 0, 600);
+    transfer(&pool, &mut bq[0], &mut fq[0], 0, 600);
+    assert_eq!(fe.stats().tx.packets, 600);
+    assert_eq!(be.stats().rx.packets, 600);
+    assert_eq!(fe.stats().rx.packets, 600);
+    drop(fq);
+    drop(bq);
+    be.stop().unwrap();
+    fe.stop().unwrap();
+    assert!(!sock.exists(), "the socket is removed when the port stops");
+    let _ = std::fs::remove_dir_all(sock.parent().unwrap());
+}
