@@ -191,6 +191,18 @@ fn bad_input_is_one_line_exit_2() {
         ),
         (&["fwd", "--port", "ring:nmae=a"], &["'nmae'", "name, peer"]),
         (
+            &["fwd", "--port", "virtio-user:path=/nonexistent,packed=2"],
+            &["packed='2'", "one of 0, 1"],
+        ),
+        (
+            &[
+                "fwd",
+                "--port",
+                "virtio-user:path=/nonexistent,queue_size=100",
+            ],
+            &["queue_size='100'", "power of two"],
+        ),
+        (
             &["fwd", "--port", "ring:name"],
             &["'name' is not key=value"],
         ),
@@ -296,6 +308,10 @@ fn ports_subcommand_lists_kinds_and_keys() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         s.contains("null") && s.contains("ring") && s.contains("prefill"),
+        "{s}"
+    );
+    assert!(
+        s.contains("virtio-user") && s.contains("queue_size") && s.contains("server"),
         "{s}"
     );
 }

@@ -1,5 +1,6 @@
 //! vdpakit's vhost-user back end against real peers: DPDK's `dpdk-testpmd` with `net_virtio_user`
-//! (a front end nobody here wrote) and a QEMU + Linux guest. Counts must match exactly.
+//! (a front end nobody here wrote) and a QEMU + Linux guest; and vdpakit's `virtio-user` front end
+//! against DPDK's `net_vhost` back end and against another vdpakit. Counts must match exactly.
 //!
 //! Custom harness (libtest-mimic): when a peer cannot run here, the case is reported as ignored
 //! with one `SKIP name: reason` line, never as passed.
@@ -73,6 +74,29 @@ struct Case {
 }
 
 fn testpmd_cmd(sock: &Path, prefix: &str, devargs: &str, mode: &str, queues: u16) -> Command {
+    testpmd_with(
+        prefix,
+        &format!(
+            "net_virtio_user0,path={},queues={queues},{devargs}",
+            sock.display()
+        ),
+        mode,
+        queues,
+    )
+}
+
+/// testpmd as a vhost-user *back end* (`net_vhost`, listening on `sock`), for vdpakit's
+/// `virtio-user` port to drive.
+fn testpmd_vhost_cmd(sock: &Path, prefix: &str, mode: &str, queues: u16) -> Command {
+    testpmd_with(
+        prefix,
+        &format!("net_vhost0,iface={},queues={queues}", sock.display()),
+        mode,
+        queues,
+    )
+}
+
+fn testpmd_with(prefix: &str, vdev: &str, mode: &str, queues: u16) -> Command {
     let mut c = Command::new("dpdk-testpmd");
     c.args([
         "--lcores",
@@ -83,10 +107,7 @@ fn testpmd_cmd(sock: &Path, prefix: &str, devargs: &str, mode: &str, queues: u16
         "--single-file-segments",
     ])
     .arg(format!("--file-prefix={prefix}"))
-    .arg(format!(
-        "--vdev=net_virtio_user0,path={},queues={queues},{devargs}",
-        sock.display()
-    ))
+    .arg(format!("--vdev={vdev}"))
     // Interactive: the test types start / stop / quit, so forwarding can stop while the port
     // stays up and the peer drains what is in flight (stopping the port ends the rings).
     .args(["--", "-i", "--nb-cores=1", "--no-mlockall", "--no-flush-rx"])
@@ -418,6 +439,381 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// vdpakit as the vhost-user front end (`virtio-user` port)
+// ---------------------------------------------------------------------------------------------
+
+/// A `vdpakit fwd` on one port; its JSON goes to `json`, its stderr to `<name>.log` in `dir`.
+fn vk_fwd(
+    dir: &Path,
+    name: &str,
+    port: &str,
+    mode: &str,
+    core: &str,
+    extra: &[&str],
+    json: &Path,
+) -> Result<HostProcess, Failed> {
+    let mut cmd = Command::new(vdpakit());
+    cmd.args([
+        "fwd",
+        "--port",
+        port,
+        "--mode",
+        mode,
+        "--cores",
+        core,
+        "--json",
+        "--stats-period",
+        "0",
+    ])
+    .args(extra);
+    cmd.env(
+        "VDPAKIT_LOG",
+        std::env::var("VK_PEER_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    HostProcess::spawn(
+        name,
+        sh_redirect(cmd, json),
+        &dir.join(format!("{name}.log")),
+    )
+    .map_err(|e| Failed::from(e.to_string()))
+}
+
+/// Port 0 of a vdpakit JSON report.
+fn vk_port(json: &Path, vk: &HostProcess) -> Result<Value, Failed> {
+    let out = std::fs::read_to_string(json)
+        .map_err(|e| format!("{}: {e}\n{}", json.display(), vk.log_tail(20)))?;
+    let v: Value = serde_json::from_str(out.trim())
+        .map_err(|e| format!("vdpakit JSON: {e}: {out}\n{}", vk.log_tail(20)))?;
+    let p = v["ports"][0].clone();
+    let errs = p["rx_errors"].as_u64().unwrap_or(1) + p["tx_errors"].as_u64().unwrap_or(1);
+    if errs != 0 {
+        return Err(format!("vdpakit counted {errs} errors: {p}\n{}", vk.log_tail(20)).into());
+    }
+    Ok(p)
+}
+
+fn count(p: &Value, key: &str) -> u64 {
+    p[key].as_u64().unwrap_or(u64::MAX)
+}
+
+struct VuCase {
+    name: &'static str,
+    /// vdpakit's mode; testpmd runs the opposite.
+    vk_mode: &'static str,
+    /// virtio-user keys after the path.
+    keys: &'static str,
+    queues: u16,
+}
+
+const VU_CASES: &[VuCase] = &[
+    VuCase {
+        name: "vu_split_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=0",
+        queues: 1,
+    },
+    VuCase {
+        name: "vu_split_nomrg_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=0,mrg_rxbuf=0",
+        queues: 1,
+    },
+    VuCase {
+        name: "vu_packed_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=1,mrg_rxbuf=1",
+        queues: 1,
+    },
+    VuCase {
+        name: "vu_packed_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=1",
+        queues: 1,
+    },
+    VuCase {
+        name: "vu_split_2q_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=0",
+        queues: 2,
+    },
+    VuCase {
+        name: "vu_packed_2q_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=1",
+        queues: 2,
+    },
+];
+
+/// `vdpakit fwd --port virtio-user:...` against `dpdk-testpmd --vdev net_vhost0,...` (DPDK's
+/// back end, listening): exact counts on both sides.
+fn run_vu_case(c: &VuCase) -> Result<(), Failed> {
+    let prefix = format!("vku{}", std::process::id());
+    let r = run_vu_case_inner(c, &prefix);
+    cleanup_dpdk(&prefix);
+    r
+}
+
+fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-vu").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let json = dir.join("vdpakit.json");
+    let vk_tx = c.vk_mode == "txonly";
+    let tp_mode = if vk_tx { "rxonly" } else { "txonly" };
+    let mut tp = HostProcess::spawn(
+        "testpmd",
+        testpmd_vhost_cmd(&sock, prefix, tp_mode, c.queues),
+        &dir.join("testpmd.log"),
+    )
+    .map_err(|e| e.to_string())?;
+    wait_for_socket(&sock)?;
+    let port = format!("virtio-user:path={},{}", sock.display(), c.keys);
+    let q = c.queues.to_string();
+    let mut extra = vec!["--queues", &q];
+    if vk_tx {
+        extra.extend(["--start-delay", "2", "--duration", "3", "--linger", "3"]);
+    }
+    let mut vk = vk_fwd(dir.path(), "vdpakit", &port, c.vk_mode, "1", &extra, &json)?;
+    let cmd = |tp: &mut HostProcess, line: &str| {
+        tp.write_stdin(format!("{line}\n").as_bytes())
+            .map_err(|e| Failed::from(e.to_string()))
+    };
+    if vk_tx {
+        cmd(&mut tp, "start")?;
+        std::thread::sleep(Duration::from_millis(6500));
+        cmd(&mut tp, "stop")?;
+        std::thread::sleep(Duration::from_millis(500));
+        wait_exit(&mut vk, Duration::from_secs(20))?;
+        cmd(&mut tp, "quit")?;
+        wait_exit(&mut tp, Duration::from_secs(20))?;
+    } else {
+        // Let vdpakit connect and set the rings up before testpmd transmits.
+        std::thread::sleep(Duration::from_millis(1500));
+        cmd(&mut tp, "start")?;
+        std::thread::sleep(Duration::from_secs(3));
+        cmd(&mut tp, "stop")?;
+        // testpmd no longer transmits but its port is up: vdpakit drains its ring.
+        std::thread::sleep(Duration::from_millis(1000));
+        signal(&vk, "-INT");
+        wait_exit(&mut vk, Duration::from_secs(20))?;
+        cmd(&mut tp, "quit")?;
+        wait_exit(&mut tp, Duration::from_secs(20))?;
+    }
+    let tp_log = tp.log();
+    drop(tp);
+    let (tp_rx, tp_tx) = testpmd_counts(&tp_log)?;
+    let p = vk_port(&json, &vk)?;
+    let (vk_rx, vk_txd) = (count(&p, "rx_packets"), count(&p, "tx_packets"));
+    eprintln!(
+        "{}: vdpakit rx {vk_rx} tx {vk_txd} | testpmd rx {tp_rx} tx {tp_tx}",
+        c.name
+    );
+    let (sent, got, what) = if vk_tx {
+        (vk_txd, tp_rx, "vdpakit tx vs testpmd rx")
+    } else {
+        (tp_tx, vk_rx, "testpmd tx vs vdpakit rx")
+    };
+    if sent == 0 || sent != got {
+        return Err(format!(
+            "{}: {what}: {sent} sent, {got} received\nvdpakit: {p}\ntestpmd:\n{}\nvdpakit log:\n{}",
+            c.name,
+            tail(&tp_log, 25),
+            vk.log_tail(30)
+        )
+        .into());
+    }
+    if c.queues > 1 {
+        let qs = p["queues"].as_array().cloned().unwrap_or_default();
+        let key = if vk_tx { "tx_packets" } else { "rx_packets" };
+        if qs.len() != c.queues as usize || qs.iter().any(|x| x[key].as_u64().unwrap_or(0) == 0) {
+            return Err(format!(
+                "{}: expected traffic on all {} queues: {qs:?}",
+                c.name, c.queues
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Two vdpakit processes: one `vhost-user` back end, one `virtio-user` front end, on separate
+/// CPUs. The transmitting one runs for 3 s and lingers; the receiver must count exactly what the
+/// transmitter counted as sent.
+fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-pair").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let timed = ["--start-delay", "2", "--duration", "3", "--linger", "2"];
+    let (be_mode, fe_mode) = if front_tx {
+        ("rxonly", "txonly")
+    } else {
+        ("txonly", "rxonly")
+    };
+    let be_port = format!("vhost-user:path={}", sock.display());
+    let be_extra: &[&str] = if front_tx { &[] } else { &timed };
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        be_mode,
+        "0",
+        be_extra,
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={}",
+        sock.display(),
+        packed as u8
+    );
+    let fe_extra: &[&str] = if front_tx { &timed } else { &[] };
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        fe_mode,
+        "1",
+        fe_extra,
+        &fe_json,
+    )?;
+    let (tx, rx) = if front_tx {
+        (&mut fe, &mut be)
+    } else {
+        (&mut be, &mut fe)
+    };
+    wait_exit(tx, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(rx, "-INT");
+    wait_exit(rx, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    let (sent, got) = if front_tx {
+        (count(&fp, "tx_packets"), count(&bp, "rx_packets"))
+    } else {
+        (count(&bp, "tx_packets"), count(&fp, "rx_packets"))
+    };
+    eprintln!("vdpakit pair (front tx {front_tx}, packed {packed}): sent {sent}, received {got}");
+    if sent == 0 || sent != got {
+        return Err(format!(
+            "sent {sent}, received {got}\nback end: {bp}\nfront end: {fp}\nfront log:\n{}\nback log:\n{}",
+            fe.log_tail(20),
+            be.log_tail(20)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The back end behind a running `virtio-user` front end (transmitting) is stopped and a new
+/// one started on the same socket: the front end reconnects by itself, traffic resumes, and what
+/// the front end counts as sent equals what the two back ends received (packets offered while
+/// no back end was there, or left unconsumed by the departed one, are counted as drops).
+/// `testpmd`: the back ends are DPDK's; otherwise vdpakit's.
+fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-vureco").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let prefix = format!("vkv{}", std::process::id());
+    let fe_json = dir.join("fe.json");
+    let result = (|| -> Result<(), Failed> {
+        // A back end (rxonly) that can be stopped cleanly and reports what it received.
+        struct Back {
+            p: HostProcess,
+            json: PathBuf,
+        }
+        let start_back = |n: u32| -> Result<Back, Failed> {
+            let json = dir.join(&format!("be{n}.json"));
+            let p = if testpmd {
+                let mut p = HostProcess::spawn(
+                    "testpmd",
+                    testpmd_vhost_cmd(&sock, &format!("{prefix}x{n}"), "rxonly", 1),
+                    &dir.join(&format!("testpmd{n}.log")),
+                )
+                .map_err(|e| e.to_string())?;
+                p.write_stdin(b"start\n").map_err(|e| e.to_string())?;
+                p
+            } else {
+                let port = format!("vhost-user:path={}", sock.display());
+                vk_fwd(
+                    dir.path(),
+                    &format!("back{n}"),
+                    &port,
+                    "rxonly",
+                    "0",
+                    &[],
+                    &json,
+                )?
+            };
+            wait_for_socket(&sock)?;
+            Ok(Back { p, json })
+        };
+        let stop_back = |b: &mut Back| -> Result<u64, Failed> {
+            if testpmd {
+                b.p.write_stdin(b"stop\n").map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(300));
+                b.p.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
+                wait_exit(&mut b.p, Duration::from_secs(20))?;
+                Ok(testpmd_counts(&b.p.log())?.0)
+            } else {
+                signal(&b.p, "-INT");
+                wait_exit(&mut b.p, Duration::from_secs(20))?;
+                Ok(count(&vk_port(&b.json, &b.p)?, "rx_packets"))
+            }
+        };
+        let mut b1 = start_back(1)?;
+        let fe_port = format!("virtio-user:path={}", sock.display());
+        let mut fe = vk_fwd(
+            dir.path(),
+            "front",
+            &fe_port,
+            "txonly",
+            "1",
+            &["--start-delay", "1", "--duration", "10", "--linger", "2"],
+            &fe_json,
+        )?;
+        std::thread::sleep(Duration::from_secs(4));
+        let rx1 = stop_back(&mut b1)?;
+        if testpmd {
+            cleanup_dpdk(&format!("{prefix}x1"));
+        }
+        let _ = std::fs::remove_file(&sock);
+        std::thread::sleep(Duration::from_secs(1));
+        let mut b2 = start_back(2)?;
+        wait_exit(&mut fe, Duration::from_secs(30))?;
+        let rx2 = stop_back(&mut b2)?;
+        let fp = vk_port(&fe_json, &fe)?;
+        let (sent, dropped) = (count(&fp, "tx_packets"), count(&fp, "tx_dropped"));
+        let log = fe.log();
+        let setups = log.matches("back end set up").count();
+        eprintln!(
+            "front end sent {sent} (dropped {dropped}) over {setups} back ends | received {rx1} + {rx2}"
+        );
+        if setups != 2 || rx1 == 0 || rx2 == 0 {
+            return Err(format!(
+                "expected traffic through two back ends, got {setups} set-ups, {rx1} and {rx2} packets\n{}",
+                fe.log_tail(20)
+            )
+            .into());
+        }
+        if sent != rx1 + rx2 {
+            return Err(format!(
+                "front end counted {sent} sent, the back ends received {rx1} + {rx2} = {}\n{fp}\n{}",
+                rx1 + rx2,
+                fe.log_tail(20)
+            )
+            .into());
+        }
+        if dropped == 0 {
+            return Err(
+                format!("nothing counted as dropped while the back end was away: {fp}").into(),
+            );
+        }
+        Ok(())
+    })();
+    for n in 1..=2 {
+        cleanup_dpdk(&format!("{prefix}x{n}"));
+    }
+    result
+}
+
 const CASES: &[Case] = &[
     Case {
         name: "split_mrg_testpmd_to_vdpakit",
@@ -523,6 +919,36 @@ fn main() -> ExitCode {
         }
         None => t,
     });
+    for c in VU_CASES {
+        let t = Trial::test(c.name, move || run_vu_case(c));
+        trials.push(match &skip {
+            Some(why) => {
+                println!("SKIP {}: {why}", c.name);
+                t.with_ignored_flag(true)
+            }
+            None => t,
+        });
+    }
+    let t = Trial::test("vu_testpmd_back_end_restart", || {
+        front_end_survives_back_end_restart(true)
+    });
+    trials.push(match &skip {
+        Some(why) => {
+            println!("SKIP vu_testpmd_back_end_restart: {why}");
+            t.with_ignored_flag(true)
+        }
+        None => t,
+    });
+    // vdpakit against itself needs neither testpmd nor hugepages (4 KiB pages are used then).
+    trials.push(Trial::test("vu_vdpakit_pair_front_to_back_split", || {
+        vdpakit_pair(true, false)
+    }));
+    trials.push(Trial::test("vu_vdpakit_pair_back_to_front_packed", || {
+        vdpakit_pair(false, true)
+    }));
+    trials.push(Trial::test("vu_vdpakit_back_end_restart", || {
+        front_end_survives_back_end_restart(false)
+    }));
     // Guest artefacts (kernel, busybox, QEMU): a missing prerequisite skips, a broken harness fails.
     let guest = if args.list {
         Ok(())

@@ -13,6 +13,7 @@ mod null;
 mod ring;
 mod spec;
 mod vhost_user;
+mod virtio_user;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +22,7 @@ use crossbeam_utils::CachePadded;
 
 pub use self::ring::RingRegistry;
 pub use self::spec::{PortSpec, SpecArgs};
+pub use self::virtio_user::VirtioUserPort;
 use crate::error::{Error, Result};
 use crate::mbuf::Burst;
 use crate::mempool::Mempool;
@@ -265,7 +267,7 @@ pub struct PortKind {
 }
 
 /// The port kinds this build knows.
-pub const KINDS: &[PortKind] = &[null::KIND, ring::KIND, vhost_user::KIND];
+pub const KINDS: &[PortKind] = &[null::KIND, ring::KIND, vhost_user::KIND, virtio_user::KIND];
 
 /// Builds a port from a spec.
 pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
@@ -273,6 +275,7 @@ pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
         "null" => Ok(Box::new(null::NullPort::new(spec, env)?)),
         "ring" => Ok(Box::new(ring::RingPort::new(spec, env)?)),
         "vhost-user" => Ok(Box::new(vhost_user::VhostUserPort::new(spec, env)?)),
+        "virtio-user" => Ok(Box::new(virtio_user::VirtioUserPort::new(spec, env)?)),
         other => Err(Error::UnknownPortKind {
             kind: other.to_string(),
             known: KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),

@@ -1,8 +1,10 @@
 //! vhost-user: the wire protocol ([`msg`]), the connection ([`socket`]), the back end's control
 //! state machine ([`device`]) and control thread ([`server`]), the control/datapath handoff
-//! ([`handoff`]) and the net software datapath ([`net`]).
+//! ([`handoff`]), the net software datapath ([`net`]) and the front end's protocol client
+//! ([`frontend`], used by the `virtio-user` port).
 
 pub mod device;
+pub mod frontend;
 pub mod handoff;
 pub mod msg;
 pub mod net;
@@ -11,7 +13,8 @@ pub mod socket;
 
 use std::path::PathBuf;
 
-/// Errors of the vhost-user back end. Each names the request and the offending value.
+/// Errors of the vhost-user back end and front end. Each names the request and the offending
+/// value.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostError {
     /// Framing or payload error.
@@ -61,6 +64,30 @@ pub enum VhostError {
         /// OS error.
         #[source]
         source: std::io::Error,
+    },
+    /// The back end answered a REPLY_ACK request with a failure status (front end side).
+    #[error("{req}: the back end refused it (REPLY_ACK status {status})")]
+    Nack {
+        /// Request name.
+        req: &'static str,
+        /// Status it sent (non-zero).
+        status: u64,
+    },
+    /// The back end's reply does not fit the request (front end side).
+    #[error("{req}: bad reply from the back end: {why}")]
+    BadReply {
+        /// Request name.
+        req: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+    /// The back end lacks a feature the user asked for explicitly (front end side).
+    #[error("the back end does not offer {feature}, which {asked} asks for")]
+    MissingFeature {
+        /// Feature name.
+        feature: &'static str,
+        /// The spec key that asked for it (`packed=1`...).
+        asked: String,
     },
     /// The socket could not be set up.
     #[error("vhost-user socket {}: {why}", path.display())]

@@ -420,6 +420,17 @@ pub fn parse_vring_addr(p: &[u8]) -> Result<VringAddr, MsgError> {
     })
 }
 
+/// Encodes a SET_VRING_ADDR payload (the front end's side).
+pub fn encode_vring_addr(a: &VringAddr) -> Vec<u8> {
+    let mut v = Vec::with_capacity(40);
+    v.extend_from_slice(&a.index.to_le_bytes());
+    v.extend_from_slice(&a.flags.to_le_bytes());
+    for x in [a.desc, a.used, a.avail, a.log] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v
+}
+
 /// One memory region as described on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemRegion {
@@ -513,6 +524,20 @@ pub fn parse_mem_table(p: &[u8], nfds: usize) -> Result<Vec<MemRegion>, MsgError
         check_region(req, r)?;
     }
     Ok(regions)
+}
+
+/// Encodes a SET_MEM_TABLE payload with exactly `regions.len()` (1..=8) regions (the front
+/// end's side; the fds go alongside, one per region, in the same order).
+pub fn encode_mem_table(regions: &[MemRegion]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + 32 * regions.len());
+    v.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    for r in regions {
+        for x in [r.gpa, r.size, r.uva, r.mmap_offset] {
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    v
 }
 
 /// Parses ADD_MEM_REG / REM_MEM_REG (u64 padding + one region).
@@ -761,6 +786,34 @@ mod tests {
             1,
             "QEMU's full-size table"
         );
+    }
+
+    #[test]
+    fn front_end_encoders_round_trip_through_the_parsers() {
+        let a = VringAddr {
+            index: 3,
+            flags: 0,
+            desc: 0x1000,
+            used: 0x3000,
+            avail: 0x2000,
+            log: 0,
+        };
+        assert_eq!(parse_vring_addr(&encode_vring_addr(&a)).unwrap(), a);
+        let r = [
+            MemRegion {
+                gpa: 0x7f00_0000_0000,
+                size: 2 << 20,
+                uva: 0x7f00_0000_0000,
+                mmap_offset: 0,
+            },
+            MemRegion {
+                gpa: 0x7f10_0000_0000,
+                size: 4096,
+                uva: 0x7f10_0000_0000,
+                mmap_offset: 0,
+            },
+        ];
+        assert_eq!(parse_mem_table(&encode_mem_table(&r), 2).unwrap(), r);
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl Drop for Server {
 }
 
 /// Waits until `fd` is readable (or hung up) or `stop` fires; returns false on stop.
-fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> bool {
+pub(crate) fn wait_readable(fd: &impl AsFd, stop: &EventFd) -> bool {
     loop {
         let mut fds = [
             PollFd::new(fd.as_fd(), PollFlags::POLLIN),
@@ -175,7 +175,7 @@ fn control_loop(
 }
 
 /// Sleeps `d` unless `stop` fires first; returns whether it fired.
-fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
+pub(crate) fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
     let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
     let t = PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX);
     matches!(poll(&mut fds, t), Ok(n) if n > 0)

@@ -24,10 +24,10 @@ pub struct Message {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
     /// The peer closed the connection (at a message boundary).
-    #[error("the front end closed the connection")]
+    #[error("the peer closed the connection")]
     Closed,
     /// The peer closed the connection in the middle of a message.
-    #[error("the front end vanished mid-message ({got} of {want} bytes)")]
+    #[error("the peer vanished mid-message ({got} of {want} bytes)")]
     Truncated {
         /// Bytes received.
         got: usize,

@@ -159,6 +159,20 @@ impl GuestRegion {
         }
     }
 
+    /// A region over a whole vdpakit [`Segment`](crate::mem::Segment) with identity addresses
+    /// (GPA = UVA = the segment's address in this process, IOVA = VA): what a virtio-user front
+    /// end uses for its own rings and buffers. The region keeps the segment mapped.
+    pub fn from_segment(seg: &Arc<crate::mem::Segment>) -> GuestRegion {
+        let keep: KeepAlive = Arc::clone(seg) as KeepAlive;
+        let base = seg.base();
+        // SAFETY: `base .. base + len` is the segment's own read-write shared mapping, which
+        // stays mapped while the `Arc<Segment>` held in `keep` lives, i.e. as long as this region
+        // and everything built from it; the segment hands out no Rust references into it.
+        unsafe {
+            GuestRegion::from_raw(base, seg.len() as u64, base as u64, base as u64, Some(keep))
+        }
+    }
+
     /// Guest physical address of the first byte.
     pub fn gpa(&self) -> u64 {
         self.gpa

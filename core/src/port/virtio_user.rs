@@ -1,0 +1,1189 @@
+//! The `virtio-user` port: vdpakit as the vhost-user *front end* (the driver side) of a back end
+//! such as DPDK's `net_vhost`, a vDPA daemon or vdpakit's own `vhost-user` port.
+//!
+//! Memory: the port's mbuf pool lives in one memfd `Segment`, its virtio rings in another; both
+//! are shared with the back end by fd in SET_MEM_TABLE with identity addresses (guest physical =
+//! front-end virtual = our virtual address, IOVA = VA), so mbuf data addresses go straight into
+//! descriptors and nothing is copied on our side.
+//!
+//! Queues: queue pair `q` is receive vring `2q` (we post empty mbufs, the back end fills them) and
+//! transmit vring `2q + 1` (we post packets with a zeroed virtio-net header prepended in the
+//! headroom). Each vring's runtime (the driver-side queue, the id → mbuf table, the kick eventfd)
+//! sits in a [`Handoff`]: the port's queues enter it once per burst; the control thread builds it
+//! when a back end is set up and takes it away when the back end goes.
+//!
+//! Control thread: connects (client mode, retrying every second) or listens (`server=1`),
+//! negotiates, sets the rings up and then waits for the back end to hang up or for the port to
+//! stop. When the back end goes away, packets it had not consumed are counted as transmit drops,
+//! posted receive buffers are kept for the next back end, and the thread reconnects; meanwhile
+//! `tx_burst` takes nothing (the caller counts drops) and `rx_burst` returns nothing.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use super::{
+    Counters, LinkStatus, Port, PortConf, PortEnv, PortKind, PortSpec, PortState, PortStats,
+    QueuePair, QueueStats, RxQueue, StatsBlocks, TxQueue,
+};
+use crate::error::{Error, Result};
+use crate::mbuf::{Burst, Mbuf};
+use crate::mem::{MemMode, Segment};
+use crate::mempool::{Mempool, MempoolCache};
+use crate::vhost::VhostError;
+use crate::vhost::device::MAX_QUEUE_PAIRS;
+use crate::vhost::frontend::Frontend;
+use crate::vhost::handoff::Handoff;
+use crate::vhost::msg::{MemRegion, VringAddr, proto};
+use crate::vhost::server::{sleep_or_stop, wait_readable};
+use crate::virtio::features as vf;
+use crate::virtio::net::hdr_len;
+use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, ring_layout};
+
+pub(super) const KIND: PortKind = PortKind {
+    name: "virtio-user",
+    about: "vhost-user front end on a Unix socket (drives a vhost-user back end such as DPDK's net_vhost), zero-copy",
+    keys: &[
+        ("path", "socket path (required)"),
+        (
+            "server",
+            "1: listen and wait for the back end; 0 (default): connect, retrying every second",
+        ),
+        ("queues", "queue pairs, 1..=128 (default: --queues)"),
+        (
+            "queue_size",
+            "entries per ring, a power of two in 64..=32768 (default: --rxd/--txd)",
+        ),
+        (
+            "packed",
+            "1: packed rings (fails if the back end lacks them); 0 (default): split",
+        ),
+        (
+            "mrg_rxbuf",
+            "1: require mergeable rx buffers; 0: off; default: use if offered",
+        ),
+        (
+            "in_order",
+            "0 (default); 1 is not implemented by this front end",
+        ),
+        ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
+    ],
+};
+
+/// Receive buffers are refilled once this many ring entries are free (or the ring is empty).
+const REFILL_BATCH: u16 = 32;
+
+/// A feature the user may require, refuse or leave to negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Off,
+    Auto,
+    On,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    path: PathBuf,
+    server: bool,
+    pairs: u16,
+    rx_size: u16,
+    tx_size: u16,
+    packed: bool,
+    mrg: Want,
+}
+
+/// See the module documentation.
+pub struct VirtioUserPort {
+    name: String,
+    mac: [u8; 6],
+    port_id: u16,
+    cfg: Config,
+    pairs_key: Option<u16>,
+    size_key: Option<u16>,
+    pool: Arc<Mempool>,
+    cache_size: u32,
+    conf: PortConf,
+    state: PortState,
+    stats: StatsBlocks,
+    ctl: Option<ControlHandle>,
+    taken: bool,
+}
+
+impl VirtioUserPort {
+    /// Builds the port from its spec (what [`create`](super::create) does for `virtio-user`).
+    pub fn new(spec: &PortSpec, env: &PortEnv) -> Result<VirtioUserPort> {
+        let a = spec.args(KIND.keys)?;
+        let invalid = |key: &str, value: &str, accepted: &str| Error::PortValue {
+            kind: "virtio-user".into(),
+            key: key.into(),
+            value: value.into(),
+            accepted: accepted.into(),
+        };
+        let Some(path) = a.get("path") else {
+            return Err(invalid("path", "", "a socket path (path=/tmp/vhost.sock)"));
+        };
+        let pairs_key = match a.get("queues") {
+            None => None,
+            Some(_) => Some(a.u64_in("queues", 1, 1..=MAX_QUEUE_PAIRS as u64)? as u16),
+        };
+        let size_key = match a.get("queue_size") {
+            None => None,
+            Some(v) => {
+                let n = a.u64_in("queue_size", 256, 64..=32768)?;
+                if !n.is_power_of_two() {
+                    return Err(invalid("queue_size", v, "a power of two in 64..=32768"));
+                }
+                Some(n as u16)
+            }
+        };
+        if a.choice("in_order", "0", &["0", "1"])? == "1" {
+            return Err(invalid(
+                "in_order",
+                "1",
+                "0 (this front end does not implement VIRTIO_F_IN_ORDER's batched completions)",
+            ));
+        }
+        let mrg = match a.get("mrg_rxbuf") {
+            None => Want::Auto,
+            Some(_) if a.choice("mrg_rxbuf", "1", &["0", "1"])? == "1" => Want::On,
+            Some(_) => Want::Off,
+        };
+        Ok(VirtioUserPort {
+            name: spec.text().to_string(),
+            mac: a.mac("mac", super::default_mac(env.port_id))?,
+            port_id: env.port_id,
+            cfg: Config {
+                path: PathBuf::from(path),
+                server: a.choice("server", "0", &["0", "1"])? == "1",
+                pairs: pairs_key.unwrap_or(1),
+                rx_size: 0,
+                tx_size: 0,
+                packed: a.choice("packed", "0", &["0", "1"])? == "1",
+                mrg,
+            },
+            pairs_key,
+            size_key,
+            pool: Arc::clone(&env.pool),
+            cache_size: env.cache_size,
+            conf: PortConf::default(),
+            state: PortState::New,
+            stats: StatsBlocks::default(),
+            ctl: None,
+            taken: false,
+        })
+    }
+
+    /// Features negotiated with the current back end (None while none is set up).
+    pub fn negotiated_features(&self) -> Option<u64> {
+        let s = &self.ctl.as_ref()?.shared;
+        s.link_up
+            .load(Ordering::Acquire)
+            .then(|| s.features.load(Ordering::Relaxed))
+    }
+
+    /// Back ends set up so far (connections that got as far as running rings), while started.
+    pub fn connections(&self) -> u64 {
+        self.ctl
+            .as_ref()
+            .map_or(0, |c| c.shared.connections.load(Ordering::Relaxed))
+    }
+
+    /// The last set-up error with a back end (a missing feature, a refused request), if any.
+    pub fn last_error(&self) -> Option<String> {
+        let c = self.ctl.as_ref()?;
+        c.shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Port for VirtioUserPort {
+    fn kind(&self) -> &'static str {
+        "virtio-user"
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn configure(&mut self, conf: &PortConf) -> Result<()> {
+        self.state.check_configure(&self.name, conf)?;
+        if conf.rx_queues != conf.tx_queues || conf.rx_queues > MAX_QUEUE_PAIRS {
+            return Err(Error::PortConfig {
+                port: self.name.clone(),
+                why: format!(
+                    "needs equal rx and tx queue counts in 1..=128, got {} and {}",
+                    conf.rx_queues, conf.tx_queues
+                ),
+            });
+        }
+        if let Some(k) = self.pairs_key
+            && k < conf.rx_queues
+        {
+            return Err(Error::PortConfig {
+                port: self.name.clone(),
+                why: format!(
+                    "queues={k} sets up fewer pairs than the {} queues configured",
+                    conf.rx_queues
+                ),
+            });
+        }
+        let (rx, tx) = match self.size_key {
+            Some(n) => (n, n),
+            None => (conf.rx_desc, conf.tx_desc),
+        };
+        for (what, n) in [("rx", rx), ("tx", tx)] {
+            if !self.cfg.packed && !n.is_power_of_two() {
+                return Err(Error::PortConfig {
+                    port: self.name.clone(),
+                    why: format!(
+                        "split rings need a power-of-two size: {what} ring of {n} (set queue_size= or packed=1)"
+                    ),
+                });
+            }
+        }
+        self.cfg.pairs = self.pairs_key.unwrap_or(conf.rx_queues);
+        self.cfg.rx_size = rx;
+        self.cfg.tx_size = tx;
+        self.conf = *conf;
+        self.stats = StatsBlocks::new(conf.rx_queues, conf.tx_queues);
+        self.state = PortState::Stopped;
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.state.check_start(&self.name)?;
+        let ctl = ControlHandle::start(&self.cfg, &self.pool, self.port_id).map_err(|e| {
+            Error::PortConfig {
+                port: self.name.clone(),
+                why: e.to_string(),
+            }
+        })?;
+        self.ctl = Some(ctl);
+        self.state = PortState::Started;
+        self.taken = false;
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        // Dropping the handle stops the control thread, which stops the back end's rings
+        // (GET_VRING_BASE) and closes the connection.
+        self.ctl = None;
+        if self.state == PortState::Started {
+            self.state = PortState::Stopped;
+        }
+        Ok(())
+    }
+
+    fn link(&self) -> LinkStatus {
+        let up = self
+            .ctl
+            .as_ref()
+            .is_some_and(|c| c.shared.link_up.load(Ordering::Relaxed));
+        LinkStatus { up, speed_mbps: 0 }
+    }
+
+    fn take_queues(&mut self) -> Result<Vec<QueuePair>> {
+        let shared = match (&self.ctl, self.taken) {
+            (Some(c), false) => Arc::clone(&c.shared),
+            _ => {
+                let state = if self.taken {
+                    "its queues are already taken"
+                } else {
+                    self.state.as_str()
+                };
+                return Err(Error::PortState {
+                    port: self.name.clone(),
+                    op: "take queues",
+                    state,
+                });
+            }
+        };
+        self.taken = true;
+        Ok((0..self.conf.rx_queues)
+            .map(|q| QueuePair {
+                queue: q,
+                rx: Some(Box::new(VuRx {
+                    shared: Arc::clone(&shared),
+                    q: q as usize,
+                    port: self.port_id,
+                    queue: q,
+                    cache: self.pool.cache(self.cache_size),
+                    stats: Arc::clone(&self.stats.rx[q as usize]),
+                }) as Box<dyn RxQueue>),
+                tx: Some(Box::new(VuTx {
+                    shared: Arc::clone(&shared),
+                    q: q as usize,
+                    cache: self.pool.cache(self.cache_size),
+                    stats: Arc::clone(&self.stats.tx[q as usize]),
+                }) as Box<dyn TxQueue>),
+            })
+            .collect())
+    }
+
+    fn stats(&self) -> PortStats {
+        let mut s = self.stats.read();
+        let Some(c) = &self.ctl else { return s };
+        // Packets a departed back end never consumed were counted as sent by the queue (its
+        // owner is the only writer of its block): report them as drops instead. Packets it
+        // delivered that no rx_burst saw before it left count as received and dropped.
+        for (i, t) in s.tx_queues.iter_mut().enumerate() {
+            let lost = c
+                .shared
+                .tx_lost
+                .get(i)
+                .map_or(0, |a| a.load(Ordering::Relaxed));
+            t.packets = t.packets.saturating_sub(lost);
+            t.drops += lost;
+        }
+        for (i, r) in s.rx_queues.iter_mut().enumerate() {
+            let late = c
+                .shared
+                .rx_late
+                .get(i)
+                .map_or(0, |a| a.load(Ordering::Relaxed));
+            r.packets += late;
+            r.drops += late;
+        }
+        s.tx = Counters::default();
+        s.rx = Counters::default();
+        for t in &s.tx_queues {
+            s.tx += *t;
+        }
+        for r in &s.rx_queues {
+            s.rx += *r;
+        }
+        s
+    }
+}
+
+// =============================================================================================
+// Datapath
+// =============================================================================================
+
+/// State shared by the control thread and the port's queues.
+struct Shared {
+    rx: Vec<Handoff<RxRun>>,
+    tx: Vec<Handoff<TxRun>>,
+    link_up: AtomicBool,
+    features: AtomicU64,
+    /// Back ends set up so far.
+    connections: AtomicU64,
+    /// Per transmit queue: packets posted (and counted as sent) that a back end left unconsumed.
+    tx_lost: Vec<AtomicU64>,
+    /// Per receive queue: packets a back end delivered that the queue had not reaped when it left.
+    rx_late: Vec<AtomicU64>,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn new(pairs: u16) -> Arc<Shared> {
+        let n = pairs as usize;
+        Arc::new(Shared {
+            rx: (0..n).map(|_| Handoff::new()).collect(),
+            tx: (0..n).map(|_| Handoff::new()).collect(),
+            link_up: AtomicBool::new(false),
+            features: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            tx_lost: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            rx_late: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            last_error: Mutex::new(None),
+        })
+    }
+}
+
+/// Rings the back end's kick eventfd (only when it asked for kicks).
+#[inline]
+fn kick(fd: &EventFd) {
+    let _ = fd.write(1);
+}
+
+/// A running receive vring.
+struct RxRun {
+    q: DriverQueue,
+    /// Id → the empty mbuf posted under it.
+    slots: Box<[Option<Mbuf>]>,
+    kick: EventFd,
+    hdr_len: usize,
+    mrg: bool,
+    /// Buffers still to drop of a merged packet that did not fit one mbuf.
+    skip: u16,
+    broken: bool,
+}
+
+impl RxRun {
+    /// Posts one empty mbuf; gives it back on failure.
+    #[inline]
+    fn post(&mut self, m: Mbuf) -> std::result::Result<(), Mbuf> {
+        // The device writes the virtio-net header into the headroom, the frame at data_off.
+        let addr = m.data_iova() - self.hdr_len as u64;
+        let len = (self.hdr_len + m.tailroom()) as u32;
+        match self.q.add(&[(addr, len, true)]) {
+            Ok(id) => {
+                self.slots[id as usize] = Some(m);
+                Ok(())
+            }
+            Err(_) => Err(m),
+        }
+    }
+
+    #[inline]
+    fn refill(&mut self, cache: &mut MempoolCache) {
+        let free = self.q.free_count();
+        if free < REFILL_BATCH && free < self.q.size() {
+            return;
+        }
+        let mut added = 0;
+        while self.q.free_count() > 0 {
+            let Some(m) = cache.alloc() else { break };
+            if let Err(m) = self.post(m) {
+                cache.free(m);
+                break;
+            }
+            added += 1;
+        }
+        if added > 0 && self.q.publish_avail() {
+            kick(&self.kick);
+        }
+    }
+
+    #[inline]
+    fn burst(
+        &mut self,
+        pkts: &mut Burst,
+        cache: &mut MempoolCache,
+        stats: &QueueStats,
+        port: u16,
+        queue: u16,
+    ) -> usize {
+        if self.broken {
+            return 0;
+        }
+        let (mut got, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
+        let h = self.hdr_len;
+        while pkts.room() > 0 {
+            let (id, len) = match self.q.reap() {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(_) => {
+                    // The back end wrote a used entry for a buffer it does not have.
+                    self.broken = true;
+                    errors += 1;
+                    break;
+                }
+            };
+            let Some(mut m) = self.slots.get_mut(id as usize).and_then(Option::take) else {
+                errors += 1;
+                continue;
+            };
+            if self.skip > 0 {
+                self.skip -= 1;
+                cache.free(m);
+                continue;
+            }
+            let len = len as usize;
+            if len <= h || !m.set_data_len(len - h) {
+                // A runt (header only) or a length beyond the buffer we posted.
+                errors += 1;
+                cache.free(m);
+                continue;
+            }
+            let nbuf = match m.prepend(h) {
+                Some(hdr) if h >= 12 => u16::from_le_bytes([hdr[10], hdr[11]]),
+                _ => 1,
+            };
+            m.adj(h);
+            if self.mrg && nbuf > 1 {
+                // Spread over several buffers: not chained into one mbuf; dropped and counted.
+                self.skip = nbuf - 1;
+                drops += 1;
+                cache.free(m);
+                continue;
+            }
+            m.set_rx_port(port, queue);
+            bytes += m.data_len() as u64;
+            // Cannot fail: the loop runs while there is room.
+            let _ = pkts.push(m);
+            got += 1;
+        }
+        self.refill(cache);
+        if got > 0 {
+            stats.add(got as u64, bytes);
+        }
+        if drops > 0 {
+            stats.add_drops(drops);
+        }
+        if errors > 0 {
+            stats.add_errors(errors);
+        }
+        got
+    }
+}
+
+/// A running transmit vring.
+struct TxRun {
+    q: DriverQueue,
+    /// Id → the packet posted under it.
+    slots: Box<[Option<Mbuf>]>,
+    kick: EventFd,
+    hdr_len: usize,
+    /// The pool segment the back end can read: packets elsewhere are copied into it first.
+    shared_lo: usize,
+    shared_hi: usize,
+    broken: bool,
+}
+
+impl TxRun {
+    /// Frees the packets the back end is done with.
+    #[inline]
+    fn reclaim(&mut self, cache: &mut MempoolCache) {
+        loop {
+            match self.q.reap() {
+                Ok(Some((id, _))) => {
+                    if let Some(m) = self.slots.get_mut(id as usize).and_then(Option::take) {
+                        cache.free(m);
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn shared_mem(&self, m: &Mbuf) -> bool {
+        let start = m.data_ptr() as usize - m.headroom();
+        start >= self.shared_lo && start + m.buf_len() <= self.shared_hi
+    }
+
+    #[inline]
+    fn burst(&mut self, pkts: &mut Burst, cache: &mut MempoolCache, stats: &QueueStats) -> usize {
+        if self.broken {
+            return 0;
+        }
+        self.reclaim(cache);
+        let n = pkts.len().min(self.q.free_count() as usize);
+        let (mut posted, mut bytes, mut drops) = (0u64, 0u64, 0u64);
+        let h = self.hdr_len;
+        pkts.drain_front(n, |m| {
+            let mut m = m;
+            if !self.shared_mem(&m) || m.headroom() < h {
+                // Not in memory the back end sees (another pool) or no room for the header:
+                // copy into one of ours.
+                let copy = cache.alloc().and_then(|mut c| {
+                    let d = c.append(m.data_len())?;
+                    d.copy_from_slice(m.data());
+                    Some(c)
+                });
+                cache.free(m);
+                match copy {
+                    Some(c) => m = c,
+                    None => {
+                        drops += 1;
+                        return;
+                    }
+                }
+            }
+            let len = m.data_len();
+            if let Some(hdr) = m.prepend(h) {
+                hdr.fill(0);
+            }
+            match self.q.add(&[(m.data_iova(), (len + h) as u32, false)]) {
+                Ok(id) => {
+                    self.slots[id as usize] = Some(m);
+                    posted += 1;
+                    bytes += len as u64;
+                }
+                Err(_) => {
+                    drops += 1;
+                    cache.free(m);
+                }
+            }
+        });
+        if posted > 0 && self.q.publish_avail() {
+            kick(&self.kick);
+        }
+        if posted > 0 {
+            stats.add(posted, bytes);
+        }
+        if drops > 0 {
+            stats.add_drops(drops);
+        }
+        posted as usize
+    }
+}
+
+struct VuRx {
+    shared: Arc<Shared>,
+    q: usize,
+    port: u16,
+    queue: u16,
+    cache: MempoolCache,
+    stats: Arc<QueueStats>,
+}
+
+impl RxQueue for VuRx {
+    #[inline]
+    fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
+        let (cache, stats, port, queue) = (&mut self.cache, &self.stats, self.port, self.queue);
+        self.shared.rx[self.q]
+            .enter(|run| run.burst(pkts, cache, stats, port, queue))
+            .unwrap_or(0)
+    }
+
+    fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+}
+
+struct VuTx {
+    shared: Arc<Shared>,
+    q: usize,
+    cache: MempoolCache,
+    stats: Arc<QueueStats>,
+}
+
+impl TxQueue for VuTx {
+    #[inline]
+    fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
+        let (cache, stats) = (&mut self.cache, &self.stats);
+        // While no back end is set up nothing is taken: the caller frees and counts the drops.
+        self.shared.tx[self.q]
+            .enter(|run| run.burst(pkts, cache, stats))
+            .unwrap_or(0)
+    }
+
+    fn stats(&self) -> &Arc<QueueStats> {
+        &self.stats
+    }
+}
+
+// =============================================================================================
+// Control thread
+// =============================================================================================
+
+/// A running control thread. Dropping it stops the thread (which stops the back end's rings and
+/// closes the connection) and removes the socket in server mode.
+struct ControlHandle {
+    shared: Arc<Shared>,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+    path: PathBuf,
+    server: bool,
+}
+
+impl ControlHandle {
+    fn start(
+        cfg: &Config,
+        pool: &Arc<Mempool>,
+        port_id: u16,
+    ) -> std::result::Result<Self, VhostError> {
+        let sock_err = |why: String| VhostError::Socket {
+            path: cfg.path.clone(),
+            why,
+        };
+        let listener = if cfg.server {
+            if cfg.path.exists() {
+                if UnixStream::connect(&cfg.path).is_ok() {
+                    return Err(sock_err("another process is listening on it".into()));
+                }
+                let _ = std::fs::remove_file(&cfg.path);
+            }
+            Some(UnixListener::bind(&cfg.path).map_err(|e| sock_err(format!("bind: {e}")))?)
+        } else {
+            None
+        };
+        // Ring memory: one slot per vring, big enough for either layout with EVENT_IDX.
+        let mut offsets = Vec::with_capacity(cfg.pairs as usize * 2);
+        let mut total = 0u64;
+        for _ in 0..cfg.pairs {
+            for size in [cfg.rx_size, cfg.tx_size] {
+                offsets.push(total);
+                let need = ring_layout(size, false, true)
+                    .total
+                    .max(ring_layout(size, true, true).total);
+                total += need.next_multiple_of(4096);
+            }
+        }
+        let rings = Segment::new(
+            &format!("virtio-user{port_id}-rings"),
+            total as usize,
+            MemMode::NoHuge,
+        )
+        .map_err(|e| sock_err(format!("ring memory: {e}")))?;
+        let pool_seg = Arc::clone(pool.zone().segment());
+        let mem = GuestMemory::new(vec![
+            GuestRegion::from_segment(&pool_seg),
+            GuestRegion::from_segment(&rings),
+        ])
+        .map_err(|e| sock_err(format!("memory table: {e}")))?;
+        let stop = Arc::new(
+            EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| sock_err(format!("eventfd: {e}")))?,
+        );
+        let shared = Shared::new(cfg.pairs);
+        let mut ctl = Control {
+            cfg: cfg.clone(),
+            pool: Arc::clone(pool),
+            pool_seg,
+            rings,
+            offsets,
+            mem,
+            shared: Arc::clone(&shared),
+            parked: (0..cfg.pairs).map(|_| Vec::new()).collect(),
+            listener,
+            stop: Arc::clone(&stop),
+            warned_mrg: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("virtio-user-ctl".into())
+            .spawn(move || ctl.run())
+            .map_err(|e| sock_err(format!("spawn: {e}")))?;
+        Ok(ControlHandle {
+            shared,
+            stop,
+            thread: Some(thread),
+            path: cfg.path.clone(),
+            server: cfg.server,
+        })
+    }
+}
+
+impl Drop for ControlHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if self.server {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What was negotiated with one back end.
+#[derive(Debug, Clone, Copy)]
+struct Negotiated {
+    features: u64,
+    protocol: bool,
+}
+
+/// How a session with a back end ended.
+enum End {
+    /// The port stops.
+    Stop,
+    /// The back end went away (or failed): connect again.
+    Gone,
+}
+
+struct Control {
+    cfg: Config,
+    pool: Arc<Mempool>,
+    pool_seg: Arc<Segment>,
+    rings: Arc<Segment>,
+    /// Per vring (2q = rx, 2q + 1 = tx): offset of its rings in `rings`.
+    offsets: Vec<u64>,
+    mem: GuestMemory,
+    shared: Arc<Shared>,
+    /// Per rx queue: empty buffers that were posted to a back end that went away.
+    parked: Vec<Vec<Mbuf>>,
+    listener: Option<UnixListener>,
+    stop: Arc<EventFd>,
+    warned_mrg: bool,
+}
+
+impl Control {
+    fn run(&mut self) {
+        let path = self.cfg.path.display().to_string();
+        loop {
+            let Some(stream) = self.next_back_end(&path) else {
+                break;
+            };
+            match self.session(stream, &path) {
+                Ok(End::Stop) => break,
+                Ok(End::Gone) => {
+                    tracing::warn!("virtio-user {path}: the back end went away; reconnecting");
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    let mut last = self
+                        .shared
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    if last.as_deref() != Some(text.as_str()) {
+                        tracing::error!("virtio-user {path}: {text}");
+                    }
+                    *last = Some(text);
+                    drop(last);
+                    if self.listener.is_none() && sleep_or_stop(&self.stop, Duration::from_secs(1))
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for the next back end: accepts (server mode) or connects with a 1 s retry, with one
+    /// status line while there is none. None when the port stops.
+    fn next_back_end(&mut self, path: &str) -> Option<UnixStream> {
+        if let Some(l) = &self.listener {
+            loop {
+                if !wait_readable(l, &self.stop) {
+                    return None;
+                }
+                match l.accept() {
+                    Ok((s, _)) => return Some(s),
+                    Err(e) => tracing::warn!("virtio-user {path}: accept: {e}"),
+                }
+            }
+        }
+        let mut told = false;
+        loop {
+            match UnixStream::connect(&self.cfg.path) {
+                Ok(s) => {
+                    if told {
+                        tracing::warn!("virtio-user {path}: back end found; connecting");
+                    }
+                    return Some(s);
+                }
+                Err(e) => {
+                    if !told {
+                        tracing::warn!(
+                            "virtio-user {path}: no back end listening ({e}); retrying every second"
+                        );
+                        told = true;
+                    }
+                    if sleep_or_stop(&self.stop, Duration::from_secs(1)) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn session(&mut self, stream: UnixStream, path: &str) -> std::result::Result<End, VhostError> {
+        let mut fe = Frontend::new(stream)?;
+        let neg = self.negotiate(&mut fe)?;
+        if let Err(e) = self.start_rings(&mut fe, neg) {
+            self.stop_rings(None);
+            return Err(e);
+        }
+        self.shared.features.store(neg.features, Ordering::Relaxed);
+        self.shared.connections.fetch_add(1, Ordering::Relaxed);
+        self.shared.link_up.store(true, Ordering::Release);
+        *self
+            .shared
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::info!(
+            "virtio-user {path}: back end set up: {} rings, mergeable rx buffers {}, {} queue pair(s)",
+            if neg.features & vf::RING_PACKED != 0 {
+                "packed"
+            } else {
+                "split"
+            },
+            if neg.features & vf::NET_MRG_RXBUF != 0 {
+                "on"
+            } else {
+                "off"
+            },
+            self.cfg.pairs
+        );
+        // Nothing more to say: wait for the back end to hang up or the port to stop.
+        loop {
+            if !wait_readable(fe.stream(), &self.stop) {
+                self.shared.link_up.store(false, Ordering::Release);
+                self.stop_rings(Some(&mut fe));
+                return Ok(End::Stop);
+            }
+            let mut probe = [0u8; 1];
+            let fd = std::os::fd::AsRawFd::as_raw_fd(fe.stream());
+            let peek = nix::sys::socket::recv(
+                fd,
+                &mut probe,
+                nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            );
+            match peek {
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    // The back end has nothing to send on this channel: a protocol error.
+                    tracing::warn!(
+                        "virtio-user {path}: unexpected message from the back end; closing"
+                    );
+                    break;
+                }
+            }
+        }
+        self.shared.link_up.store(false, Ordering::Release);
+        self.stop_rings(None);
+        Ok(End::Gone)
+    }
+
+    fn negotiate(&mut self, fe: &mut Frontend) -> std::result::Result<Negotiated, VhostError> {
+        let missing = |feature, asked: String| VhostError::MissingFeature { feature, asked };
+        fe.set_owner()?;
+        let offered = fe.get_features()?;
+        if offered & vf::VERSION_1 == 0 {
+            return Err(missing(
+                "VIRTIO_F_VERSION_1",
+                "virtio-user (it drives virtio 1.x devices only)".into(),
+            ));
+        }
+        let mut want = vf::VERSION_1;
+        if self.cfg.packed {
+            if offered & vf::RING_PACKED == 0 {
+                return Err(missing("VIRTIO_F_RING_PACKED", "packed=1".into()));
+            }
+            want |= vf::RING_PACKED;
+        }
+        match self.cfg.mrg {
+            Want::On if offered & vf::NET_MRG_RXBUF == 0 => {
+                return Err(missing("VIRTIO_NET_F_MRG_RXBUF", "mrg_rxbuf=1".into()));
+            }
+            Want::On => want |= vf::NET_MRG_RXBUF,
+            Want::Auto if offered & vf::NET_MRG_RXBUF != 0 => want |= vf::NET_MRG_RXBUF,
+            Want::Auto => {
+                if !self.warned_mrg {
+                    tracing::warn!(
+                        "virtio-user {}: the back end does not offer mergeable rx buffers; running without",
+                        self.cfg.path.display()
+                    );
+                    self.warned_mrg = true;
+                }
+            }
+            Want::Off => {}
+        }
+        want |= offered & vf::RING_EVENT_IDX;
+        let pairs = self.cfg.pairs;
+        if pairs > 1 {
+            if offered & vf::NET_MQ == 0 {
+                return Err(missing("VIRTIO_NET_F_MQ", format!("queues={pairs}")));
+            }
+            want |= vf::NET_MQ;
+        }
+        let protocol = offered & vf::VHOST_USER_F_PROTOCOL_FEATURES != 0;
+        if protocol {
+            want |= vf::VHOST_USER_F_PROTOCOL_FEATURES;
+            let p = fe.get_protocol_features()?;
+            fe.set_protocol_features(p & (proto::MQ | proto::REPLY_ACK))?;
+            if pairs > 1 {
+                if p & proto::MQ == 0 {
+                    return Err(missing(
+                        "VHOST_USER_PROTOCOL_F_MQ",
+                        format!("queues={pairs}"),
+                    ));
+                }
+                let n = fe.get_queue_num()?;
+                if n < u64::from(pairs) {
+                    return Err(VhostError::Unsupported {
+                        req: "GET_QUEUE_NUM",
+                        what: format!(
+                            "the back end has {n} queue pairs, queues={pairs} asks for more"
+                        ),
+                    });
+                }
+            }
+        } else if pairs > 1 {
+            return Err(missing(
+                "VHOST_USER_F_PROTOCOL_FEATURES",
+                format!("queues={pairs} (rings are enabled per pair with it)"),
+            ));
+        }
+        fe.set_features(want)?;
+        let regions: Vec<MemRegion> = [&self.pool_seg, &self.rings]
+            .iter()
+            .map(|s| MemRegion {
+                gpa: s.iova(),
+                size: s.len() as u64,
+                uva: s.iova(),
+                mmap_offset: 0,
+            })
+            .collect();
+        fe.set_mem_table(&regions, &[self.pool_seg.as_fd(), self.rings.as_fd()])?;
+        Ok(Negotiated {
+            features: want,
+            protocol,
+        })
+    }
+
+    /// Builds every vring (rx rings full of empty buffers), tells the back end where they are,
+    /// opens the gates and enables the rings.
+    fn start_rings(
+        &mut self,
+        fe: &mut Frontend,
+        neg: Negotiated,
+    ) -> std::result::Result<(), VhostError> {
+        let f = neg.features;
+        let h = hdr_len(f);
+        let mrg = f & vf::NET_MRG_RXBUF != 0;
+        let base = if f & vf::RING_PACKED != 0 { 0x8000 } else { 0 };
+        let (lo, hi) = (
+            self.pool_seg.base() as usize,
+            self.pool_seg.base() as usize + self.pool_seg.len(),
+        );
+        let mut rx_runs = Vec::new();
+        let mut tx_runs = Vec::new();
+        for vring in 0..self.offsets.len() {
+            let rx = vring % 2 == 0;
+            let size = if rx {
+                self.cfg.rx_size
+            } else {
+                self.cfg.tx_size
+            };
+            let cfg = QueueConfig::at(self.rings.iova() + self.offsets[vring], size, f);
+            let mut q = DriverQueue::new(&cfg, &self.mem)?;
+            // vdpakit polls: no used-buffer notifications.
+            q.set_interrupts(false);
+            let efd = || {
+                EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                    .map_err(|e| VhostError::Conn(std::io::Error::from(e).into()))
+            };
+            let (kick_fd, call_fd) = (efd()?, efd()?);
+            let i = vring as u32;
+            fe.set_vring_call(i, Some(call_fd.as_fd()))?;
+            fe.set_vring_num(i, u32::from(size))?;
+            fe.set_vring_base(i, base)?;
+            fe.set_vring_addr(&VringAddr {
+                index: i,
+                flags: 0,
+                desc: cfg.desc,
+                used: cfg.used,
+                avail: cfg.avail,
+                log: 0,
+            })?;
+            let slots: Box<[Option<Mbuf>]> = (0..size).map(|_| None).collect();
+            if rx {
+                let mut run = RxRun {
+                    q,
+                    slots,
+                    kick: kick_fd,
+                    hdr_len: h,
+                    mrg,
+                    skip: 0,
+                    broken: false,
+                };
+                // Fill the ring before the back end may look at it: parked buffers first.
+                let parked = &mut self.parked[vring / 2];
+                while run.q.free_count() > 0 {
+                    let Some(m) = parked.pop().or_else(|| self.pool.alloc()) else {
+                        break;
+                    };
+                    if let Err(m) = run.post(m) {
+                        parked.push(m);
+                        break;
+                    }
+                }
+                run.q.publish_avail();
+                fe.set_vring_kick(i, Some(run.kick.as_fd()))?;
+                rx_runs.push(run);
+            } else {
+                let run = TxRun {
+                    q,
+                    slots,
+                    kick: kick_fd,
+                    hdr_len: h,
+                    shared_lo: lo,
+                    shared_hi: hi,
+                    broken: false,
+                };
+                fe.set_vring_kick(i, Some(run.kick.as_fd()))?;
+                tx_runs.push(run);
+            }
+            // Our copy of the call fd goes: we never wait on it.
+            drop(call_fd);
+        }
+        for (h, run) in self.shared.rx.iter().zip(rx_runs) {
+            let mut g = h.close();
+            *g.state() = Some(run);
+            g.open();
+        }
+        for (h, run) in self.shared.tx.iter().zip(tx_runs) {
+            let mut g = h.close();
+            *g.state() = Some(run);
+            g.open();
+        }
+        if neg.protocol {
+            for i in 0..self.offsets.len() {
+                fe.set_vring_enable(i as u32, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes every ring away from the datapath; with a live back end (`fe`), stops its rings
+    /// first (GET_VRING_BASE). Transmitted packets it did not consume are counted as lost and
+    /// freed; received ones no queue reaped are counted late and freed; empty receive buffers
+    /// are parked for the next back end.
+    fn stop_rings(&mut self, fe: Option<&mut Frontend>) {
+        let mut rx: Vec<Option<RxRun>> = self
+            .shared
+            .rx
+            .iter()
+            .map(|h| h.close().state().take())
+            .collect();
+        let mut tx: Vec<Option<TxRun>> = self
+            .shared
+            .tx
+            .iter()
+            .map(|h| h.close().state().take())
+            .collect();
+        if let Some(fe) = fe {
+            for i in 0..self.offsets.len() {
+                if let Err(e) = fe.get_vring_base(i as u32) {
+                    tracing::debug!(vring = i, "GET_VRING_BASE: {e}");
+                    break;
+                }
+            }
+        }
+        for (q, run) in tx.iter_mut().enumerate() {
+            let Some(run) = run.take() else { continue };
+            let TxRun {
+                q: mut dq,
+                mut slots,
+                ..
+            } = run;
+            while let Ok(Some((id, _))) = dq.reap() {
+                if let Some(s) = slots.get_mut(id as usize) {
+                    s.take();
+                }
+            }
+            let lost = slots.iter_mut().filter_map(Option::take).count() as u64;
+            self.shared.tx_lost[q].fetch_add(lost, Ordering::Relaxed);
+        }
+        for (q, run) in rx.iter_mut().enumerate() {
+            let Some(run) = run.take() else { continue };
+            let RxRun {
+                q: mut dq,
+                mut slots,
+                ..
+            } = run;
+            let mut late = 0u64;
+            while let Ok(Some((id, _))) = dq.reap() {
+                if slots.get_mut(id as usize).and_then(Option::take).is_some() {
+                    late += 1;
+                }
+            }
+            self.shared.rx_late[q].fetch_add(late, Ordering::Relaxed);
+            self.parked[q].extend(slots.iter_mut().filter_map(Option::take));
+        }
+    }
+}
