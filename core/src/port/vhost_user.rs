@@ -81,6 +81,7 @@ impl VhostUserPort {
             mrg_rxbuf: bool_key("mrg_rxbuf", "1")?,
             in_order: bool_key("in_order", "1")?,
             mtu: a.u64_in("mtu", 1500, 68..=65535)? as u16,
+            host_notifier: false,
         };
         Ok(VhostUserPort {
             name: spec.text().to_string(),

@@ -5,7 +5,7 @@
 //! the gate, change or rebuild the runtime, reopen). Pollers (port queues) only ever see a
 //! complete runtime ([`VqRun`]) or nothing.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -37,6 +37,9 @@ pub struct NetConfig {
     pub in_order: bool,
     /// MTU offered with VIRTIO_NET_F_MTU (68..=65535).
     pub mtu: u16,
+    /// Offer HOST_NOTIFIER (vDPA passthrough: the front end maps a doorbell page the back end
+    /// hands over with [`Device::set_host_notifier`]).
+    pub host_notifier: bool,
 }
 
 impl Default for NetConfig {
@@ -47,6 +50,7 @@ impl Default for NetConfig {
             mrg_rxbuf: true,
             in_order: true,
             mtu: 1500,
+            host_notifier: false,
         }
     }
 }
@@ -89,7 +93,13 @@ impl NetConfig {
 
     /// The protocol feature bits offered.
     pub fn protocol_features(&self) -> u64 {
-        proto::MQ
+        let notifier = if self.host_notifier {
+            proto::HOST_NOTIFIER
+        } else {
+            0
+        };
+        notifier
+            | proto::MQ
             | proto::LOG_SHMFD
             | proto::RARP
             | proto::REPLY_ACK
@@ -653,6 +663,61 @@ impl Device {
         self.shared.link_up.store(up, Ordering::Relaxed);
     }
 
+    /// Sends VRING_HOST_NOTIFIER_MSG for `vring` on the back-end channel. `Some((fd, size,
+    /// offset))` asks the front end to map `size` bytes of `fd` at `offset` as that vring's
+    /// notification area (vDPA passthrough: the guest's kicks reach the device's doorbell
+    /// directly); `None` withdraws it (the front end goes back to the kick eventfd). Needs
+    /// HOST_NOTIFIER, BACKEND_REQ and BACKEND_SEND_FD negotiated and a back-end channel; with
+    /// REPLY_ACK negotiated the front end's answer is awaited and a refusal is an error. Returns
+    /// whether the message was sent (false: not negotiated or no channel).
+    pub fn set_host_notifier(
+        &mut self,
+        vring: u8,
+        area: Option<(BorrowedFd<'_>, u64, u64)>,
+    ) -> Result<bool, VhostError> {
+        let need = proto::HOST_NOTIFIER | proto::BACKEND_REQ | proto::BACKEND_SEND_FD;
+        if self.proto_acked & need != need {
+            return Ok(false);
+        }
+        if usize::from(vring) >= self.shared.vqs.len() {
+            return Err(VhostError::BadVring {
+                req: "VRING_HOST_NOTIFIER",
+                index: u64::from(vring),
+                count: self.shared.vqs.len(),
+            });
+        }
+        let ack = self.proto_acked & proto::REPLY_ACK != 0;
+        let Some(b) = self.backend.as_mut() else {
+            return Ok(false);
+        };
+        let (payload, fds) = match area {
+            Some((fd, size, offset)) => {
+                (msg::encode_vring_area(vring, false, size, offset), vec![fd])
+            }
+            None => (msg::encode_vring_area(vring, true, 0, 0), Vec::new()),
+        };
+        let h = Header {
+            request: msg::BackendReq::VringHostNotifier as u32,
+            flags: msg::FLAG_VERSION | if ack { msg::FLAG_NEED_REPLY } else { 0 },
+            size: payload.len() as u32,
+        };
+        b.send(h, &payload, &fds)?;
+        if ack {
+            let r = b.recv()?;
+            let status = msg::parse_u64(Req::GetFeatures, &r.payload).unwrap_or(u64::MAX);
+            if r.hdr.request != h.request || r.hdr.flags & msg::FLAG_REPLY == 0 || status != 0 {
+                return Err(VhostError::Unsupported {
+                    req: "VRING_HOST_NOTIFIER",
+                    what: format!(
+                        "the front end refused vring {vring}'s notification area (reply request {}, status {status:#x})",
+                        r.hdr.request
+                    ),
+                });
+            }
+        }
+        Ok(true)
+    }
+
     /// Sends CONFIG_CHANGE_MSG on the back-end channel, if there is one.
     pub fn notify_config_change(&mut self) -> Result<bool, VhostError> {
         let Some(b) = self.backend.as_mut() else {
@@ -665,5 +730,100 @@ impl Device {
         };
         b.send(h, &[], &[])?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn device_with_channel(proto_acked: u64) -> (Device, Conn) {
+        let mut d = Device::new(NetConfig::default(), Shared::new(1));
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        d.backend = Some(Conn::new(ours));
+        d.proto_acked = proto_acked;
+        (d, Conn::new(theirs))
+    }
+
+    const NOTIFIER: u64 = proto::HOST_NOTIFIER | proto::BACKEND_REQ | proto::BACKEND_SEND_FD;
+
+    #[test]
+    fn host_notifier_is_offered_only_when_configured() {
+        assert_eq!(
+            NetConfig::default().protocol_features() & proto::HOST_NOTIFIER,
+            0
+        );
+        let cfg = NetConfig {
+            host_notifier: true,
+            ..NetConfig::default()
+        };
+        assert_ne!(cfg.protocol_features() & proto::HOST_NOTIFIER, 0);
+    }
+
+    #[test]
+    fn host_notifier_message_carries_area_and_fd() {
+        let (mut d, mut fe) = device_with_channel(NOTIFIER);
+        let area = std::fs::File::open("/dev/null").unwrap();
+        assert!(
+            d.set_host_notifier(1, Some((area.as_fd(), 4096, 0x3000)))
+                .unwrap()
+        );
+        let m = fe.recv().unwrap();
+        assert_eq!(m.hdr.request, msg::BackendReq::VringHostNotifier as u32);
+        assert_eq!(m.hdr.flags & msg::FLAG_NEED_REPLY, 0);
+        assert_eq!(m.payload, msg::encode_vring_area(1, false, 4096, 0x3000));
+        assert_eq!(m.fds.len(), 1);
+
+        // Withdrawing: the NOFD flag and no fd.
+        assert!(d.set_host_notifier(0, None).unwrap());
+        let m = fe.recv().unwrap();
+        let u = u64::from_le_bytes(m.payload[..8].try_into().unwrap());
+        assert_eq!(u, msg::VRING_NOFD);
+        assert!(m.fds.is_empty());
+
+        // A vring the device does not have.
+        assert!(matches!(
+            d.set_host_notifier(2, None),
+            Err(VhostError::BadVring {
+                index: 2,
+                count: 2,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn host_notifier_needs_its_protocol_features() {
+        let (mut d, _fe) = device_with_channel(proto::BACKEND_REQ | proto::BACKEND_SEND_FD);
+        assert!(!d.set_host_notifier(0, None).unwrap());
+        let mut d = Device::new(NetConfig::default(), Shared::new(1));
+        d.proto_acked = NOTIFIER;
+        assert!(
+            !d.set_host_notifier(0, None).unwrap(),
+            "no back-end channel"
+        );
+    }
+
+    #[test]
+    fn host_notifier_waits_for_the_ack() {
+        for (status, ok) in [(0u64, true), (1, false)] {
+            let (mut d, mut fe) = device_with_channel(NOTIFIER | proto::REPLY_ACK);
+            let t = std::thread::spawn(move || {
+                let m = fe.recv().unwrap();
+                assert_ne!(m.hdr.flags & msg::FLAG_NEED_REPLY, 0);
+                let h = Header {
+                    request: m.hdr.request,
+                    flags: msg::FLAG_VERSION | msg::FLAG_REPLY,
+                    size: 8,
+                };
+                fe.send(h, &status.to_le_bytes(), &[]).unwrap();
+            });
+            let r = d.set_host_notifier(0, None);
+            t.join().unwrap();
+            assert_eq!(r.is_ok(), ok, "status {status}: {r:?}");
+        }
     }
 }
