@@ -3,16 +3,23 @@
 //! A [`Handoff<T>`] holds a queue's runtime state `T` (ring pointers, guest memory, call fd...).
 //! The poller enters with [`Handoff::enter`] once per burst: it announces itself in `busy`, then
 //! re-checks `open`; the control thread closes the gate with [`Handoff::close`], which clears `open`
-//! and waits until `busy` is clear. The two sides use SeqCst on the store-then-load pairs (a Dekker
-//! handshake), so either the poller sees the gate closed and backs out, or the control thread sees
-//! the poller busy and waits for the burst to finish: they never touch `T` at the same time. No
-//! lock, no syscall, one SeqCst store and one load per burst on the datapath.
+//! and waits until `busy` is clear. Each side must see the other's store before its own load (a
+//! Dekker handshake), so either the poller sees the gate closed and backs out, or the control
+//! thread sees the poller busy and waits for the burst to finish: they never touch `T` at the same
+//! time.
+//!
+//! The barrier is asymmetric: a full fence on the poller's side would cost every burst a drain of
+//! the store buffer (which then waits for the previous burst's copies to and from guest memory),
+//! so the poller only orders its accesses for the compiler and the control thread, when it
+//! closes a gate, makes every thread of the process execute a full barrier with the
+//! `membarrier(2)` system call (private expedited). Where the kernel does not offer it, both sides
+//! fall back to SeqCst fences. No lock and no syscall on the datapath either way.
 //!
 //! While the gate is closed the control thread owns `T` exclusively ([`Closed`] gives `&mut`) and
 //! may replace it (SET_MEM_TABLE, SET_VRING_ADDR...), read it (GET_VRING_BASE) or remove it.
 
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering, compiler_fence, fence};
 
 use crossbeam_utils::CachePadded;
 
@@ -31,8 +38,51 @@ unsafe impl<T: Send> Sync for Handoff<T> {}
 // SAFETY: as above; moving the whole handoff moves `T`.
 unsafe impl<T: Send> Send for Handoff<T> {}
 
+/// Barrier mode: 0 not decided yet, 1 asymmetric (membarrier registered), 2 symmetric fences.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier(2) takes two integer arguments and a CPU id and touches no memory of
+    // ours; an unsupported command fails with an error code.
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        )
+    }
+}
+
+/// Decides the barrier mode once per process (registers for private expedited membarrier).
+fn mode() -> u8 {
+    let m = MODE.load(Ordering::Acquire);
+    if m != 0 {
+        return m;
+    }
+    let q = membarrier(MEMBARRIER_CMD_QUERY);
+    let ok = q >= 0
+        && q as libc::c_int & MEMBARRIER_CMD_PRIVATE_EXPEDITED != 0
+        && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
+    let m = if ok { 1 } else { 2 };
+    // Every handoff decides before its first use; concurrent deciders reach the same answer.
+    MODE.store(m, Ordering::Release);
+    m
+}
+
+/// Whether gates use the asymmetric (membarrier) barrier in this process.
+pub fn asymmetric_barrier() -> bool {
+    mode() == 1
+}
+
 impl<T> Default for Handoff<T> {
     fn default() -> Self {
+        // Decided here, before any poller can enter this handoff.
+        let _ = mode();
         Handoff {
             open: CachePadded::new(AtomicBool::new(false)),
             busy: CachePadded::new(AtomicBool::new(false)),
@@ -54,8 +104,14 @@ impl<T> Handoff<T> {
         if !self.open.load(Ordering::Relaxed) {
             return None;
         }
-        self.busy.store(true, Ordering::SeqCst);
-        if !self.open.load(Ordering::SeqCst) {
+        self.busy.store(true, Ordering::Relaxed);
+        if MODE.load(Ordering::Relaxed) == 1 {
+            // The control thread's membarrier supplies the hardware barrier (module docs).
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+        if !self.open.load(Ordering::Relaxed) {
             self.busy.store(false, Ordering::Release);
             return None;
         }
@@ -77,6 +133,13 @@ impl<T> Handoff<T> {
     /// gives exclusive access to the state; dropping it leaves the gate closed.
     pub fn close(&self) -> Closed<'_, T> {
         self.open.store(false, Ordering::SeqCst);
+        if mode() == 1 && membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0 {
+            // Cannot happen once registered; if it did, the poller may not have seen the gate
+            // close yet, so do not trust `busy` below without a barrier of ours: fall back for good.
+            MODE.store(2, Ordering::SeqCst);
+            tracing::error!("membarrier failed after registration; gates use full fences now");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let mut spins = 0u32;
         while self.busy.load(Ordering::SeqCst) {
             spins = spins.wrapping_add(1);
