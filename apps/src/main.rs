@@ -2,6 +2,7 @@
 
 mod error;
 mod fwd;
+mod tgen;
 
 use std::io::IsTerminal;
 

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_queue::ArrayQueue;
 use hdrhistogram::Histogram;
 use vdpakit_core::mbuf::Mbuf;
-use vdpakit_core::packet::{UDP_HDR_LEN, ipv4_checksum, udp_template};
+use vdpakit_core::packet::{UDP_HDR_LEN, udp_template};
 
 /// Smallest frame generated (no FCS).
 pub const FRAME_MIN: usize = 60;
@@ -144,7 +144,11 @@ impl SizeGen {
             }
             SizeSpec::Imix => {
                 let n = IMIX[self.i];
-                self.i = if self.i + 1 == IMIX.len() { 0 } else { self.i + 1 };
+                self.i = if self.i + 1 == IMIX.len() {
+                    0
+                } else {
+                    self.i + 1
+                };
                 n as usize
             }
         }
@@ -213,11 +217,6 @@ impl UdpGen {
         h[34..36].copy_from_slice(&sport.to_be_bytes());
         h[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
     }
-}
-
-/// Verifies a generated frame's IPv4 header checksum (tests and debugging).
-pub fn ipv4_ok(frame: &[u8]) -> bool {
-    frame.len() >= 34 && ipv4_checksum(&frame[14..34]) == 0
 }
 
 /// A token bucket on the cycle clock: `rate` packets per tick refill it, at most `depth` tokens
@@ -527,6 +526,11 @@ impl LatAgg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vdpakit_core::packet::ipv4_checksum;
+
+    fn ipv4_ok(frame: &[u8]) -> bool {
+        frame.len() >= 34 && ipv4_checksum(&frame[14..34]) == 0
+    }
 
     #[test]
     fn sizes_parse_and_reject() {
@@ -534,7 +538,9 @@ mod tests {
         assert_eq!(SizeSpec::parse("64-128"), Ok(SizeSpec::Range(64, 128)));
         assert_eq!(SizeSpec::parse("100-100"), Ok(SizeSpec::Fixed(100)));
         assert_eq!(SizeSpec::parse("IMIX"), Ok(SizeSpec::Imix));
-        for bad in ["59", "9001", "128-64", "50-100", "64-9001", "x", "64-", "-64", "imx"] {
+        for bad in [
+            "59", "9001", "128-64", "50-100", "64-9001", "x", "64-", "-64", "imx",
+        ] {
             let e = SizeSpec::parse(bad).unwrap_err();
             assert!(e.contains("60..=9000") && e.contains("imix"), "{bad}: {e}");
         }
@@ -577,7 +583,10 @@ mod tests {
     fn flows_cycle_with_valid_checksums() {
         let mut g = UdpGen::new([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 4);
         let mut seen = Vec::new();
-        for (i, len) in [64usize, 100, 1518, 60, 9000, 77, 64, 65].into_iter().enumerate() {
+        for (i, len) in [64usize, 100, 1518, 60, 9000, 77, 64, 65]
+            .into_iter()
+            .enumerate()
+        {
             let mut f = vec![0xa5u8; len];
             g.write(&mut f);
             assert!(ipv4_ok(&f), "packet {i} of {len} bytes: bad IPv4 checksum");
