@@ -642,3 +642,43 @@ fn human_summary_reports_latency() {
         "{s}"
     );
 }
+
+/// On a terminal the live statistics are one status line rewritten in place (`\r`), ended by a
+/// newline before the summary. Needs util-linux `script` for a pseudo-terminal.
+#[test]
+fn status_line_on_a_terminal_is_rewritten_in_place() {
+    let cmd = format!(
+        "{} fwd --port null --mode txonly --cores 0 --duration 1 --stats-period 0.3",
+        env!("CARGO_BIN_EXE_vdpakit")
+    );
+    let out = match Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("VDPAKIT_LOG", "error")
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        other => {
+            eprintln!("no usable `script` here ({other:?}): the terminal path is not exercised");
+            return;
+        }
+    };
+    let s = String::from_utf8_lossy(&out.stdout);
+    let status: Vec<&str> = s.split('\r').filter(|p| p.starts_with("[ ")).collect();
+    assert!(status.len() >= 2, "{s:?}");
+    assert!(
+        status
+            .iter()
+            .all(|p| p.contains("s left]") && p.contains("Mpps")),
+        "{s:?}"
+    );
+    let summary = s.find("---- vdpakit fwd").expect("summary");
+    assert!(
+        s[..summary].ends_with('\n'),
+        "status line ended before the summary: {s:?}"
+    );
+    assert_eq!(
+        s[..summary].matches('\n').count(),
+        1,
+        "one line in place: {s:?}"
+    );
+}
