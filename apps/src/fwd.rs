@@ -641,7 +641,11 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                     if !generating {
                         continue;
                     }
-                    let now = tsc::now();
+                    let now = if g.bucket.is_some() || g.stamp.is_some() {
+                        tsc::now()
+                    } else {
+                        0
+                    };
                     let n = match g.bucket.as_mut() {
                         Some(b) => b.available(now).min(w.burst),
                         None => w.burst,
