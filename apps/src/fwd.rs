@@ -7,8 +7,9 @@
 //! needs moved in beforehand: no locks, syscalls or allocation inside the loop. The main thread
 //! prints live rates and, at the end, a summary (or one JSON object with `--json`).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,8 +21,12 @@ use vdpakit_core::packet;
 use vdpakit_core::port::{
     self, Port, PortConf, PortEnv, PortSpec, PortStats, RingRegistry, RxQueue, TxQueue,
 };
+use vdpakit_core::tsc::{self, Tsc};
 
 use crate::error::{Error, Result};
+use crate::tgen::{
+    self, HistExchange, LatAgg, LatRx, SizeGen, SizeSpec, TokenBucket, TxGen, UdpGen,
+};
 
 /// Forwarding modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +60,33 @@ impl Mode {
     }
 }
 
+/// `--mode`: one mode for every port, or a comma-separated list with one per port (the last one
+/// repeats for ports beyond the list), e.g. `txonly,rxonly` for a generator and a receiver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Modes(Vec<Mode>);
+
+impl Modes {
+    /// The mode of port `p`.
+    fn for_port(&self, p: usize) -> Mode {
+        self.0[p.min(self.0.len() - 1)]
+    }
+
+    fn label(&self) -> String {
+        self.0
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn parse_modes(s: &str) -> std::result::Result<Modes, String> {
+    s.split(',')
+        .map(|m| parse_mode(m.trim()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Modes)
+}
+
 fn parse_mode(s: &str) -> std::result::Result<Mode, String> {
     Ok(match s {
         "io" => Mode::Io,
@@ -63,7 +95,11 @@ fn parse_mode(s: &str) -> std::result::Result<Mode, String> {
         "txonly" => Mode::TxOnly,
         "rxonly" => Mode::RxOnly,
         "icmpecho" => Mode::IcmpEcho,
-        _ => return Err(format!("accepted are {MODES}")),
+        _ => {
+            return Err(format!(
+                "accepted are {MODES}, or a comma-separated list of them, one per port"
+            ));
+        }
     })
 }
 
@@ -75,6 +111,13 @@ fn int_in<T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy>(
     match s.parse::<T>() {
         Ok(v) if v >= lo && v <= hi => Ok(v),
         _ => Err(format!("accepted is an integer in {lo}..={hi}")),
+    }
+}
+
+fn parse_rate(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 10_000.0 => Ok(v),
+        _ => Err("accepted is a packet rate in Mpps, a number > 0 and <= 10000".into()),
     }
 }
 
@@ -91,18 +134,31 @@ pub struct FwdArgs {
     /// A port, KIND[:key=val,...] (repeat for more ports; `vdpakit ports` lists kinds and keys).
     #[arg(long = "port", value_name = "SPEC", required = true)]
     ports: Vec<String>,
-    /// Forwarding mode: io, mac, macswap, txonly, rxonly, icmpecho.
-    #[arg(long, default_value = "io", value_parser = parse_mode)]
-    mode: Mode,
+    /// Forwarding mode: io, mac, macswap, txonly, rxonly, icmpecho; or a comma-separated list,
+    /// one per port (the last repeats), e.g. txonly,rxonly.
+    #[arg(long, default_value = "io", value_parser = parse_modes)]
+    mode: Modes,
     /// CPUs for the forwarding lcores, like 0,1 or 0-3 (default: the last available CPU).
     #[arg(long, value_name = "LIST")]
     cores: Option<String>,
     /// Packets per burst (1..=512, at most the descriptor counts).
     #[arg(long, default_value = "32", value_parser = |s: &str| int_in::<usize>(s, 1, MAX_BURST))]
     burst: usize,
-    /// Size of generated packets in bytes, without FCS (60..=9000).
-    #[arg(long, default_value = "64", value_parser = |s: &str| int_in::<usize>(s, 60, 9000))]
-    pkt_size: usize,
+    /// Size of generated packets in bytes, without FCS: N (60..=9000), a range MIN-MAX (uniform
+    /// per packet) or imix (64/594/1518 bytes, 7:4:1).
+    #[arg(long, default_value = "64", value_parser = SizeSpec::parse)]
+    pkt_size: SizeSpec,
+    /// txonly: cycle over N flows (source IPv4 address and UDP source port), 1..=65536.
+    #[arg(long, default_value = "1", value_parser = |s: &str| int_in::<u32>(s, 1, tgen::MAX_FLOWS))]
+    flows: u32,
+    /// txonly: total rate in Mpps, split evenly over the transmitting queues (default: as fast as
+    /// possible).
+    #[arg(long, value_name = "MPPS", value_parser = parse_rate, allow_hyphen_values = true)]
+    rate: Option<f64>,
+    /// Latency and loss: txonly stamps packets (magic, stream, sequence, clock); receiving modes
+    /// read the stamps and report latency percentiles, lost and reordered packets per port.
+    #[arg(long)]
+    latency: bool,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long, value_parser = seconds, allow_hyphen_values = true)]
     duration: Option<f64>,
@@ -143,21 +199,38 @@ pub struct FwdArgs {
 
 /// One forwarding stream, owned by one lcore.
 struct Stream {
+    mode: Mode,
     rx: Option<Box<dyn RxQueue>>,
     tx: Option<Box<dyn TxQueue>>,
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
+    /// txonly: the generator.
+    tgen: Option<TxGen>,
+    /// Receiving modes with --latency: the stamp reader.
+    lat: Option<LatRx>,
 }
 
 /// What each lcore gets.
 struct LcoreWork {
     streams: Vec<Stream>,
     cache: MempoolCache,
-    mode: Mode,
     burst: usize,
-    pkt_size: usize,
-    template: Vec<u8>,
     replies: Burst,
+    /// Raised by the main thread to stop generating (receivers go on draining).
+    gen_stop: Arc<AtomicBool>,
+    /// Lcores with generators count themselves here once they have stopped generating.
+    gen_acks: Arc<AtomicUsize>,
+    /// Where latency histograms go, and how often (clock ticks).
+    exchange: Option<Arc<HistExchange>>,
+    publish_ticks: u64,
+}
+
+/// What an lcore hands back when it stops.
+struct LcoreResult {
+    /// (stamp stream id, next sequence number) of each stamping generator.
+    tx_seqs: Vec<(u32, u32)>,
+    /// The stamp readers.
+    lats: Vec<LatRx>,
 }
 
 fn usage(flag: &'static str, value: impl ToString, accepted: impl Into<String>) -> Error {
@@ -215,6 +288,29 @@ pub fn run(args: FwdArgs) -> Result<()> {
             "at most 64 ports",
         ));
     }
+    if args.mode.0.len() > specs.len() {
+        return Err(usage(
+            "--mode",
+            args.mode.label(),
+            format!("at most one mode per port ({} ports given)", specs.len()),
+        ));
+    }
+    let any_txonly = (0..specs.len()).any(|p| args.mode.for_port(p) == Mode::TxOnly);
+    if args.latency && any_txonly && args.pkt_size.min() < tgen::STAMP_MIN_FRAME {
+        return Err(usage(
+            "--pkt-size",
+            args.pkt_size.label(),
+            format!(
+                "sizes of at least {} bytes with --latency (the {}-byte stamp follows the \
+                 Ethernet/IPv4/UDP headers)",
+                tgen::STAMP_MIN_FRAME,
+                tgen::STAMP_LEN
+            ),
+        ));
+    }
+    if !any_txonly && (args.rate.is_some() || args.flows > 1) {
+        tracing::warn!("--rate and --flows only apply to txonly ports");
+    }
 
     // ---- memory and ports ----
     let nports = specs.len();
@@ -225,7 +321,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
     let count = args
         .mbufs
         .unwrap_or(auto_mbufs.clamp(4096, 16_777_216) as u32);
-    let data_room = (args.pkt_size.next_multiple_of(64)).max(2048) as u32;
+    let data_room = (args.pkt_size.max().next_multiple_of(64)).max(2048) as u32;
     let pool = Mempool::new(
         "fwd",
         MempoolConfig {
@@ -248,7 +344,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
             pool: Arc::clone(&pool),
             rings: rings.clone(),
             port_id: id as u16,
-            pkt_size: args.pkt_size,
+            pkt_size: args.pkt_size.min(),
             cache_size: args.cache,
         };
         let mut p = port::create(spec, &env)?;
@@ -273,31 +369,58 @@ pub fn run(args: FwdArgs) -> Result<()> {
         }
     }
     let peer = |p: usize| if p ^ 1 < nports { p ^ 1 } else { p };
+    let tsc = Tsc::calibrate(Duration::from_millis(50));
+    let tx_streams = (0..nports)
+        .filter(|&p| args.mode.for_port(p) == Mode::TxOnly)
+        .count()
+        * q;
     let mut streams = Vec::new();
     for (p, port_rxq) in rxq.iter_mut().enumerate() {
+        let mode = args.mode.for_port(p);
         for (qi, slot) in port_rxq.iter_mut().enumerate().take(q) {
-            let tp = if matches!(args.mode, Mode::TxOnly | Mode::IcmpEcho) {
+            let tp = if matches!(mode, Mode::TxOnly | Mode::IcmpEcho) {
                 p
             } else {
                 peer(p)
             };
-            let rx = if args.mode == Mode::TxOnly {
+            let rx = if mode == Mode::TxOnly {
                 None
             } else {
                 slot.take()
             };
-            let tx = if args.mode == Mode::RxOnly {
+            let tx = if mode == Mode::RxOnly {
                 None
             } else {
                 txq[tp][qi].take()
             };
             let mut dst = [0x02, 0, 0, 0, 0, 0];
             dst[5] = tp as u8;
+            let src_mac = ports[tp].mac();
+            let tgen = (mode == Mode::TxOnly).then(|| TxGen {
+                sizes: SizeGen::new(args.pkt_size, (p * q + qi) as u64),
+                udp: UdpGen::new(src_mac, [0x02, 0, 0, 0, 0, 0], args.flows),
+                bucket: args.rate.map(|mpps| {
+                    let pps = mpps * 1e6 / tx_streams as f64;
+                    // Up to 10 ms of credit survives a preemption (the lcore then catches up
+                    // in full bursts); never less than one burst.
+                    let depth = ((pps * 0.01) as usize).max(args.burst);
+                    TokenBucket::new(pps, tsc.hz(), depth, vdpakit_core::tsc::now())
+                }),
+                stamp: args.latency.then_some(((p as u32) << 16) | qi as u32),
+                seq: 0,
+            });
+            let lat = (args.latency
+                && rx.is_some()
+                && matches!(mode, Mode::RxOnly | Mode::Io | Mode::Mac | Mode::MacSwap))
+            .then(|| LatRx::new(p as u16, nports, q, tsc.ns_per_tick()));
             streams.push(Stream {
+                mode,
                 rx,
                 tx,
-                src_mac: ports[tp].mac(),
+                src_mac,
                 dst_mac: dst,
+                tgen,
+                lat,
             });
         }
     }
@@ -314,21 +437,54 @@ pub fn run(args: FwdArgs) -> Result<()> {
     for (i, s) in streams.into_iter().enumerate() {
         per_lcore[i % nlcores].push(s);
     }
-    let template = packet::udp_template(ports[0].mac(), [0x02, 0, 0, 0, 0, 0], args.pkt_size);
+    let gen_stop = Arc::new(AtomicBool::new(false));
+    let gen_acks = Arc::new(AtomicUsize::new(0));
+    let gen_lcores = per_lcore
+        .iter()
+        .filter(|ss| ss.iter().any(|s| s.tgen.is_some()))
+        .count();
+    let rx_streams = per_lcore
+        .iter()
+        .flatten()
+        .filter(|s| s.rx.is_some())
+        .count();
+    // Latency histograms travel to this thread at most every half second (or the stats period).
+    let publish_ticks = tsc.ticks(if args.stats_period > 0.0 {
+        args.stats_period.min(0.5)
+    } else {
+        0.5
+    });
+    let mut exchanges: Vec<Arc<HistExchange>> = Vec::new();
+    let mut live_lat: Vec<(u16, Arc<tgen::LiveLat>)> = Vec::new();
     let mut work: Vec<Option<LcoreWork>> = per_lcore
         .into_iter()
         .map(|streams| {
+            let recorders = streams.iter().filter(|s| s.lat.is_some()).count();
+            let exchange = (recorders > 0).then(|| {
+                let ex = HistExchange::new(recorders);
+                exchanges.push(Arc::clone(&ex));
+                ex
+            });
+            for l in streams.iter().filter_map(|s| s.lat.as_ref()) {
+                live_lat.push((l.port, Arc::clone(&l.live)));
+            }
             Some(LcoreWork {
                 streams,
                 cache: pool.cache(args.cache),
-                mode: args.mode,
                 burst: args.burst,
-                pkt_size: args.pkt_size,
-                template: template.clone(),
                 replies: Burst::new(args.burst),
+                gen_stop: Arc::clone(&gen_stop),
+                gen_acks: Arc::clone(&gen_acks),
+                exchange,
+                publish_ticks,
             })
         })
         .collect();
+    let mut agg: Vec<LatAgg> = if args.latency {
+        (0..nports).map(|_| LatAgg::default()).collect()
+    } else {
+        Vec::new()
+    };
 
     // ---- run ----
     let stop = StopFlag::new();
@@ -342,18 +498,14 @@ pub fn run(args: FwdArgs) -> Result<()> {
     }
     let lcores = lcore::launch(&cpus[..nlcores], &stop, |i, _cpu| {
         let w = work[i].take();
-        move |ctx: &LcoreCtx| {
-            if let Some(w) = w {
-                lcore_loop(ctx, w);
-            }
-        }
+        move |ctx: &LcoreCtx| w.map(|w| lcore_loop(ctx, w))
     })?;
     let started = Instant::now();
     let deadline = args.duration.map(|d| started + Duration::from_secs_f64(d));
     let period = (args.stats_period > 0.0).then(|| Duration::from_secs_f64(args.stats_period));
     let mut next_stats = period.map(|p| started + p);
     let mut last: (Instant, Vec<PortStats>) = (started, ports.iter().map(|p| p.stats()).collect());
-    let live_to_stderr = args.json;
+    let mut live = LiveOut::new(args.json);
     while !stop.is_stopped() && !lcores.all_finished() {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
@@ -362,30 +514,45 @@ pub fn run(args: FwdArgs) -> Result<()> {
         if let (Some(t), Some(p)) = (next_stats, period)
             && now >= t
         {
-            {
-                let snap: Vec<PortStats> = ports.iter().map(|p| p.stats()).collect();
-                let secs = now.duration_since(last.0).as_secs_f64();
-                let line = live_line(
-                    now.duration_since(started),
-                    args.duration,
-                    &snap,
-                    &last.1,
-                    secs,
-                );
-                if live_to_stderr {
-                    eprintln!("{line}");
-                } else {
-                    println!("{line}");
+            merge_exchanges(&exchanges, &mut agg);
+            let snap: Vec<PortStats> = ports.iter().map(|p| p.stats()).collect();
+            let secs = now.duration_since(last.0).as_secs_f64();
+            let mut line = live_line(
+                now.duration_since(started),
+                args.duration,
+                &snap,
+                &last.1,
+                secs,
+            );
+            for (port, a) in agg.iter().enumerate() {
+                let lost: u64 = live_lat
+                    .iter()
+                    .filter(|(p, _)| *p as usize == port)
+                    .map(|(_, l)| l.lost.load(Ordering::Relaxed))
+                    .sum();
+                if !a.hist.is_empty() {
+                    line.push_str(&format!(
+                        "  port {port} latency p99 {:.1} us, lost {lost}",
+                        a.hist.value_at_quantile(0.99) as f64 / 1e3
+                    ));
                 }
-                last = (now, snap);
-                next_stats = Some(t + p);
             }
+            live.line(&line);
+            last = (now, snap);
+            next_stats = Some(t + p);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    live.finish();
+    let elapsed = started.elapsed().as_secs_f64();
+    // Generators stop first; receivers drain what is in flight, so that every packet sent is
+    // either received or was dropped (and counted) on the way.
+    let drained = gen_lcores > 0
+        && rx_streams > 0
+        && !stop.is_stopped()
+        && drain(&stop, &lcores, &ports, &gen_stop, &gen_acks, gen_lcores);
     stop.stop();
     let joined = lcores.join();
-    let elapsed = started.elapsed().as_secs_f64();
     let finals: Vec<PortStats> = ports.iter().map(|p| p.stats()).collect();
     if args.linger > 0.0 {
         // Forwarding has stopped; the ports (and their connections) stay up for the peers.
@@ -394,10 +561,47 @@ pub fn run(args: FwdArgs) -> Result<()> {
     for p in ports.iter_mut() {
         p.stop()?;
     }
-    joined.map_err(|e| Error::Runtime(e.to_string()))?;
+    let mut results: Vec<LcoreResult> = joined
+        .map_err(|e| Error::Runtime(e.to_string()))?
+        .into_iter()
+        .flatten()
+        .collect();
+    if args.latency {
+        merge_exchanges(&exchanges, &mut agg);
+        let tx_seqs: std::collections::HashMap<u32, u32> = results
+            .iter()
+            .flat_map(|r| r.tx_seqs.iter().copied())
+            .collect();
+        for r in results.iter_mut() {
+            for l in r.lats.iter_mut() {
+                if drained {
+                    // Whatever a generator of this process stamped after the last packet that
+                    // arrived was lost too (the receivers drained everything still in flight).
+                    for (i, t) in l.seqs.iter_mut().enumerate().filter(|(_, t)| t.seen) {
+                        let id = (((i / q) as u32) << 16) | (i % q) as u32;
+                        if let Some(&next) = tx_seqs.get(&id) {
+                            let tail = next.wrapping_sub(t.next) as i32;
+                            if tail > 0 {
+                                t.lost += tail as u64;
+                            }
+                        }
+                    }
+                }
+                agg[l.port as usize].absorb(l);
+            }
+        }
+    }
 
     // ---- report ----
-    let report = summary(&args, &cpus[..nlcores], &ports, &finals, elapsed, &pool);
+    let report = summary(
+        &args,
+        &cpus[..nlcores],
+        &ports,
+        &finals,
+        elapsed,
+        &pool,
+        &agg,
+    );
     if args.json {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{report}");
@@ -408,26 +612,61 @@ pub fn run(args: FwdArgs) -> Result<()> {
 }
 
 /// The per-lcore poll loop. Everything it uses was moved in; nothing here locks, allocates or
-/// makes a syscall.
-fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
+/// makes a syscall (the clock is `rdtsc`; histograms change hands through lock-free queues).
+fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
     let mut burst = Burst::new(w.burst);
+    let generates = w.streams.iter().any(|s| s.tgen.is_some());
+    let mut generating = generates;
+    let mut next_publish = tsc::now().wrapping_add(w.publish_ticks);
     while !ctx.should_stop() {
+        if generating && w.gen_stop.load(Ordering::Relaxed) {
+            generating = false;
+            w.gen_acks.fetch_add(1, Ordering::Release);
+        }
+        if let Some(ex) = w.exchange.as_deref() {
+            let now = tsc::now();
+            if now >= next_publish {
+                for l in w.streams.iter_mut().filter_map(|s| s.lat.as_mut()) {
+                    l.publish(ex);
+                }
+                next_publish = now.wrapping_add(w.publish_ticks);
+            }
+        }
         for s in w.streams.iter_mut() {
-            match w.mode {
+            match s.mode {
                 Mode::TxOnly => {
-                    let Some(tx) = s.tx.as_mut() else { continue };
-                    if !w.cache.alloc_bulk(&mut burst, w.burst) {
+                    let (Some(tx), Some(g)) = (s.tx.as_mut(), s.tgen.as_mut()) else {
+                        continue;
+                    };
+                    if !generating {
                         continue;
                     }
+                    let now = if g.bucket.is_some() || g.stamp.is_some() {
+                        tsc::now()
+                    } else {
+                        0
+                    };
+                    let n = match g.bucket.as_mut() {
+                        Some(b) => b.available(now).min(w.burst),
+                        None => w.burst,
+                    };
+                    if n == 0 || !w.cache.alloc_bulk(&mut burst, n) {
+                        continue;
+                    }
+                    if let Some(b) = g.bucket.as_mut() {
+                        b.consume(n);
+                    }
                     for m in burst.iter_mut() {
-                        m.set_data_len(w.pkt_size);
-                        m.data_mut()[..w.template.len()].copy_from_slice(&w.template);
+                        g.build(m, now);
                     }
                     send_or_drop(tx.as_mut(), &mut burst, &mut w.cache);
                 }
                 Mode::RxOnly => {
                     let Some(rx) = s.rx.as_mut() else { continue };
                     if rx.rx_burst(&mut burst) > 0 {
+                        if let Some(l) = s.lat.as_mut() {
+                            l.on_burst(burst.as_slice(), tsc::now());
+                        }
                         w.cache.free_burst(&mut burst);
                     }
                 }
@@ -459,7 +698,10 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                     if rx.rx_burst(&mut burst) == 0 {
                         continue;
                     }
-                    match w.mode {
+                    if let Some(l) = s.lat.as_mut() {
+                        l.on_burst(burst.as_slice(), tsc::now());
+                    }
+                    match s.mode {
                         Mode::Mac => {
                             for m in burst.iter_mut() {
                                 packet::set_macs(m.data_mut(), s.dst_mac, s.src_mac);
@@ -480,6 +722,121 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) {
                         }
                     }
                 }
+            }
+        }
+    }
+    if generating {
+        // Stopped without a drain (signal, or nothing receives): still acknowledge.
+        w.gen_acks.fetch_add(1, Ordering::Release);
+    }
+    // Off the hot path from here: hand back what the main thread reports.
+    LcoreResult {
+        tx_seqs: w
+            .streams
+            .iter()
+            .filter_map(|s| s.tgen.as_ref())
+            .filter_map(|g| g.stamp.map(|id| (id, g.seq)))
+            .collect(),
+        lats: w.streams.iter_mut().filter_map(|s| s.lat.take()).collect(),
+    }
+}
+
+/// Stops the generators, waits until each lcore with one has acknowledged, then until the
+/// receive counters stop moving (everything in flight arrived). Returns whether both happened
+/// (within a second each).
+fn drain(
+    stop: &StopFlag,
+    lcores: &lcore::Lcores<Option<LcoreResult>>,
+    ports: &[Box<dyn Port>],
+    gen_stop: &AtomicBool,
+    gen_acks: &AtomicUsize,
+    gen_lcores: usize,
+) -> bool {
+    gen_stop.store(true, Ordering::Relaxed);
+    let give_up = Instant::now() + Duration::from_secs(1);
+    while gen_acks.load(Ordering::Acquire) < gen_lcores {
+        if Instant::now() >= give_up || stop.is_stopped() || lcores.all_finished() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let rx_total = || ports.iter().map(|p| p.stats().rx.packets).sum::<u64>();
+    let give_up = Instant::now() + Duration::from_secs(1);
+    let (mut last, mut still) = (rx_total(), 0);
+    while still < 3 {
+        if Instant::now() >= give_up || stop.is_stopped() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        let now = rx_total();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    true
+}
+
+/// Merges the interval histograms lcores handed over into the per-port totals and gives the
+/// emptied ones back.
+fn merge_exchanges(exchanges: &[Arc<HistExchange>], agg: &mut [LatAgg]) {
+    for ex in exchanges {
+        while let Some((port, mut h)) = ex.full.pop() {
+            if let Some(a) = agg.get_mut(port as usize) {
+                let _ = a.hist.add(&*h);
+            }
+            h.reset();
+            let _ = ex.spare.push(h);
+        }
+    }
+}
+
+/// Live statistics: on a terminal one status line rewritten in place, otherwise plain lines.
+struct LiveOut {
+    to_stderr: bool,
+    tty: bool,
+    dirty: bool,
+}
+
+impl LiveOut {
+    fn new(to_stderr: bool) -> LiveOut {
+        let tty = if to_stderr {
+            std::io::stderr().is_terminal()
+        } else {
+            std::io::stdout().is_terminal()
+        };
+        LiveOut {
+            to_stderr,
+            tty,
+            dirty: false,
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        let text = if self.tty {
+            // Back to the start of the line, the status, then clear what a longer one left.
+            self.dirty = true;
+            format!("\r{line}\x1b[K")
+        } else {
+            format!("{line}\n")
+        };
+        if self.to_stderr {
+            let mut e = std::io::stderr().lock();
+            let _ = e.write_all(text.as_bytes());
+            let _ = e.flush();
+        } else {
+            let mut o = std::io::stdout().lock();
+            let _ = o.write_all(text.as_bytes());
+            let _ = o.flush();
+        }
+    }
+
+    /// Ends the status line so what follows starts on a line of its own.
+    fn finish(&mut self) {
+        if self.dirty {
+            self.dirty = false;
+            if self.to_stderr {
+                eprintln!();
+            } else {
+                println!();
             }
         }
     }
@@ -519,9 +876,10 @@ fn live_line(
     before: &[PortStats],
     secs: f64,
 ) -> String {
+    let at = at.as_secs_f64();
     let mut s = match total {
-        Some(t) => format!("[{:>6.1}s/{t:.0}s]", at.as_secs_f64()),
-        None => format!("[{:>6.1}s]", at.as_secs_f64()),
+        Some(t) => format!("[{at:>6.1}s/{t:.0}s, {:.1}s left]", (t - at).max(0.0)),
+        None => format!("[{at:>6.1}s]"),
     };
     for (i, (n, b)) in now.iter().zip(before).enumerate() {
         s.push_str(&format!(
@@ -550,6 +908,7 @@ fn summary(
     stats: &[PortStats],
     secs: f64,
     pool: &Mempool,
+    agg: &[LatAgg],
 ) -> Value {
     let mut tot = (0u64, 0u64, 0u64, 0u64);
     let ports_json: Vec<Value> = ports
@@ -561,8 +920,9 @@ fn summary(
             tot.1 += s.tx.packets;
             tot.2 += s.rx.drops + s.tx.drops;
             tot.3 += s.rx.errors + s.tx.errors;
-            json!({
+            let mut v = json!({
                 "port": i,
+                "mode": args.mode.for_port(i).as_str(),
                 "spec": p.name(),
                 "kind": p.kind(),
                 "mac": mac_str(p.mac()),
@@ -581,15 +941,31 @@ fn summary(
                 "queues": s.rx_queues.iter().zip(&s.tx_queues).enumerate().map(|(q, (r, t))| json!({
                     "queue": q, "rx_packets": r.packets, "tx_packets": t.packets, "tx_dropped": t.drops,
                 })).collect::<Vec<_>>(),
-            })
+            });
+            let receives = matches!(
+                args.mode.for_port(i),
+                Mode::RxOnly | Mode::Io | Mode::Mac | Mode::MacSwap
+            );
+            if let Some(a) = agg.get(i).filter(|_| receives) {
+                v["latency"] = latency_json(a);
+            }
+            v
         })
         .collect();
     let seg = pool.zone().segment();
     json!({
-        "mode": args.mode.as_str(),
+        "mode": args.mode.label(),
         "cores": cpus,
         "burst": args.burst,
-        "pkt_size": args.pkt_size,
+        "pkt_size": match args.pkt_size {
+            SizeSpec::Fixed(n) => json!(n),
+            other => json!(other.label()),
+        },
+        "pkt_size_min": args.pkt_size.min(),
+        "pkt_size_max": args.pkt_size.max(),
+        "flows": args.flows,
+        "rate_mpps": args.rate,
+        "latency": args.latency,
         "queues": args.queues,
         "duration_s": secs,
         "memory": {
@@ -607,6 +983,33 @@ fn summary(
             "rx_mpps": mpps(tot.0, secs),
             "tx_mpps": mpps(tot.1, secs),
         },
+    })
+}
+
+/// One port's latency and loss figures (nanoseconds).
+fn latency_json(a: &LatAgg) -> Value {
+    let h = &a.hist;
+    let q = |x: f64| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(x)
+        }
+    };
+    json!({
+        "packets": a.stamped,
+        "min_ns": if h.is_empty() { 0 } else { h.min() },
+        "mean_ns": if h.is_empty() { 0.0 } else { h.mean() },
+        "p50_ns": q(0.5),
+        "p99_ns": q(0.99),
+        "p999_ns": q(0.999),
+        "max_ns": if h.is_empty() { 0 } else { h.max() },
+        "lost": a.lost,
+        "reordered": a.reordered,
+        "foreign": a.foreign,
+        "flows": a.flow_count(),
+        "min_size": if a.stamped == 0 { 0 } else { a.min_size },
+        "max_size": a.max_size,
     })
 }
 
@@ -635,6 +1038,24 @@ fn print_summary(r: &Value) {
             p["tx_dropped"],
             p["rx_errors"].as_u64().unwrap_or(0) + p["tx_errors"].as_u64().unwrap_or(0),
         );
+        let l = &p["latency"];
+        if l.is_object() && l["packets"].as_u64().unwrap_or(0) > 0 {
+            let us = |k: &str| l[k].as_u64().unwrap_or(0) as f64 / 1e3;
+            println!(
+                "port {} latency: {} stamped pkts, p50 {:.2} us p99 {:.2} us p99.9 {:.2} us max {:.2} us | lost {} reordered {} | {} flows, {}..={} bytes",
+                p["port"],
+                l["packets"],
+                us("p50_ns"),
+                us("p99_ns"),
+                us("p999_ns"),
+                us("max_ns"),
+                l["lost"],
+                l["reordered"],
+                l["flows"],
+                l["min_size"],
+                l["max_size"],
+            );
+        }
     }
     let t = &r["total"];
     println!(

@@ -2,6 +2,7 @@
 
 mod error;
 mod fwd;
+mod tgen;
 
 use std::io::IsTerminal;
 
@@ -19,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Forward packets between ports on pinned cores (like dpdk-testpmd).
-    Fwd(fwd::FwdArgs),
+    Fwd(Box<fwd::FwdArgs>),
     /// List the port kinds and their keys.
     Ports,
 }
@@ -57,7 +58,7 @@ fn main() {
         .without_time()
         .init();
     let res = match cli.cmd {
-        Cmd::Fwd(args) => fwd::run(args),
+        Cmd::Fwd(args) => fwd::run(*args),
         Cmd::Ports => {
             for k in vdpakit_core::port::KINDS {
                 println!("{:<8} {}", k.name, k.about);

@@ -254,6 +254,92 @@ fn bad_input_is_one_line_exit_2() {
             &["fwd", "--port", "null", "--duration", "-1"],
             &["'-1'", "seconds"],
         ),
+        (
+            &["fwd", "--port", "null", "--flows", "0"],
+            &["'0'", "1..=65536"],
+        ),
+        (
+            &["fwd", "--port", "null", "--flows", "65537"],
+            &["'65537'", "1..=65536"],
+        ),
+        (
+            &["fwd", "--port", "null", "--pkt-size", "128-64"],
+            &["'128-64'", "backwards", "MIN-MAX", "imix"],
+        ),
+        (
+            &["fwd", "--port", "null", "--pkt-size", "64-9001"],
+            &["'64-9001'", "60..=9000"],
+        ),
+        (
+            &["fwd", "--port", "null", "--pkt-size", "20-64"],
+            &["'20-64'", "60..=9000"],
+        ),
+        (
+            &["fwd", "--port", "null", "--pkt-size", "jumbo"],
+            &["'jumbo'", "imix"],
+        ),
+        (
+            &["fwd", "--port", "null", "--rate", "0"],
+            &["'0'", "Mpps", "> 0"],
+        ),
+        (
+            &["fwd", "--port", "null", "--rate", "-1.5"],
+            &["'-1.5'", "Mpps", "> 0"],
+        ),
+        (
+            &["fwd", "--port", "null", "--rate", "NaN"],
+            &["'NaN'", "Mpps"],
+        ),
+        (
+            &["fwd", "--port", "null", "--rate", "inf"],
+            &["'inf'", "Mpps"],
+        ),
+        (
+            &[
+                "fwd",
+                "--port",
+                "null",
+                "--mode",
+                "txonly",
+                "--latency",
+                "--pkt-size",
+                "60",
+            ],
+            &["--pkt-size 60", "at least 62 bytes with --latency"],
+        ),
+        (
+            &[
+                "fwd",
+                "--port",
+                "null",
+                "--mode",
+                "txonly",
+                "--latency",
+                "--pkt-size",
+                "61-100",
+            ],
+            &["--pkt-size 61-100", "at least 62 bytes"],
+        ),
+        (
+            &[
+                "fwd",
+                "--port",
+                "null",
+                "--port",
+                "null",
+                "--mode",
+                "txonly,rxonly,io",
+            ],
+            &["txonly,rxonly,io", "one mode per port"],
+        ),
+        (
+            &["fwd", "--port", "null", "--mode", "txonly,fast"],
+            &["'txonly,fast'", "one per port"],
+        ),
+        (
+            &["fwd", "--port", "ring:drop_every=x"],
+            &["drop_every='x'", "0..=1000000"],
+        ),
         (&["fwd"], &["--port"]),
         (
             &["fwd", "--port", "null", "--frobnicate"],
@@ -356,4 +442,243 @@ fn sigint_and_sigterm_stop_cleanly_with_a_report() {
         );
         assert!(v["duration_s"].as_f64().unwrap() >= 1.0);
     }
+}
+
+/// A txonly port feeding an rxonly port over a ring wire, with flows, a size range and latency
+/// stamps: the receiver sees exactly what was asked for, nothing lost.
+#[test]
+fn txonly_to_rxonly_latency_flows_and_sizes() {
+    let v = json_run(&[
+        "fwd",
+        "--port",
+        "ring:name=a,peer=b,prefill=0",
+        "--port",
+        "ring:name=b,peer=a,prefill=0",
+        "--mode",
+        "txonly,rxonly",
+        "--cores",
+        "0",
+        "--flows",
+        "4",
+        "--pkt-size",
+        "64-128",
+        "--latency",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(v["mode"], "txonly,rxonly");
+    assert_eq!(v["pkt_size"], "64-128");
+    let (a, b) = (&v["ports"][0], &v["ports"][1]);
+    assert_eq!(a["mode"], "txonly");
+    assert_eq!(b["mode"], "rxonly");
+    assert!(
+        a["latency"].is_null(),
+        "a transmit-only port has no latency: {a}"
+    );
+    let n = |p: &Value, k: &str| p[k].as_u64().unwrap();
+    let tx = n(a, "tx_packets");
+    assert!(tx > 1000, "{v}");
+    // The generators stop first and the receiver drains: everything sent arrived.
+    assert_eq!(n(b, "rx_packets"), tx, "{v}");
+    assert_eq!(n(b, "rx_bytes"), n(a, "tx_bytes"));
+    assert_eq!(n(a, "tx_dropped"), 0);
+    let avg = n(b, "rx_bytes") as f64 / tx as f64;
+    assert!(
+        (93.0..=99.0).contains(&avg),
+        "uniform 64..=128 averages 96, got {avg}"
+    );
+
+    let l = &b["latency"];
+    assert_eq!(n(l, "packets"), tx, "every packet carried a stamp: {l}");
+    let (p50, p99, p999, max) = (
+        n(l, "p50_ns"),
+        n(l, "p99_ns"),
+        n(l, "p999_ns"),
+        n(l, "max_ns"),
+    );
+    assert!(p50 > 0 && p50 <= p99 && p99 <= p999 && p999 <= max, "{l}");
+    assert!(n(l, "min_ns") <= p50);
+    assert_eq!(n(l, "lost"), 0, "{l}");
+    assert_eq!(n(l, "reordered"), 0, "{l}");
+    assert_eq!(n(l, "foreign"), 0, "{l}");
+    assert_eq!(n(l, "flows"), 4, "{l}");
+    assert_eq!((n(l, "min_size"), n(l, "max_size")), (64, 128), "{l}");
+}
+
+/// --rate: 0.5 Mpps for 2 s is a million packets, split evenly over the transmit queues.
+#[test]
+fn txonly_rate_is_kept() {
+    let v = json_run(&[
+        "fwd",
+        "--port",
+        "null",
+        "--mode",
+        "txonly",
+        "--cores",
+        "0",
+        "--queues",
+        "2",
+        "--rate",
+        "0.5",
+        "--duration",
+        "2",
+        "--json",
+        "--stats-period",
+        "0",
+    ]);
+    let p = &v["ports"][0];
+    let tx = p["tx_packets"].as_u64().unwrap() as f64;
+    let secs = v["duration_s"].as_f64().unwrap();
+    assert!((2.0..2.5).contains(&secs), "{v}");
+    assert!(
+        (900_000.0..=1_100_000.0).contains(&tx),
+        "{tx} packets in {secs} s at 0.5 Mpps"
+    );
+    assert_eq!(v["rate_mpps"], 0.5);
+    for q in p["queues"].as_array().unwrap() {
+        let t = q["tx_packets"].as_u64().unwrap() as f64;
+        assert!((t / tx - 0.5).abs() < 0.05, "queue share {t} of {tx}: {v}");
+    }
+}
+
+/// Sequence gaps: the wire drops every 7th packet; the receiver's `lost` is exactly what the
+/// transmitting port counted as dropped.
+#[test]
+fn lost_packets_equal_the_drops_on_the_wire() {
+    let v = json_run(&[
+        "fwd",
+        "--port",
+        "ring:name=a,peer=b,prefill=0,drop_every=7",
+        "--port",
+        "ring:name=b,peer=a,prefill=0",
+        "--mode",
+        "txonly,rxonly",
+        "--cores",
+        "0",
+        "--latency",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    let (a, b) = (&v["ports"][0], &v["ports"][1]);
+    let n = |p: &Value, k: &str| p[k].as_u64().unwrap();
+    let dropped = n(a, "tx_dropped");
+    assert!(dropped > 1000, "{v}");
+    let l = &b["latency"];
+    assert_eq!(n(l, "lost"), dropped, "{v}");
+    assert_eq!(n(l, "reordered"), 0);
+    // Every 7th packet offered was dropped.
+    let offered = n(a, "tx_packets") + dropped;
+    assert!(
+        offered / 7 - dropped <= 1,
+        "{offered} offered, {dropped} dropped"
+    );
+    assert_eq!(n(b, "rx_packets"), n(a, "tx_packets"));
+}
+
+/// IMIX: the 7:4:1 mix of 64, 594 and 1518 bytes, deterministic.
+#[test]
+fn txonly_imix_mix() {
+    let v = json_run(&[
+        "fwd",
+        "--port",
+        "null",
+        "--mode",
+        "txonly",
+        "--cores",
+        "0",
+        "--pkt-size",
+        "imix",
+        "--duration",
+        "0.5",
+        "--json",
+        "--stats-period",
+        "0",
+    ]);
+    let p = &v["ports"][0];
+    let (pkts, bytes) = (
+        p["tx_packets"].as_u64().unwrap(),
+        p["tx_bytes"].as_u64().unwrap(),
+    );
+    assert!(pkts > 1200);
+    let avg = bytes as f64 / pkts as f64;
+    assert!((avg - 4342.0 / 12.0).abs() < 1.0, "{avg}");
+    assert_eq!(v["pkt_size_max"], 1518);
+}
+
+/// The text summary has a latency line per receiving port.
+#[test]
+fn human_summary_reports_latency() {
+    let out = vdpakit(&[
+        "fwd",
+        "--port",
+        "ring:name=a,peer=b,prefill=0",
+        "--port",
+        "ring:name=b,peer=a,prefill=0",
+        "--mode",
+        "txonly,io",
+        "--cores",
+        "0",
+        "--latency",
+        "--duration",
+        "0.6",
+        "--stats-period",
+        "0.25",
+    ]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = s.lines().filter(|l| l.contains("latency:")).collect();
+    assert_eq!(lines.len(), 1, "{s}");
+    assert!(
+        lines[0].starts_with("port 1 latency:") && lines[0].contains("p99.9"),
+        "{s}"
+    );
+    // Not a terminal: plain live lines with the time left, no carriage returns.
+    assert!(!s.contains('\r'), "{s}");
+    assert!(
+        s.lines()
+            .any(|l| l.starts_with('[') && l.contains("s left]")),
+        "{s}"
+    );
+}
+
+/// On a terminal the live statistics are one status line rewritten in place (`\r`), ended by a
+/// newline before the summary. Needs util-linux `script` for a pseudo-terminal.
+#[test]
+fn status_line_on_a_terminal_is_rewritten_in_place() {
+    let cmd = format!(
+        "{} fwd --port null --mode txonly --cores 0 --duration 1 --stats-period 0.3",
+        env!("CARGO_BIN_EXE_vdpakit")
+    );
+    let out = match Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("VDPAKIT_LOG", "error")
+        .output()
+    {
+        Ok(o) if o.status.success() => o,
+        other => {
+            eprintln!("no usable `script` here ({other:?}): the terminal path is not exercised");
+            return;
+        }
+    };
+    let s = String::from_utf8_lossy(&out.stdout);
+    let status: Vec<&str> = s.split('\r').filter(|p| p.starts_with("[ ")).collect();
+    assert!(status.len() >= 2, "{s:?}");
+    assert!(
+        status
+            .iter()
+            .all(|p| p.contains("s left]") && p.contains("Mpps")),
+        "{s:?}"
+    );
+    let summary = s.find("---- vdpakit fwd").expect("summary");
+    assert!(
+        s[..summary].ends_with('\n'),
+        "status line ended before the summary: {s:?}"
+    );
+    assert_eq!(
+        s[..summary].matches('\n').count(),
+        1,
+        "one line in place: {s:?}"
+    );
 }

@@ -6,9 +6,10 @@
 //! - [`lcore`]: pinned run-to-completion worker threads and the stop flag.
 //! - [`port`]: the API every port kind implements, and the `null` and `ring` kinds.
 //! - [`packet`]: small header helpers.
+//! - [`tsc`]: the cycle clock poll loops read (TSC on x86_64), calibrated once.
 //!
-//! `unsafe` lives only in `mbuf` and `mempool` (buffer memory through raw pointers); every block
-//! carries a `// SAFETY:` comment.
+//! `unsafe` lives only in `mbuf` and `mempool` (buffer memory through raw pointers) and `tsc` (the
+//! `rdtsc` intrinsic); every block carries a `// SAFETY:` comment.
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod mem;
 pub mod mempool;
 pub mod packet;
 pub mod port;
+pub mod tsc;
 pub mod vhost;
 pub mod virtio;
 

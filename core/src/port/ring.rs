@@ -35,6 +35,10 @@ pub(super) const KIND: PortKind = PortKind {
             "packets put on the wire at start, 0..=65536 (default 256, so io forwarding has traffic)",
         ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
+        (
+            "drop_every",
+            "for tests: transmit drops (frees and counts) every Nth packet, 0..=1000000 (default 0: never)",
+        ),
     ],
 };
 
@@ -114,6 +118,7 @@ pub struct RingPort {
     peer: String,
     size: Option<usize>,
     prefill: usize,
+    drop_every: u64,
     mac: [u8; 6],
     port_id: u16,
     pkt_size: usize,
@@ -152,6 +157,7 @@ impl RingPort {
             peer,
             size,
             prefill: a.u64_in("prefill", 256, 0..=65536)? as usize,
+            drop_every: a.u64_in("drop_every", 0, 0..=1_000_000)?,
             mac: a.mac("mac", super::default_mac(env.port_id))?,
             port_id: env.port_id,
             pkt_size: env.pkt_size,
@@ -268,6 +274,8 @@ impl Port for RingPort {
                 tx: txs.next().map(|ring| {
                     Box::new(RingTx {
                         ring,
+                        drop_every: self.drop_every,
+                        counted: 0,
                         stats: Arc::clone(&self.stats.tx[q as usize]),
                     }) as Box<dyn TxQueue>
                 }),
@@ -352,12 +360,52 @@ impl RxQueue for RingRx {
 
 struct RingTx {
     ring: MbufTx,
+    /// Drop every Nth packet offered (0: never); `counted` packets were offered so far.
+    drop_every: u64,
+    counted: u64,
     stats: Arc<QueueStats>,
+}
+
+impl RingTx {
+    /// The `drop_every` path (tests only): every Nth packet offered is freed and counted as a
+    /// drop by the port; the rest go to the ring, and what the ring does not take goes back to
+    /// `pkts` in order, as the contract wants.
+    #[cold]
+    fn tx_burst_dropping(&mut self, pkts: &mut Burst) -> usize {
+        let mut keep = Burst::new(MAX_BURST);
+        let (every, mut counted, mut dropped) = (self.drop_every, self.counted, 0u64);
+        pkts.drain_front(pkts.len(), |m| {
+            counted += 1;
+            if counted % every == 0 {
+                dropped += 1;
+                drop(m);
+            } else {
+                // Cannot fail: `keep` holds MAX_BURST, a burst holds at most that.
+                let _ = keep.push(m);
+            }
+        });
+        self.counted = counted;
+        if dropped > 0 {
+            self.stats.add_drops(dropped);
+        }
+        let total = keep.bytes();
+        let sent = self.ring.send_burst(&mut keep);
+        if sent > 0 {
+            self.stats.add(sent as u64, total - keep.bytes());
+        }
+        keep.drain_front(keep.len(), |m| {
+            let _ = pkts.push(m);
+        });
+        sent
+    }
 }
 
 impl TxQueue for RingTx {
     #[inline]
     fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
+        if self.drop_every > 0 {
+            return self.tx_burst_dropping(pkts);
+        }
         let total = pkts.len();
         let bytes_before = pkts.bytes();
         let sent = self.ring.send_burst(pkts);
