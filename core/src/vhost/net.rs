@@ -138,7 +138,9 @@ impl VqRun {
         if self.q.is_broken() {
             return 0;
         }
-        let want = (self.q.avail_count() as usize).min(pkts.room());
+        let want = self
+            .q
+            .avail_up_to(pkts.room().min(usize::from(u16::MAX)) as u16) as usize;
         let (mut got, mut used) = self.dequeue_staged(cache, pkts, want);
         while used < want {
             let Some(mut m) = cache.alloc() else { break };

@@ -498,6 +498,12 @@ impl DeviceQueue {
         dispatch!(self, q => q.avail_count())
     }
 
+    /// Available chains, counting at most `max` (packed: scans no further).
+    #[inline]
+    pub fn avail_up_to(&mut self, max: u16) -> u16 {
+        dispatch!(self, q => q.avail_up_to(max))
+    }
+
     /// Pops the next available chain into `segs`; see [`SplitDevice::pop`].
     #[inline]
     pub fn pop(&mut self, mem: &GuestMemory, segs: &mut Segs) -> Result<Option<Chain>, QueueError> {

@@ -269,12 +269,18 @@ impl PackedDevice {
     pub fn last_used(&self) -> u16 {
         self.used.encode()
     }
-
     /// How many complete chains are available from the current position (one Acquire load per
     /// descriptor scanned), counting at most 512 ([`MAX_BURST`](crate::MAX_BURST)). A lower
     /// bound: more may become available meanwhile. 0 when the queue is broken.
     pub fn avail_count(&mut self) -> u16 {
-        if self.broken {
+        self.avail_up_to(AVAIL_SCAN_MAX)
+    }
+
+    /// Like [`PackedDevice::avail_count`] but stops counting at `max` chains: a burst that
+    /// wants 32 does not scan (and pull into this core's cache) the whole ring.
+    #[inline]
+    pub fn avail_up_to(&mut self, max: u16) -> u16 {
+        if self.broken || max == 0 {
             return 0;
         }
         let mut p = self.avail;
@@ -286,7 +292,7 @@ impl PackedDevice {
             }
             if f & VIRTQ_DESC_F_NEXT == 0 {
                 chains += 1;
-                if chains == AVAIL_SCAN_MAX {
+                if chains == max {
                     break;
                 }
             }

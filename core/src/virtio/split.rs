@@ -186,6 +186,12 @@ impl SplitDevice {
         self.avail_cached.wrapping_sub(self.last_avail)
     }
 
+    /// [`SplitDevice::avail_count`], at most `max`.
+    #[inline]
+    pub fn avail_up_to(&mut self, max: u16) -> u16 {
+        self.avail_count().min(max)
+    }
+
     /// Pops the next available chain, writing its buffers into `segs` (device-readable first)
     /// and returning its head index and totals; `Ok(None)` when nothing is available.
     ///
