@@ -341,7 +341,7 @@ impl PackedDevice {
                 if flags & VIRTQ_DESC_F_NEXT != 0 {
                     return Err(QueueError::IndirectWithNext { index: slot });
                 }
-                walk_indirect(&mut acc, mem, segs, d.addr, d.len)?;
+                acc = walk_indirect(acc, mem, segs, d.addr, d.len)?;
                 break d.w12;
             }
             acc.add(mem, segs, slot, d.addr, d.len, flags)?;
@@ -468,12 +468,12 @@ impl PackedDevice {
 /// Walks a packed indirect table (entries in order, `NEXT` ignored).
 #[inline(never)]
 fn walk_indirect(
-    acc: &mut Acc,
+    mut acc: Acc,
     mem: &GuestMemory,
     segs: &mut Segs,
     addr: u64,
     len: u32,
-) -> Result<(), QueueError> {
+) -> Result<Acc, QueueError> {
     let count = indirect_entries(addr, len)?;
     let table = mem
         .table(addr, len)
@@ -488,7 +488,7 @@ fn walk_indirect(
         }
         acc.add(mem, segs, i, e.addr, e.len, flags)?;
     }
-    Ok(())
+    Ok(acc)
 }
 
 // =============================================================================================

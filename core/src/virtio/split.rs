@@ -257,7 +257,7 @@ impl SplitDevice {
                 if flags & VIRTQ_DESC_F_NEXT != 0 {
                     return Err(QueueError::IndirectWithNext { index: idx });
                 }
-                walk_indirect(&mut acc, mem, segs, d.addr, d.len)?;
+                acc = walk_indirect(acc, mem, segs, d.addr, d.len)?;
                 break;
             }
             acc.add(mem, segs, idx, d.addr, d.len, flags)?;
@@ -393,12 +393,12 @@ impl SplitDevice {
 /// Walks a split indirect table (entries linked by `next`, starting at entry 0).
 #[inline(never)]
 fn walk_indirect(
-    acc: &mut Acc,
+    mut acc: Acc,
     mem: &GuestMemory,
     segs: &mut Segs,
     addr: u64,
     len: u32,
-) -> Result<(), QueueError> {
+) -> Result<Acc, QueueError> {
     let count = indirect_entries(addr, len)?;
     let table = mem
         .table(addr, len)
@@ -420,7 +420,7 @@ fn walk_indirect(
         }
         acc.add(mem, segs, i, e.addr, e.len, flags)?;
         if flags & VIRTQ_DESC_F_NEXT == 0 {
-            return Ok(());
+            return Ok(acc);
         }
         if u32::from(next) >= count {
             return Err(QueueError::NextOutOfRange {
