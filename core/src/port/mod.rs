@@ -334,6 +334,41 @@ impl PortState {
         Ok(())
     }
 
+    /// [`PortState::check_configure`] for a virtio port whose rx and tx queues come in pairs:
+    /// equal counts, at most `max_pairs`, and not more than a `queues=` key (`pairs_key`) sets
+    /// up (`role`: "offers" for a back end, "sets up" for a front end).
+    pub fn check_configure_pairs(
+        self,
+        port: &str,
+        conf: &PortConf,
+        max_pairs: u16,
+        pairs_key: Option<u16>,
+        role: &str,
+    ) -> Result<()> {
+        self.check_configure(port, conf)?;
+        if conf.rx_queues != conf.tx_queues || conf.rx_queues > max_pairs {
+            return Err(Error::PortConfig {
+                port: port.to_string(),
+                why: format!(
+                    "needs equal rx and tx queue counts in 1..={max_pairs}, got {} and {}",
+                    conf.rx_queues, conf.tx_queues
+                ),
+            });
+        }
+        if let Some(k) = pairs_key
+            && k < conf.rx_queues
+        {
+            return Err(Error::PortConfig {
+                port: port.to_string(),
+                why: format!(
+                    "queues={k} {role} fewer pairs than the {} queues configured",
+                    conf.rx_queues
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// Checks that a port in this state may start (it must be configured and stopped).
     pub fn check_start(self, port: &str) -> Result<()> {
         if self != PortState::Stopped {

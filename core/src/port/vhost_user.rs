@@ -121,27 +121,13 @@ impl Port for VhostUserPort {
     }
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
-        self.state.check_configure(&self.name, conf)?;
-        if conf.rx_queues != conf.tx_queues || conf.rx_queues > MAX_QUEUE_PAIRS {
-            return Err(Error::PortConfig {
-                port: self.name.clone(),
-                why: format!(
-                    "needs equal rx and tx queue counts in 1..=128, got {} and {}",
-                    conf.rx_queues, conf.tx_queues
-                ),
-            });
-        }
-        if let Some(k) = self.pairs_key
-            && k < conf.rx_queues
-        {
-            return Err(Error::PortConfig {
-                port: self.name.clone(),
-                why: format!(
-                    "queues={k} offers fewer pairs than the {} queues configured",
-                    conf.rx_queues
-                ),
-            });
-        }
+        self.state.check_configure_pairs(
+            &self.name,
+            conf,
+            MAX_QUEUE_PAIRS,
+            self.pairs_key,
+            "offers",
+        )?;
         self.net.queue_pairs = self.pairs_key.unwrap_or(conf.rx_queues);
         self.conf = *conf;
         self.stats = StatsBlocks::new(conf.rx_queues, conf.tx_queues);

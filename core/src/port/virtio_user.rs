@@ -219,27 +219,13 @@ impl Port for VirtioUserPort {
     }
 
     fn configure(&mut self, conf: &PortConf) -> Result<()> {
-        self.state.check_configure(&self.name, conf)?;
-        if conf.rx_queues != conf.tx_queues || conf.rx_queues > MAX_QUEUE_PAIRS {
-            return Err(Error::PortConfig {
-                port: self.name.clone(),
-                why: format!(
-                    "needs equal rx and tx queue counts in 1..=128, got {} and {}",
-                    conf.rx_queues, conf.tx_queues
-                ),
-            });
-        }
-        if let Some(k) = self.pairs_key
-            && k < conf.rx_queues
-        {
-            return Err(Error::PortConfig {
-                port: self.name.clone(),
-                why: format!(
-                    "queues={k} sets up fewer pairs than the {} queues configured",
-                    conf.rx_queues
-                ),
-            });
-        }
+        self.state.check_configure_pairs(
+            &self.name,
+            conf,
+            MAX_QUEUE_PAIRS,
+            self.pairs_key,
+            "sets up",
+        )?;
         let (rx, tx) = match self.size_key {
             Some(n) => (n, n),
             None => (conf.rx_desc, conf.tx_desc),

@@ -1077,16 +1077,28 @@ impl Staged {
         if (s.len as usize) < need {
             return false;
         }
+        self.stage(s, need, true);
+        true
+    }
+
+    /// Appends `s` (room checked by the caller) and requests the lines of its first `n` bytes
+    /// (`0 < n <= s.len`), for writing or for reading.
+    #[inline(always)]
+    fn stage(&mut self, s: Seg, n: usize, write: bool) {
+        let hint = if write {
+            prefetch_line_w
+        } else {
+            prefetch_line
+        };
         let mut off = 0;
-        while off < need {
-            // `off < need <= len`: inside the buffer.
-            prefetch_line_w(s.host.wrapping_add(off));
+        while off < n {
+            // `off < n <= len`: inside the buffer.
+            hint(s.host.wrapping_add(off));
             off += 64;
         }
-        prefetch_line_w(s.host.wrapping_add(need - 1));
+        hint(s.host.wrapping_add(n - 1));
         self.items[self.n] = s;
         self.n += 1;
-        true
     }
 
     /// Stages the first device-readable buffer of the chain in `segs` if the chain's readable
@@ -1104,15 +1116,7 @@ impl Staged {
         if s.len as usize != total {
             return false;
         }
-        let mut off = 0;
-        while off < total {
-            // `off < total == len`: inside the buffer.
-            prefetch_line(s.host.wrapping_add(off));
-            off += 64;
-        }
-        prefetch_line(s.host.wrapping_add(total - 1));
-        self.items[self.n] = s;
-        self.n += 1;
+        self.stage(s, total, false);
         true
     }
 
