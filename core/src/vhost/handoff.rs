@@ -74,11 +74,6 @@ fn mode() -> u8 {
     m
 }
 
-/// Whether gates use the asymmetric (membarrier) barrier in this process.
-pub fn asymmetric_barrier() -> bool {
-    mode() == 1
-}
-
 impl<T> Default for Handoff<T> {
     fn default() -> Self {
         // Decided here, before any poller can enter this handoff.

@@ -158,15 +158,13 @@ impl VqRun {
                 }
             };
             used += 1;
-            let total = chain.readable as usize;
-            let plen = total.saturating_sub(self.hdr_len);
-            if total < self.hdr_len || plen > m.tailroom() || plen == 0 {
+            let Some(plen) = self.tx_frame_len(&chain, &m) else {
                 // Runt or oversized frame: counted, buffer returned to the guest.
                 stats.add_errors(1);
                 cache.free(m);
                 self.q.push_used(&chain, 0);
                 continue;
-            }
+            };
             let mut hdr = [0u8; 12];
             self.segs.read(0, &mut hdr[..self.hdr_len]);
             if let Some(dst) = m.append(plen) {
@@ -320,12 +318,10 @@ impl VqRun {
                         break;
                     }
                 };
-                let total = chain.readable as usize;
-                let plen = total.saturating_sub(self.hdr_len);
-                if total < self.hdr_len
-                    || plen == 0
-                    || plen > m.tailroom()
-                    || !self.staged.push_first_readable(&self.segs, total)
+                if self.tx_frame_len(&chain, &m).is_none()
+                    || !self
+                        .staged
+                        .push_first_readable(&self.segs, chain.readable as usize)
                 {
                     self.q.rewind(&chain);
                     cache.free(m);
@@ -415,6 +411,15 @@ impl VqRun {
                 self.q.rewind(&c);
             }
         }
+    }
+
+    /// The frame length of a guest transmit chain (its readable bytes after the virtio-net
+    /// header) if it is a frame `m` can hold: `None` for a runt (no frame after the header) or
+    /// one larger than the mbuf's room.
+    #[inline(always)]
+    fn tx_frame_len(&self, chain: &Chain, m: &Mbuf) -> Option<usize> {
+        let plen = (chain.readable as usize).checked_sub(self.hdr_len)?;
+        (plen > 0 && plen <= m.tailroom()).then_some(plen)
     }
 
     /// Builds the virtio-net header for a packet going to the guest (its wire bytes; the first

@@ -1,7 +1,7 @@
 //! Chain building shared by both device-side ring formats.
 
 use super::error::QueueError;
-use super::mem::{GuestMemory, Segs};
+use super::mem::{GuestMemory, Segs, TableView};
 use super::vring::VIRTQ_DESC_F_WRITE;
 use super::{SEGS_MAX, vring};
 
@@ -74,10 +74,25 @@ impl Acc {
     }
 }
 
+/// Checks an indirect descriptor's table (length a non-zero multiple of 16, at most 32768
+/// entries, all in one region of guest memory) and returns its entry count and a view of it.
+#[inline(always)]
+pub(crate) fn indirect_table(
+    mem: &GuestMemory,
+    addr: u64,
+    len: u32,
+) -> Result<(u32, TableView<'_>), QueueError> {
+    let count = indirect_entries(addr, len)?;
+    let table = mem
+        .table(addr, len)
+        .ok_or(QueueError::IndirectTableNotInMemory { addr, len })?;
+    Ok((count, table))
+}
+
 /// Checks an indirect descriptor's table length (non-zero multiple of 16, at most 32768
 /// entries) and returns its entry count.
 #[inline(always)]
-pub(crate) fn indirect_entries(addr: u64, len: u32) -> Result<u32, QueueError> {
+fn indirect_entries(addr: u64, len: u32) -> Result<u32, QueueError> {
     if len == 0 || !len.is_multiple_of(16) || len / 16 > MAX_INDIRECT {
         return Err(QueueError::IndirectTableLen { addr, len });
     }

@@ -19,7 +19,7 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use super::chain::{Acc, indirect_entries};
+use super::chain::{Acc, indirect_table};
 use super::error::QueueError;
 use super::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC};
 use super::log::DirtyLog;
@@ -474,10 +474,7 @@ fn walk_indirect(
     addr: u64,
     len: u32,
 ) -> Result<Acc, QueueError> {
-    let count = indirect_entries(addr, len)?;
-    let table = mem
-        .table(addr, len)
-        .ok_or(QueueError::IndirectTableNotInMemory { addr, len })?;
+    let (count, table) = indirect_table(mem, addr, len)?;
     for i in 0..count {
         // `count <= 32768`.
         let i = i as u16;

@@ -15,7 +15,7 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use super::chain::{Acc, indirect_entries};
+use super::chain::{Acc, indirect_table};
 use super::error::QueueError;
 use super::features::{
     VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
@@ -399,10 +399,7 @@ fn walk_indirect(
     addr: u64,
     len: u32,
 ) -> Result<Acc, QueueError> {
-    let count = indirect_entries(addr, len)?;
-    let table = mem
-        .table(addr, len)
-        .ok_or(QueueError::IndirectTableNotInMemory { addr, len })?;
+    let (count, table) = indirect_table(mem, addr, len)?;
     let mut i: u16 = 0;
     let mut n: u32 = 0;
     loop {
