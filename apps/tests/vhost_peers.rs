@@ -245,18 +245,7 @@ fn run_case_inner(c: &Case, prefix: &str) -> Result<(), Failed> {
         )
         .into());
     }
-    if c.queues > 1 {
-        let qs = p["queues"].as_array().cloned().unwrap_or_default();
-        let key = if vk_tx { "tx_packets" } else { "rx_packets" };
-        if qs.len() != c.queues as usize || qs.iter().any(|x| x[key].as_u64().unwrap_or(0) == 0) {
-            return Err(format!(
-                "{}: expected traffic on all {} queues: {qs:?}",
-                c.name, c.queues
-            )
-            .into());
-        }
-    }
-    Ok(())
+    every_queue_busy(c.name, c.queues, p, vk_tx)
 }
 
 /// Removes what a testpmd with `prefix` leaves behind when it is killed: its runtime directory and
@@ -622,18 +611,7 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
         )
         .into());
     }
-    if c.queues > 1 {
-        let qs = p["queues"].as_array().cloned().unwrap_or_default();
-        let key = if vk_tx { "tx_packets" } else { "rx_packets" };
-        if qs.len() != c.queues as usize || qs.iter().any(|x| x[key].as_u64().unwrap_or(0) == 0) {
-            return Err(format!(
-                "{}: expected traffic on all {} queues: {qs:?}",
-                c.name, c.queues
-            )
-            .into());
-        }
-    }
-    Ok(())
+    every_queue_busy(c.name, c.queues, &p, vk_tx)
 }
 
 /// Two vdpakit processes: one `vhost-user` back end, one `virtio-user` front end, on separate
@@ -972,4 +950,22 @@ fn main() -> ExitCode {
     };
     trials.push(t);
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// With several queues, every one of vdpakit's queues (in its `--json` port report `p`) must
+/// have carried traffic in the direction vdpakit moved it.
+fn every_queue_busy(
+    name: &str,
+    queues: u16,
+    p: &serde_json::Value,
+    vk_tx: bool,
+) -> Result<(), Failed> {
+    if queues > 1 {
+        let qs = p["queues"].as_array().cloned().unwrap_or_default();
+        let key = if vk_tx { "tx_packets" } else { "rx_packets" };
+        if qs.len() != queues as usize || qs.iter().any(|x| x[key].as_u64().unwrap_or(0) == 0) {
+            return Err(format!("{name}: expected traffic on all {queues} queues: {qs:?}").into());
+        }
+    }
+    Ok(())
 }
