@@ -19,8 +19,10 @@ pub mod mbuf;
 pub mod mem;
 pub mod mempool;
 pub mod packet;
+pub mod pci;
 pub mod port;
 pub mod tsc;
+pub mod vdpa;
 pub mod vhost;
 pub mod virtio;
 

@@ -173,6 +173,24 @@ impl GuestRegion {
         }
     }
 
+    /// The same memory (sharing its keep-alive) seen at other addresses: a DMA domain maps a
+    /// region at an IOVA and builds its view with `gpa = uva = iova`.
+    pub fn rebased(&self, gpa: u64, uva: u64) -> GuestRegion {
+        GuestRegion {
+            gpa,
+            uva,
+            ..self.clone()
+        }
+    }
+
+    /// The first `len` bytes of this region (`None` if `len` is 0 or larger than the region).
+    pub fn prefix(&self, len: u64) -> Option<GuestRegion> {
+        (len > 0 && len <= self.size).then(|| GuestRegion {
+            size: len,
+            ..self.clone()
+        })
+    }
+
     /// Guest physical address of the first byte.
     pub fn gpa(&self) -> u64 {
         self.gpa
