@@ -57,6 +57,7 @@ fn start(tag: &str, net: NetConfig) -> Server {
         path: sock_path(tag),
         client: false,
         net,
+        vdpa: None,
     })
     .unwrap()
 }

@@ -141,6 +141,7 @@ impl Port for VhostUserPort {
             path: self.path.clone(),
             client: self.client,
             net: self.net,
+            vdpa: None,
         })
         .map_err(|e| Error::PortConfig {
             port: self.name.clone(),

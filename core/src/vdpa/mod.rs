@@ -14,6 +14,8 @@
 //! page from [`VdpaDevice::notify_area`]) or by the binding's relay thread writing the
 //! [`Doorbell`] from [`VdpaDevice::doorbell`].
 
+pub mod binding;
+
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@
 //! the gate, change or rebuild the runtime, reopen). Pollers (port queues) only ever see a
 //! complete runtime ([`VqRun`]) or nothing.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -14,6 +14,7 @@ use super::handoff::Handoff;
 use super::msg::{self, Header, Inflight, MemRegion, Req, VringAddr, proto};
 use super::net::{LogArea, VqRun, VringSetup};
 use super::socket::{Conn, Message};
+use crate::vdpa::binding::{Binding, RingView, SocketView};
 use crate::virtio::features as vf;
 use crate::virtio::{GuestMemory, GuestRegion};
 
@@ -164,7 +165,10 @@ pub struct Device {
     log: Option<Arc<LogArea>>,
     status: u8,
     mtu: u16,
+    mtu_set: bool,
     backend: Option<Conn>,
+    /// vDPA passthrough: the device runs the rings, this socket only runs the control path.
+    vdpa: Option<Binding>,
 }
 
 /// What the control thread does after a message.
@@ -193,8 +197,37 @@ impl Device {
             log: None,
             status: 0,
             mtu: cfg.mtu,
+            mtu_set: false,
             backend: None,
+            vdpa: None,
         }
+    }
+
+    /// A device whose rings a vDPA device runs (see [`crate::vdpa::binding`]).
+    pub fn with_vdpa(cfg: NetConfig, shared: Arc<Shared>, binding: Binding) -> Device {
+        let mut d = Device::new(cfg, shared);
+        d.vdpa = Some(binding);
+        d
+    }
+
+    /// The vDPA binding, if the socket has one.
+    pub fn vdpa(&self) -> Option<&Binding> {
+        self.vdpa.as_ref()
+    }
+
+    fn offered_features(&self) -> u64 {
+        let f = self.cfg.features();
+        self.vdpa.as_ref().map_or(f, |b| b.features(f))
+    }
+
+    fn offered_protocol(&self) -> u64 {
+        let f = self.cfg.protocol_features();
+        self.vdpa.as_ref().map_or(f, |b| b.protocol_features(f))
+    }
+
+    fn queue_pairs(&self) -> u16 {
+        let n = self.cfg.queue_pairs;
+        self.vdpa.as_ref().map_or(n, |b| b.queue_pairs(n))
     }
 
     /// Negotiated virtio features.
@@ -212,9 +245,16 @@ impl Device {
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
+        let mut vdpa = self.vdpa.take();
+        if let Some(b) = &mut vdpa {
+            // The channel to the front end is gone with it: no host notifier to withdraw.
+            b.stop(&mut |_, _| false);
+            b.forget();
+        }
         let cfg = self.cfg;
         let shared = Arc::clone(&self.shared);
         *self = Device::new(cfg, shared);
+        self.vdpa = vdpa;
         self.shared.link_up.store(false, Ordering::Relaxed);
     }
 
@@ -244,6 +284,9 @@ impl Device {
                 if need_ack {
                     self.reply(conn, req, &0u64.to_le_bytes())?;
                 }
+                // After the reply: the binding may send back-end requests (host notifiers) and
+                // wait for their answers, which a front end blocked on our reply would not give.
+                self.sync_vdpa();
                 Ok(out)
             }
             Err(e) => {
@@ -287,10 +330,10 @@ impl Device {
     ) -> Result<Outcome, VhostError> {
         use Req::*;
         match req {
-            GetFeatures => self.reply(conn, req, &self.cfg.features().to_le_bytes())?,
+            GetFeatures => self.reply(conn, req, &self.offered_features().to_le_bytes())?,
             SetFeatures => {
                 let f = msg::parse_u64(req, p)?;
-                let offered = self.cfg.features();
+                let offered = self.offered_features();
                 if f & !offered != 0 {
                     return Err(VhostError::Unsupported {
                         req: "SET_FEATURES",
@@ -309,14 +352,12 @@ impl Device {
             ResetOwner => {
                 self.reset();
             }
-            GetProtocolFeatures => {
-                self.reply(conn, req, &self.cfg.protocol_features().to_le_bytes())?
-            }
+            GetProtocolFeatures => self.reply(conn, req, &self.offered_protocol().to_le_bytes())?,
             SetProtocolFeatures => {
                 let f = msg::parse_u64(req, p)?;
-                self.proto_acked = f & self.cfg.protocol_features();
+                self.proto_acked = f & self.offered_protocol();
             }
-            GetQueueNum => self.reply(conn, req, &(self.cfg.queue_pairs as u64).to_le_bytes())?,
+            GetQueueNum => self.reply(conn, req, &(self.queue_pairs() as u64).to_le_bytes())?,
             GetMaxMemSlots => self.reply(conn, req, &msg::MAX_MEM_SLOTS.to_le_bytes())?,
             SetMemTable => {
                 let regions = msg::parse_mem_table(p, fds.len())?;
@@ -420,7 +461,11 @@ impl Device {
             GetVringBase => {
                 let s = msg::parse_vring_state(req, p)?;
                 let i = self.vring_index(req, s.index as u64)?;
-                let base = self.stop_ring(i).or(self.vrings[i].base).unwrap_or(0);
+                let vdpa_base = self.stop_vdpa().and_then(|b| b.saved_base(i));
+                let base = vdpa_base
+                    .or(self.stop_ring(i))
+                    .or(self.vrings[i].base)
+                    .unwrap_or(0);
                 let v = &mut self.vrings[i];
                 v.base = Some(base);
                 v.kick = None;
@@ -490,6 +535,7 @@ impl Device {
                     });
                 }
                 self.mtu = v as u16;
+                self.mtu_set = true;
             }
             SetBackendReqFd => {
                 let fd = fds.remove(0);
@@ -569,6 +615,9 @@ impl Device {
 
     /// The virtio-net config space (mac, status, max pairs, mtu).
     fn config_space(&self) -> Vec<u8> {
+        if let Some(b) = &self.vdpa {
+            return b.config_space();
+        }
         let mut c = vec![0u8; 12];
         c[6..8].copy_from_slice(&1u16.to_le_bytes());
         c[8..10].copy_from_slice(&self.cfg.queue_pairs.to_le_bytes());
@@ -607,6 +656,10 @@ impl Device {
 
     /// (Re)builds ring `i` when everything it needs is there, and opens its gate.
     fn refresh(&mut self, i: usize) {
+        if self.vdpa.is_some() {
+            // The device runs the rings; `sync_vdpa` brings it in line after each message.
+            return;
+        }
         self.stop_ring(i);
         let v = &self.vrings[i];
         // With STATUS negotiated, the device may use buffers only after DRIVER_OK (virtio 1.x
@@ -654,7 +707,87 @@ impl Device {
         }
     }
 
+    /// Stops a running vDPA device (GET_VRING_BASE), returning the binding to read positions.
+    fn stop_vdpa(&mut self) -> Option<&Binding> {
+        let mut b = self.vdpa.take()?;
+        b.stop(&mut |q, area| self.host_notifier_hook(q, area));
+        self.vdpa = Some(b);
+        self.vdpa.as_ref()
+    }
+
+    fn host_notifier_hook(&mut self, q: u16, area: Option<&crate::pci::NotifyArea>) -> bool {
+        let Ok(vring) = u8::try_from(q) else {
+            return false;
+        };
+        let r = match area {
+            Some(a) => self.set_host_notifier(vring, Some((a.fd.as_fd(), a.size, a.offset))),
+            None => self.set_host_notifier(vring, None),
+        };
+        match r {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::warn!("vring {q}: host notifier: {e}; kicks are relayed");
+                false
+            }
+        }
+    }
+
+    /// Brings an attached vDPA device in line with what the front end has set up.
+    fn sync_vdpa(&mut self) {
+        let Some(mut b) = self.vdpa.take() else {
+            return;
+        };
+        let driver_ok =
+            self.proto_acked & proto::STATUS == 0 || self.status & STATUS_DRIVER_OK != 0;
+        let mem = self.mem.clone();
+        let log = self.log.clone();
+        let calls: Vec<_> = self.vrings.iter().map(|v| v.call.clone()).collect();
+        let kicks: Vec<Option<OwnedFd>> = self
+            .vrings
+            .iter()
+            .map(|v| v.kick.as_ref().and_then(|k| k.try_clone().ok()))
+            .collect();
+        let rings: Vec<RingView<'_>> = self
+            .vrings
+            .iter()
+            .zip(calls)
+            .zip(&kicks)
+            .map(|((v, call), kick)| RingView {
+                num: v.num,
+                addr: v.addr.map(|a| (a.desc, a.avail, a.used)),
+                base: v.base,
+                kick: kick.as_ref().map(|k| k.as_fd()),
+                kick_id: v.kick.as_ref().map(|k| k.as_raw_fd()),
+                kick_set: v.kick_set,
+                call,
+                enabled: v.enabled,
+            })
+            .collect();
+        let view = SocketView {
+            features_set: self.features_set,
+            features: self.acked,
+            driver_ok,
+            mem: &mem,
+            rings,
+            log: log.as_deref(),
+            mtu: self.mtu_set.then_some(self.mtu),
+        };
+        let r = b.sync(&view, &mut |q, area| self.host_notifier_hook(q, area));
+        drop(view);
+        if let Err(e) = r {
+            tracing::warn!(
+                "vDPA: {e}; the device stays stopped until the front end sets it up again"
+            );
+        }
+        self.vdpa = Some(b);
+        self.update_link();
+    }
+
     fn update_link(&self) {
+        if let Some(b) = &self.vdpa {
+            self.shared.link_up.store(b.is_running(), Ordering::Relaxed);
+            return;
+        }
         let up = self
             .shared
             .vqs

@@ -16,6 +16,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use super::VhostError;
 use super::device::{Device, NetConfig, Outcome, Shared};
 use super::socket::{Conn, ConnError};
+use crate::vdpa::binding::{Binding, SharedDevice};
 
 /// How the socket is set up.
 #[derive(Debug, Clone)]
@@ -26,6 +27,9 @@ pub struct ServerConfig {
     pub client: bool,
     /// What the device offers.
     pub net: NetConfig,
+    /// vDPA passthrough: this device runs the rings (features, queue count and config space are
+    /// the intersection of `net` and the device's).
+    pub vdpa: Option<SharedDevice>,
 }
 
 /// A running control thread. Dropping it stops the thread and removes the socket (server mode).
@@ -36,12 +40,21 @@ pub struct Server {
     shared: Arc<Shared>,
     path: PathBuf,
     client: bool,
+    binding_stats: Option<Arc<crate::vdpa::binding::BindingStats>>,
 }
 
 impl Server {
     /// Binds (server mode) and starts the control thread.
     pub fn start(cfg: ServerConfig) -> Result<Server, VhostError> {
-        let shared = Shared::new(cfg.net.queue_pairs);
+        let binding = cfg
+            .vdpa
+            .as_ref()
+            .map(|d| Binding::new(Arc::clone(d), cfg.net.queue_pairs as usize * 2));
+        let pairs = binding
+            .as_ref()
+            .map_or(cfg.net.queue_pairs, |b| b.queue_pairs(cfg.net.queue_pairs));
+        let binding_stats = binding.as_ref().map(|b| Arc::clone(b.stats()));
+        let shared = Shared::new(pairs);
         let listener = if cfg.client {
             None
         } else {
@@ -72,7 +85,7 @@ impl Server {
         let (stop2, shared2, cfg2) = (Arc::clone(&stop), Arc::clone(&shared), cfg.clone());
         let thread = std::thread::Builder::new()
             .name("vhost-ctl".into())
-            .spawn(move || control_loop(cfg2, listener, &stop2, shared2))
+            .spawn(move || control_loop(cfg2, listener, &stop2, shared2, binding))
             .map_err(|e| VhostError::Socket {
                 path: cfg.path.clone(),
                 why: format!("spawn: {e}"),
@@ -83,6 +96,7 @@ impl Server {
             shared,
             path: cfg.path,
             client: cfg.client,
+            binding_stats,
         })
     }
 
@@ -94,6 +108,11 @@ impl Server {
     /// Socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The vDPA binding's counters (relayed kicks, configures), when the socket has one.
+    pub fn binding_stats(&self) -> Option<&Arc<crate::vdpa::binding::BindingStats>> {
+        self.binding_stats.as_ref()
     }
 }
 
@@ -135,8 +154,12 @@ fn control_loop(
     listener: Option<UnixListener>,
     stop: &EventFd,
     shared: Arc<Shared>,
+    binding: Option<Binding>,
 ) {
-    let mut dev = Device::new(cfg.net, Arc::clone(&shared));
+    let mut dev = match binding {
+        Some(b) => Device::with_vdpa(cfg.net, Arc::clone(&shared), b),
+        None => Device::new(cfg.net, Arc::clone(&shared)),
+    };
     loop {
         if sleep_or_stop(stop, Duration::ZERO) {
             break;

@@ -89,6 +89,27 @@ impl DirtyLog {
         }
     }
 
+    /// The log area as a memory region at `iova` (for a device that logs by DMA: the region is
+    /// mapped into its domain). The region keeps the log mapped.
+    pub fn region(&self, iova: u64) -> Option<super::GuestRegion> {
+        if self.inner.len == 0 {
+            return None;
+        }
+        let keep: Arc<dyn std::any::Any + Send + Sync> = self.inner.clone();
+        // SAFETY: `base .. base + len` is the log's mapping, kept alive by `keep` (the log's own
+        // inner state, which owns the mapping) for as long as the region or anything built from
+        // it lives. A device writing through the region only sets bits, as the log does.
+        Some(unsafe {
+            super::GuestRegion::from_raw(
+                self.inner.base,
+                self.inner.len as u64,
+                iova,
+                iova,
+                Some(keep),
+            )
+        })
+    }
+
     /// Size of the log area in bytes.
     pub fn len(&self) -> usize {
         self.inner.len
