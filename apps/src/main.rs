@@ -3,6 +3,7 @@
 mod error;
 mod fwd;
 mod tgen;
+mod vdpa;
 
 use std::io::IsTerminal;
 
@@ -23,6 +24,8 @@ enum Cmd {
     Fwd(Box<fwd::FwdArgs>),
     /// List the port kinds and their keys.
     Ports,
+    /// Bind vDPA devices to vhost-user sockets (like DPDK's examples/vdpa).
+    Vdpa(vdpa::VdpaArgs),
 }
 
 fn main() {
@@ -59,6 +62,7 @@ fn main() {
         .init();
     let res = match cli.cmd {
         Cmd::Fwd(args) => fwd::run(*args),
+        Cmd::Vdpa(args) => vdpa::run(args),
         Cmd::Ports => {
             for k in vdpakit_core::port::KINDS {
                 println!("{:<8} {}", k.name, k.about);
