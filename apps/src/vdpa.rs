@@ -47,6 +47,9 @@ pub struct VdpaArgs {
     /// List the device kinds and exit.
     #[arg(long)]
     list_kinds: bool,
+    /// At exit, print every device's counters as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 /// A device kind `--device` accepts.
@@ -99,7 +102,9 @@ impl App {
             });
         };
         if self.bound.contains_key(dev) {
-            return Err(Error::Runtime(format!("{dev} is already bound to a socket")));
+            return Err(Error::Runtime(format!(
+                "{dev} is already bound to a socket"
+            )));
         }
         let (pairs, mtu) = {
             let g = lock(d);
@@ -144,7 +149,10 @@ impl App {
     }
 
     fn list(&self) {
-        println!("{:<16} {:<6} {:>6} {:<18} socket", "device", "type", "pairs", "features");
+        println!(
+            "{:<16} {:<6} {:>6} {:<18} socket",
+            "device", "type", "pairs", "features"
+        );
         for name in &self.order {
             let d = &self.devices[name];
             let g = lock(d);
@@ -191,11 +199,47 @@ impl App {
                 .and_then(|r| r.relayed_kicks.get(q as usize))
                 .map_or(0, |c| c.load(Ordering::Relaxed));
             println!(
-                "{dev} q{q}: packets {} bytes {} errors {} iommu_faults {} kicks {} interrupts {} relayed_kicks {}",
-                s.packets, s.bytes, s.errors, s.iommu_faults, s.kicks, s.interrupts, relayed
+                "{dev} q{q}: packets {} bytes {} errors {} dropped {} iommu_faults {} kicks {} interrupts {} relayed_kicks {}",
+                s.packets,
+                s.bytes,
+                s.errors,
+                s.dropped,
+                s.iommu_faults,
+                s.kicks,
+                s.interrupts,
+                relayed
             );
         }
         Ok(())
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let mut devs = Vec::new();
+        for name in &self.order {
+            let g = lock(&self.devices[name]);
+            let relay = self.bound.get(name).and_then(|b| b.server.binding_stats());
+            let queues: Vec<serde_json::Value> = (0..g.max_queue_pairs() * 2)
+                .map(|q| {
+                    let s = g.stats(q).unwrap_or_default();
+                    let relayed = relay
+                        .and_then(|r| r.relayed_kicks.get(q as usize))
+                        .map_or(0, |c| c.load(Ordering::Relaxed));
+                    serde_json::json!({
+                        "queue": q, "packets": s.packets, "bytes": s.bytes, "errors": s.errors,
+                        "dropped": s.dropped, "iommu_faults": s.iommu_faults, "kicks": s.kicks,
+                        "interrupts": s.interrupts, "relayed_kicks": relayed,
+                    })
+                })
+                .collect();
+            devs.push(serde_json::json!({
+                "name": name,
+                "socket": self.bound.get(name).map(|b| b.server.path().display().to_string()),
+                "configures": relay.map_or(0, |r| r.configures.load(Ordering::Relaxed)),
+                "host_notifiers": relay.map_or(0, |r| r.host_notifiers.load(Ordering::Relaxed)),
+                "queues": queues,
+            }));
+        }
+        serde_json::json!({ "devices": devs })
     }
 
     fn command(&mut self, line: &str) -> Result<bool> {
@@ -249,7 +293,10 @@ pub fn run(args: VdpaArgs) -> Result<()> {
             accepted: "a socket path prefix, or -i to create sockets interactively".into(),
         });
     }
-    for (flag, v) in [("--duration", args.duration), ("--stats-period", args.stats_period)] {
+    for (flag, v) in [
+        ("--duration", args.duration),
+        ("--stats-period", args.stats_period),
+    ] {
         if let Some(v) = v
             && !(v.is_finite() && v > 0.0)
         {
@@ -338,6 +385,10 @@ pub fn run(args: VdpaArgs) -> Result<()> {
         }
     }
     // Sockets first (each closes its device), then the devices.
+    let summary = app.summary();
     app.bound.clear();
+    if args.json {
+        println!("{summary}");
+    }
     Ok(())
 }

@@ -127,6 +127,8 @@ pub struct VqStats {
     pub bytes: u64,
     /// Descriptor or DMA errors.
     pub errors: u64,
+    /// Frames dropped by the device (receive: no buffer posted; transmit: wire refused).
+    pub dropped: u64,
     /// IOMMU faults (DMA outside the mapped IOVA ranges).
     pub iommu_faults: u64,
     /// Doorbells received.
