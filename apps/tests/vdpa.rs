@@ -1,0 +1,395 @@
+//! `vdpakit vdpa` end to end: vhost-user sockets bound to `sim` devices (the framework's
+//! reference device model), driven by vdpakit's own `virtio-user` front end and by QEMU + a
+//! Linux guest whose traffic leaves through a TAP uplink in a network namespace the test creates.
+//!
+//! Custom harness (libtest-mimic): a case whose platform cannot run it is reported as ignored
+//! with one `SKIP name: reason` line, never as passed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde_json::Value;
+use vmtest::{Guest, HostProcess, TempDir};
+
+fn vdpakit() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vdpakit"))
+}
+
+fn signal(p: &HostProcess, sig: &str) {
+    let _ = Command::new("kill")
+        .args([sig, &p.id().to_string()])
+        .status();
+}
+
+fn wait_exit(p: &mut HostProcess, within: Duration) -> Result<(), Failed> {
+    let end = Instant::now() + within;
+    while p.is_running() {
+        if Instant::now() > end {
+            return Err(format!("process did not exit in {within:?}:\n{}", p.log_tail(30)).into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<(), Failed> {
+    let end = Instant::now() + within;
+    while !f() {
+        if Instant::now() > end {
+            return Err(format!("{what}: not within {within:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn sh_redirect(cmd: Command, file: &Path) -> Command {
+    let mut line = String::new();
+    for a in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
+        line.push('\'');
+        line.push_str(&a.to_string_lossy().replace('\'', "'\\''"));
+        line.push_str("' ");
+    }
+    line.push_str(&format!("> '{}'", file.display()));
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("exec {line}")]);
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    sh
+}
+
+/// `vdpakit vdpa` with `devices`, sockets `DIR/vdpa0..`, JSON summary to `DIR/vdpa.json`.
+fn start_vdpa(dir: &Path, devices: &[&str]) -> Result<HostProcess, Failed> {
+    let mut cmd = Command::new(vdpakit());
+    cmd.arg("vdpa");
+    for d in devices {
+        cmd.args(["--device", d]);
+    }
+    cmd.arg("--iface")
+        .arg(dir.join("vdpa"))
+        .arg("--json")
+        .env("VDPAKIT_LOG", "info");
+    HostProcess::spawn(
+        "vdpa",
+        sh_redirect(cmd, &dir.join("vdpa.json")),
+        &dir.join("vdpa.log"),
+    )
+    .map_err(|e| Failed::from(e.to_string()))
+}
+
+fn stop_vdpa(vdpa: &mut HostProcess, dir: &Path) -> Result<Value, Failed> {
+    signal(vdpa, "-INT");
+    wait_exit(vdpa, Duration::from_secs(20))?;
+    let out = std::fs::read_to_string(dir.join("vdpa.json")).map_err(|e| e.to_string())?;
+    serde_json::from_str(out.trim())
+        .map_err(|e| format!("vdpa JSON: {e}: {out}\n{}", vdpa.log_tail(30)).into())
+}
+
+fn queue(v: &Value, dev: usize, q: usize) -> &Value {
+    &v["devices"][dev]["queues"][q]
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(u64::MAX)
+}
+
+/// `vdpakit fwd` on one port; JSON to `json`.
+fn vk_fwd(
+    dir: &Path,
+    name: &str,
+    port: &str,
+    mode: &str,
+    core: &str,
+    extra: &[&str],
+) -> Result<HostProcess, Failed> {
+    let mut cmd = Command::new(vdpakit());
+    cmd.args([
+        "fwd",
+        "--port",
+        port,
+        "--mode",
+        mode,
+        "--cores",
+        core,
+        "--json",
+        "--stats-period",
+        "0",
+    ])
+    .args(extra)
+    .env("VDPAKIT_LOG", "info");
+    HostProcess::spawn(
+        name,
+        sh_redirect(cmd, &dir.join(format!("{name}.json"))),
+        &dir.join(format!("{name}.log")),
+    )
+    .map_err(|e| Failed::from(e.to_string()))
+}
+
+fn fwd_port(dir: &Path, name: &str, p: &HostProcess) -> Result<Value, Failed> {
+    let out = std::fs::read_to_string(dir.join(format!("{name}.json")))
+        .map_err(|e| format!("{name}: {e}\n{}", p.log_tail(20)))?;
+    let v: Value = serde_json::from_str(out.trim())
+        .map_err(|e| format!("{name} JSON: {e}: {out}\n{}", p.log_tail(20)))?;
+    Ok(v["ports"][0].clone())
+}
+
+/// Two `sim` VFs joined by a cable, each bound to a socket; a vdpakit `virtio-user` front end
+/// transmits on one, another receives on the other. Every packet sent is received or counted as
+/// dropped by the receiving VF (no receive buffer), exactly.
+fn cable(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-vdpa-cable").map_err(|e| e.to_string())?;
+    let mut vdpa = start_vdpa(dir.path(), &["sim:name=c,vfs=2,wire=cable"])?;
+    let (s0, s1) = (dir.join("vdpa0"), dir.join("vdpa1"));
+    wait_for("sockets", Duration::from_secs(10), || {
+        s0.exists() && s1.exists()
+    })?;
+    let keys = format!("packed={}", packed as u8);
+    let mut rx = vk_fwd(
+        dir.path(),
+        "rx",
+        &format!("virtio-user:path={},{keys}", s1.display()),
+        "rxonly",
+        "1",
+        &[],
+    )?;
+    let mut tx = vk_fwd(
+        dir.path(),
+        "tx",
+        &format!("virtio-user:path={},{keys}", s0.display()),
+        "txonly",
+        "0",
+        &["--start-delay", "2", "--duration", "3", "--linger", "2"],
+    )?;
+    wait_exit(&mut tx, Duration::from_secs(40))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&rx, "-INT");
+    wait_exit(&mut rx, Duration::from_secs(20))?;
+    let (tp, rp) = (
+        fwd_port(dir.path(), "tx", &tx)?,
+        fwd_port(dir.path(), "rx", &rx)?,
+    );
+    let v = stop_vdpa(&mut vdpa, dir.path())?;
+    let sent = n(&tp, "tx_packets");
+    let got = n(&rp, "rx_packets");
+    // VF1's receive queue (0) is where frames without a posted buffer are dropped.
+    let dropped = n(queue(&v, 1, 0), "dropped");
+    let vf0_tx = n(queue(&v, 0, 1), "packets");
+    eprintln!(
+        "cable packed={packed}: sent {sent}, VF0 transmitted {vf0_tx}, received {got}, dropped by VF1 {dropped}"
+    );
+    if sent == 0 || got == 0 || vf0_tx != sent || sent != got + dropped {
+        return Err(format!(
+            "sent {sent}, VF0 tx {vf0_tx}, received {got}, dropped {dropped}\nvdpa: {v}\ntx: {tp}\nrx: {rp}\nvdpa log:\n{}",
+            vdpa.log_tail(30)
+        )
+        .into());
+    }
+    for q in [0usize, 1] {
+        for d in 0..2 {
+            let faults = n(queue(&v, d, q), "iommu_faults");
+            if faults != 0 {
+                return Err(format!("device {d} queue {q}: {faults} IOMMU faults: {v}").into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` inside a fresh network namespace named `ns` (created and deleted here).
+struct Netns(String);
+
+impl Netns {
+    fn new(name: &str) -> Result<Netns, Failed> {
+        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .map_err(|e| e.to_string())?
+            .success();
+        if !ok {
+            return Err(format!("ip netns add {name} failed").into());
+        }
+        Ok(Netns(name.to_string()))
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<(), Failed> {
+        let out = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "ip -n {} {}: {}",
+                self.0,
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )
+            .into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+const PING_SCRIPT: &str = r#"
+set -- $(vmtest_netdevs virtio_net)
+[ -n "$1" ] || vmtest_fail "no virtio_net interface"
+ip link set "$1" up
+ip addr add 192.0.2.2/24 dev "$1"
+out=$(ping -c 5 -W 2 192.0.2.1 2>&1)
+echo "$out"
+vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')"
+"#;
+
+/// A `sim` VF with a TAP uplink moved into a namespace the test created (192.0.2.1 there).
+struct TapSetup {
+    dir: TempDir,
+    vdpa: HostProcess,
+    _ns: Netns,
+}
+
+fn tap_setup(tag: &str) -> Result<TapSetup, Failed> {
+    let id = std::process::id() % 100_000;
+    let tap = format!("vkt{tag}{id}");
+    let ns = Netns::new(&format!("vkns{tag}{id}"))?;
+    let dir = TempDir::new("vk-vdpa-tap").map_err(|e| e.to_string())?;
+    let vdpa = start_vdpa(
+        dir.path(),
+        &[&format!(
+            "sim:name=t,vfs=1,wire=tap:{tap},mac=52:54:00:12:34:56"
+        )],
+    )?;
+    let sock = dir.join("vdpa0");
+    wait_for("socket", Duration::from_secs(10), || sock.exists())?;
+    let moved = Command::new("ip")
+        .args(["link", "set", &tap, "netns", &ns.0])
+        .status()
+        .map_err(|e| e.to_string())?
+        .success();
+    if !moved {
+        return Err(format!("could not move {tap} into {}:\n{}", ns.0, vdpa.log_tail(20)).into());
+    }
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", &tap])?;
+    ns.ip(&["link", "set", &tap, "up"])?;
+    Ok(TapSetup { dir, vdpa, _ns: ns })
+}
+
+/// A Linux guest on a vhost-user socket bound to a `sim` VF pings the TAP uplink's address:
+/// 5/5 replies. `notifier`: QEMU maps the VF's doorbell pages (`page-per-vq=on`), so kicks
+/// bypass vdpakit; otherwise the binding relays them.
+fn guest_ping(notifier: bool) -> Result<(), Failed> {
+    let mut t = tap_setup(if notifier { "n" } else { "r" })?;
+    let sock = t.dir.join("vdpa0");
+    let opts = if notifier {
+        "mac=52:54:00:12:34:56,page-per-vq=on"
+    } else {
+        "mac=52:54:00:12:34:56"
+    };
+    let name = format!(
+        "guest_vdpa_ping_{}",
+        if notifier { "notifier" } else { "relay" }
+    );
+    let run = Guest::builder()
+        .name(&name)
+        .shared_memory(true)
+        .vhost_user_net(&sock, opts)
+        .modules(&["virtio_net"])
+        .timeout(Duration::from_secs(60))
+        .init_script(PING_SCRIPT)
+        .run()
+        .map_err(|e| format!("{e}\nvdpa log:\n{}", t.vdpa.log_tail(30)))?;
+    let v = stop_vdpa(&mut t.vdpa, t.dir.path())?;
+    let received = run.expect_marker("received").map_err(|e| e.to_string())?;
+    if received != "5" {
+        return Err(format!(
+            "ping: {received}/5 replies\n{}\nvdpa: {v}\nvdpa log:\n{}",
+            run.console_tail(30),
+            t.vdpa.log_tail(30)
+        )
+        .into());
+    }
+    let d = &v["devices"][0];
+    let relayed: u64 = (0..2).map(|q| n(queue(&v, 0, q), "relayed_kicks")).sum();
+    let notifiers = n(d, "host_notifiers");
+    eprintln!("{name}: host notifiers {notifiers}, relayed kicks {relayed}: {d}");
+    if notifier && notifiers == 0 {
+        return Err(format!("QEMU took no host notifier: {d}").into());
+    }
+    if !notifier && (notifiers != 0 || relayed == 0) {
+        return Err(format!("expected relayed kicks and no host notifier: {d}").into());
+    }
+    if n(queue(&v, 0, 1), "packets") < 6 {
+        return Err(format!("the VF transmitted too little: {d}").into());
+    }
+    Ok(())
+}
+
+fn root_skip() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.as_deref() != Some("0") {
+        return Some("needs root (TAP device and network namespace)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        return Some("iproute2 (ip) is not installed".into());
+    }
+    None
+}
+
+type Case = fn() -> Result<(), Failed>;
+
+fn main() -> ExitCode {
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let mut trials = vec![
+        Trial::test("vdpa_cable_split", || cable(false)),
+        Trial::test("vdpa_cable_packed", || cable(true)),
+    ];
+    let guest = if args.list {
+        Ok(())
+    } else {
+        vmtest::artifacts()
+            .map(drop)
+            .and_then(|()| vmtest::accel().map(drop))
+    };
+    let skip = match (&guest, root_skip()) {
+        (_, Some(why)) => Some(Ok(why)),
+        (Err(e), None) => Some(e.skip_reason().ok_or_else(|| e.to_string())),
+        (Ok(()), None) => None,
+    };
+    let guest_cases: [(&str, Case); 2] = [
+        ("guest_vdpa_ping_relay", || guest_ping(false)),
+        ("guest_vdpa_ping_notifier", || guest_ping(true)),
+    ];
+    for (name, f) in guest_cases {
+        trials.push(match &skip {
+            None => Trial::test(name, f),
+            Some(Ok(why)) => {
+                println!("SKIP {name}: {why}");
+                Trial::test(name, || Ok(())).with_ignored_flag(true)
+            }
+            Some(Err(msg)) => {
+                let msg = msg.clone();
+                Trial::test(name, move || Err(msg.clone().into()))
+            }
+        });
+    }
+    libtest_mimic::run(&args, trials).exit_code()
+}
