@@ -52,6 +52,9 @@ pub struct VdpaArgs {
     json: bool,
 }
 
+/// What a `--device` spec creates.
+pub type Devices = Vec<Box<dyn VdpaDevice>>;
+
 /// A device kind `--device` accepts.
 pub struct DeviceKind {
     /// Prefix of the spec (`sim`).
@@ -59,7 +62,7 @@ pub struct DeviceKind {
     /// One line about it.
     pub about: &'static str,
     /// Creates the devices of a spec (the part after `NAME:`).
-    pub create: fn(&str) -> Result<Vec<Box<dyn VdpaDevice>>>,
+    pub create: fn(&str) -> Result<Devices>,
 }
 
 /// The device kinds this build knows.
@@ -67,7 +70,7 @@ pub fn kinds() -> Vec<DeviceKind> {
     Vec::new()
 }
 
-fn create(spec: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
+fn create(spec: &str) -> Result<Devices> {
     let (kind, params) = spec.split_once(':').unwrap_or((spec, ""));
     let all = kinds();
     let Some(k) = all.iter().find(|k| k.name == kind) else {
