@@ -26,10 +26,12 @@ use std::thread::JoinHandle;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+use super::relay::{self, MEDIATED_IOVA, RelayRing, UsedRelay};
 use super::{DevConf, LogConfig, LogSupport, VdpaDevice, VdpaError, VqConfig, VqState};
+use crate::mem::{MemMode, Segment};
 use crate::pci::{Doorbell, NotifyArea};
 use crate::virtio::features as vf;
-use crate::virtio::{DirtyLog, GuestMemory};
+use crate::virtio::{DirtyLog, GuestMemory, GuestRegion};
 
 /// IOVA at which the dirty-log bitmap is mapped for devices that log by DMA (far above any guest
 /// physical address, as DPDK's ifc driver does).
@@ -99,6 +101,8 @@ pub struct BindingStats {
 #[derive(Debug, Clone)]
 struct Plan {
     features: u64,
+    /// Software relay of used rings (LOG_ALL on a device that cannot log).
+    mediate: bool,
     mem: GuestMemory,
     queues: Vec<VqConfig>,
     kicks: Vec<Option<RawFd>>,
@@ -109,6 +113,7 @@ impl Plan {
     fn same_shape(&self, o: &Plan) -> bool {
         let strip = |f: u64| f & !vf::VHOST_F_LOG_ALL;
         strip(self.features) == strip(o.features)
+            && self.mediate == o.mediate
             && self.mem.ptr_eq(&o.mem)
             && self.kicks == o.kicks
             && self.queues.len() == o.queues.len()
@@ -135,6 +140,8 @@ struct Running {
     log_mapped: bool,
     relay: Option<Relay>,
     notifiers: Vec<u16>,
+    used_relay: Option<UsedRelay>,
+    mediated_mapped: Option<(u64, u64)>,
 }
 
 /// The binding of one socket to one device.
@@ -146,6 +153,8 @@ pub struct Binding {
     stats: Arc<BindingStats>,
     /// Positions read back at the last stop, per vring.
     saved: Vec<Option<VqState>>,
+    /// Mediated used rings being set up (between `mediate` and `start_used_relay`).
+    mediated_mem: Option<GuestMemory>,
 }
 
 /// Host-notifier hook: `(vring, area)` sends VRING_HOST_NOTIFIER_MSG (`None` withdraws);
@@ -166,6 +175,7 @@ impl Binding {
                 host_notifiers: AtomicU64::new(0),
             }),
             saved: vec![None; vrings],
+            mediated_mem: None,
         }
     }
 
@@ -184,15 +194,11 @@ impl Binding {
         self.running.is_some()
     }
 
-    /// Features the socket may offer: `base` (the socket's) AND the device's; VHOST_F_LOG_ALL
-    /// stays only if the device can log (in hardware) — the software relay is not built yet.
+    /// Features the socket may offer: `base` (the socket's) AND the device's. VHOST_F_LOG_ALL
+    /// is offered for every device: one that cannot log gets the software relay (split rings).
     pub fn features(&self, base: u64) -> u64 {
         let d = lock(&self.dev);
-        let mut f = base & (d.features() | vf::VHOST_USER_F_PROTOCOL_FEATURES);
-        if d.log_support() == LogSupport::None {
-            f &= !vf::VHOST_F_LOG_ALL;
-        }
-        f
+        base & (d.features() | vf::VHOST_USER_F_PROTOCOL_FEATURES | vf::VHOST_F_LOG_ALL)
     }
 
     /// Protocol features: `base` AND the device's.
@@ -257,8 +263,19 @@ impl Binding {
             });
             kicks.push(r.kick_id);
         }
+        let mediate = v.features & vf::VHOST_F_LOG_ALL != 0
+            && lock(&self.dev).log_support() == LogSupport::None;
+        if mediate && packed {
+            return Err(VdpaError::Config {
+                dev: self.name.clone(),
+                what: "live migration with packed rings needs a device that logs dirty pages \
+                       (the software relay handles split rings only)"
+                    .into(),
+            });
+        }
         Ok(Some(Plan {
             features: v.features,
+            mediate,
             mem: v.mem.clone(),
             queues,
             kicks,
@@ -376,8 +393,21 @@ impl Binding {
             log_mapped: false,
             relay: None,
             notifiers: Vec::new(),
+            used_relay: None,
+            mediated_mapped: None,
         });
-        let log = if plan.features & vf::VHOST_F_LOG_ALL != 0 {
+        let mut plan = plan;
+        let mut relay_rings = Vec::new();
+        if plan.mediate {
+            match self.mediate(&mut plan, v) {
+                Ok(r) => relay_rings = r,
+                Err(e) => {
+                    self.stop(notifier);
+                    return Err(e);
+                }
+            }
+        }
+        let log = if plan.features & vf::VHOST_F_LOG_ALL != 0 && !plan.mediate {
             match self.map_log(v.log) {
                 Ok(l) => l,
                 Err(e) => {
@@ -400,6 +430,20 @@ impl Binding {
             return Err(e);
         }
         self.stats.configures.fetch_add(1, Ordering::Relaxed);
+        if plan.mediate {
+            let started = self.start_used_relay(&plan, v, relay_rings);
+            match started {
+                Ok(r) => {
+                    if let Some(run) = &mut self.running {
+                        run.used_relay = Some(r);
+                    }
+                }
+                Err(e) => {
+                    self.stop(notifier);
+                    return Err(e);
+                }
+            }
+        }
         // Kicks: a relay thread for every ring with a kick fd, and host notifiers where the
         // device has a mappable doorbell (the relay stays as the fallback: a front end that
         // refuses or drops the notifier keeps kicking the eventfd).
@@ -485,6 +529,14 @@ impl Binding {
         }
         let domain = d.domain().clone();
         drop(d);
+        if let Some(r) = run.used_relay.take() {
+            // The device has stopped: relay what it published last.
+            let next = r.finish();
+            tracing::debug!("{}: software relay finished at {next:?}", self.name);
+        }
+        if let Some((iova, len)) = run.mediated_mapped.take() {
+            let _ = domain.unmap(iova, len);
+        }
         for &(iova, len) in &run.mapped {
             if let Err(e) = domain.unmap(iova, len) {
                 tracing::warn!("{}: unmap {iova:#x}: {e}", self.name);
@@ -494,6 +546,83 @@ impl Binding {
             let _ = domain.unmap(LOG_IOVA, u64::MAX - LOG_IOVA);
         }
         tracing::info!("{}: vDPA device closed", self.name);
+    }
+
+    /// Sets up mediated used rings for `plan` (software relay): one 4 KiB-aligned used ring per
+    /// queue in a segment mapped at [`MEDIATED_IOVA`], each starting from the guest's used
+    /// index; the queues' device areas and interrupts are redirected to the relay.
+    fn mediate(
+        &mut self,
+        plan: &mut Plan,
+        v: &SocketView<'_>,
+    ) -> Result<Vec<RelayRing>, VdpaError> {
+        let cfg_err = |what: String| VdpaError::Config {
+            dev: self.name.clone(),
+            what,
+        };
+        if v.log.is_none() {
+            return Err(cfg_err(
+                "VHOST_F_LOG_ALL without a log area (SET_LOG_BASE)".into(),
+            ));
+        }
+        let mut offs = Vec::new();
+        let mut len = 0u64;
+        for q in &plan.queues {
+            offs.push(len);
+            len += relay::used_ring_len(q.size).next_multiple_of(4096);
+        }
+        let seg = Segment::new("vdpa-mediated", len.max(4096) as usize, MemMode::NoHuge)
+            .map_err(|e| cfg_err(format!("mediated rings: {e}")))?;
+        let region = GuestRegion::from_segment(&seg).rebased(MEDIATED_IOVA, MEDIATED_IOVA);
+        let domain = lock(&self.dev).domain().clone();
+        domain.map(MEDIATED_IOVA, &region)?;
+        if let Some(run) = &mut self.running {
+            run.mediated_mapped = Some((MEDIATED_IOVA, region.size()));
+        }
+        let mediated =
+            GuestMemory::new(vec![region]).map_err(|e| cfg_err(format!("mediated rings: {e}")))?;
+        let mut rings = Vec::new();
+        for (q, off) in plan.queues.iter_mut().zip(offs) {
+            let m_used = MEDIATED_IOVA + off;
+            let next = relay::init_mediated(&plan.mem, q.device, &mediated, m_used, q.size)
+                .map_err(|e| cfg_err(format!("vring {}: {e}", q.index)))?;
+            let irq = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+                .map_err(|e| cfg_err(format!("relay eventfd: {e}")))?;
+            let irq: Arc<OwnedFd> = Arc::new(irq.into());
+            rings.push(RelayRing {
+                index: q.index,
+                size: q.size,
+                desc: q.desc,
+                guest_used: q.device,
+                mediated_used: m_used,
+                call: q.call.replace(Arc::clone(&irq)),
+                irq,
+                next,
+            });
+            q.device = m_used;
+        }
+        self.mediated_mem = Some(mediated);
+        Ok(rings)
+    }
+
+    fn start_used_relay(
+        &mut self,
+        plan: &Plan,
+        v: &SocketView<'_>,
+        rings: Vec<RelayRing>,
+    ) -> Result<UsedRelay, VdpaError> {
+        let (Some(log), Some(mediated)) = (v.log, self.mediated_mem.take()) else {
+            return Err(VdpaError::Config {
+                dev: self.name.clone(),
+                what: "software relay without a log or mediated rings".into(),
+            });
+        };
+        tracing::info!(
+            "{}: live migration through the software relay ({} rings)",
+            self.name,
+            rings.len()
+        );
+        UsedRelay::start(&self.name, plan.mem.clone(), mediated, log.clone(), rings)
     }
 
     /// Forgets saved positions (a new front end starts from its own SET_VRING_BASE).

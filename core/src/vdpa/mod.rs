@@ -15,6 +15,7 @@
 //! [`Doorbell`] from [`VdpaDevice::doorbell`].
 
 pub mod binding;
+pub mod relay;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
