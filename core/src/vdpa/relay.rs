@@ -349,7 +349,7 @@ mod tests {
         let mut b = [0u8; 4];
         for (i, x) in b.iter_mut().enumerate() {
             // SAFETY: the first 4 bytes of the log segment, mapped while the rig lives.
-            *x = unsafe { r.log_seg_base.add(i).read_volatile() };
+            *x = unsafe { r.log_seg_base.wrapping_add(i).read_volatile() };
         }
         for p in 0..32u64 {
             if b[(p / 8) as usize] & (1 << (p % 8)) != 0 {
