@@ -335,6 +335,221 @@ fn guest_ping(notifier: bool) -> Result<(), Failed> {
     Ok(())
 }
 
+fn log_has(p: &HostProcess, needle: &str) -> usize {
+    p.log().matches(needle).count()
+}
+
+/// QEMU is killed (SIGKILL) while its guest pings through a `sim` VF: vdpakit closes the device
+/// and unmaps guest memory, the socket takes the next QEMU, whose guest then pings 5/5.
+fn guest_frontend_loss() -> Result<(), Failed> {
+    let mut t = tap_setup("k")?;
+    let sock = t.dir.join("vdpa0");
+    let tag = format!("vkloss{}", std::process::id());
+    let first = {
+        let sock = sock.clone();
+        let tag = tag.clone();
+        std::thread::spawn(move || {
+            Guest::builder()
+                .name("guest_vdpa_frontend_loss_1")
+                .shared_memory(true)
+                .vhost_user_net(&sock, "mac=52:54:00:12:34:56")
+                .modules(&["virtio_net"])
+                .qemu_args(&["-name", &tag])
+                .timeout(Duration::from_secs(60))
+                .init_script(
+                    r#"
+set -- $(vmtest_netdevs virtio_net)
+ip link set "$1" up
+ip addr add 192.0.2.2/24 dev "$1"
+ping -c 1000 -i 0.2 192.0.2.1
+"#,
+                )
+                .run_unchecked()
+        })
+    };
+    wait_for(
+        "first guest's device configured",
+        Duration::from_secs(60),
+        || log_has(&t.vdpa, "vDPA device configured") >= 1,
+    )?;
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = Command::new("pkill").args(["-9", "-f", &tag]).status();
+    let _ = first.join();
+    wait_for(
+        "device closed after QEMU died",
+        Duration::from_secs(10),
+        || log_has(&t.vdpa, "vDPA device closed") >= 1,
+    )
+    .map_err(|e| format!("{e:?}\n{}", t.vdpa.log_tail(20)))?;
+    let run = Guest::builder()
+        .name("guest_vdpa_frontend_loss_2")
+        .shared_memory(true)
+        .vhost_user_net(&sock, "mac=52:54:00:12:34:56")
+        .modules(&["virtio_net"])
+        .timeout(Duration::from_secs(60))
+        .init_script(PING_SCRIPT)
+        .run()
+        .map_err(|e| format!("{e}\nvdpa log:\n{}", t.vdpa.log_tail(30)))?;
+    let v = stop_vdpa(&mut t.vdpa, t.dir.path())?;
+    let received = run.expect_marker("received").map_err(|e| e.to_string())?;
+    let configures = n(&v["devices"][0], "configures");
+    eprintln!("frontend loss: second guest {received}/5, configures {configures}");
+    if received != "5" || configures < 2 {
+        return Err(format!(
+            "second guest: {received}/5 replies, {configures} configures\n{}\nvdpa log:\n{}",
+            run.console_tail(20),
+            t.vdpa.log_tail(30)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn qmp(path: &Path, cmds: &[&str]) -> Result<String, Failed> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(|e| e.to_string())?; // greeting
+    let mut out = String::new();
+    for c in std::iter::once("{\"execute\":\"qmp_capabilities\"}").chain(cmds.iter().copied()) {
+        w.write_all(c.as_bytes()).map_err(|e| e.to_string())?;
+        w.write_all(b"\n").map_err(|e| e.to_string())?;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Ok(out);
+            }
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                out.push_str(&line);
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A guest migrates between two QEMUs, each on its own socket of one `vdpakit vdpa` (two `sim`
+/// devices whose TAP uplinks share a bridge in the test's namespace); the devices cannot log
+/// dirty pages (`log=0`), so the binding relays used rings in software while QEMU logs. Ping
+/// keeps answering on the destination.
+fn guest_migration() -> Result<(), Failed> {
+    let id = std::process::id() % 100_000;
+    let (ta, tb) = (format!("vkma{id}"), format!("vkmb{id}"));
+    let ns = Netns::new(&format!("vknsm{id}"))?;
+    let dir = TempDir::new("vk-vdpa-mig").map_err(|e| e.to_string())?;
+    let mut vdpa = start_vdpa(
+        dir.path(),
+        &[
+            &format!("sim:name=src,vfs=1,wire=tap:{ta},log=0"),
+            &format!("sim:name=dst,vfs=1,wire=tap:{tb},log=0"),
+        ],
+    )?;
+    let (s0, s1) = (dir.join("vdpa0"), dir.join("vdpa1"));
+    wait_for("sockets", Duration::from_secs(10), || {
+        s0.exists() && s1.exists()
+    })?;
+    for tap in [&ta, &tb] {
+        let ok = Command::new("ip")
+            .args(["link", "set", tap, "netns", &ns.0])
+            .status()
+            .map_err(|e| e.to_string())?
+            .success();
+        if !ok {
+            return Err(format!("could not move {tap} into {}", ns.0).into());
+        }
+    }
+    ns.ip(&["link", "add", "br0", "type", "bridge"])?;
+    for tap in [&ta, &tb] {
+        ns.ip(&["link", "set", tap, "master", "br0"])?;
+        ns.ip(&["link", "set", tap, "up"])?;
+    }
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"])?;
+    ns.ip(&["link", "set", "br0", "up"])?;
+    let qmp_path = dir.join("qmp.sock");
+    let mig = dir.join("mig.sock");
+    let script = r#"
+set -- $(vmtest_netdevs virtio_net)
+ip link set "$1" up
+ip addr add 192.0.2.2/24 dev "$1"
+out=$(ping -c 80 -i 0.25 -W 1 192.0.2.1 2>&1)
+vmtest_report long "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')"
+out=$(ping -c 5 -W 2 192.0.2.1 2>&1)
+echo "$out"
+vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')"
+"#;
+    let builder = |sock: &Path| {
+        Guest::builder()
+            .name("guest_vdpa_migration")
+            .shared_memory(true)
+            .vhost_user_net(sock, "mac=52:54:00:12:34:56")
+            .modules(&["virtio_net"])
+            .timeout(Duration::from_secs(120))
+            .init_script(script)
+    };
+    let src = {
+        let b = builder(&s0).qemu_args(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", qmp_path.display()),
+        ]);
+        std::thread::spawn(move || b.run_unchecked())
+    };
+    let dst = {
+        let b = builder(&s1).qemu_args(&["-incoming", &format!("unix:{}", mig.display())]);
+        std::thread::spawn(move || b.run())
+    };
+    wait_for("source device configured", Duration::from_secs(60), || {
+        log_has(&vdpa, "vDPA device configured") >= 1
+    })?;
+    // Let the guest ping a few seconds on the source, then migrate.
+    std::thread::sleep(Duration::from_secs(6));
+    wait_for("migration socket", Duration::from_secs(10), || mig.exists())?;
+    let r = qmp(
+        &qmp_path,
+        &[&format!(
+            "{{\"execute\":\"migrate\",\"arguments\":{{\"uri\":\"unix:{}\"}}}}",
+            mig.display()
+        )],
+    )?;
+    if r.contains("\"error\"") {
+        return Err(format!("migrate: {r}").into());
+    }
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = qmp(&qmp_path, &["{\"execute\":\"query-migrate\"}"])?;
+        if st.contains("\"completed\"") {
+            break;
+        }
+        if st.contains("\"failed\"") || Instant::now() > end {
+            return Err(format!("migration: {st}\nvdpa log:\n{}", vdpa.log_tail(30)).into());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = qmp(&qmp_path, &["{\"execute\":\"quit\"}"]);
+    let _ = src.join();
+    let run = dst
+        .join()
+        .map_err(|_| "destination thread panicked")?
+        .map_err(|e| format!("destination: {e}\nvdpa log:\n{}", vdpa.log_tail(30)))?;
+    let v = stop_vdpa(&mut vdpa, dir.path())?;
+    let relayed = log_has(&vdpa, "software relay");
+    let received = run.expect_marker("received").map_err(|e| e.to_string())?;
+    let long = run.marker("long").unwrap_or("?").to_string();
+    eprintln!("migration: {long}/80 during, {received}/5 after; relay used {relayed} times; {v}");
+    if received != "5" || relayed == 0 {
+        return Err(format!(
+            "after migration {received}/5 replies (during: {long}/80), relay used {relayed} times\n{}\nvdpa log:\n{}",
+            run.console_tail(20),
+            vdpa.log_tail(40)
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn root_skip() -> Option<String> {
     let uid = Command::new("id")
         .arg("-u")
@@ -374,9 +589,11 @@ fn main() -> ExitCode {
         (Err(e), None) => Some(e.skip_reason().ok_or_else(|| e.to_string())),
         (Ok(()), None) => None,
     };
-    let guest_cases: [(&str, Case); 2] = [
+    let guest_cases: [(&str, Case); 4] = [
         ("guest_vdpa_ping_relay", || guest_ping(false)),
         ("guest_vdpa_ping_notifier", || guest_ping(true)),
+        ("guest_vdpa_frontend_loss", guest_frontend_loss),
+        ("guest_vdpa_migration", guest_migration),
     ];
     for (name, f) in guest_cases {
         trials.push(match &skip {
