@@ -25,6 +25,7 @@ pub mod tsc;
 pub mod vdpa;
 pub mod vhost;
 pub mod virtio;
+pub mod virtio_pci;
 
 pub use error::{Error, Result};
 pub use mbuf::{Burst, MAX_BURST, Mbuf};
