@@ -16,6 +16,9 @@ pub enum Error {
     /// An error from the core layer during set-up (exit status 2: bad input or environment).
     #[error(transparent)]
     Setup(#[from] vdpakit_core::Error),
+    /// A PCI set-up error: bad address, device not bound, no IOMMU, ... (exit status 2).
+    #[error(transparent)]
+    Pci(#[from] vdpakit_core::pci::PciError),
     /// A failure while running (exit status 1).
     #[error("{0}")]
     Runtime(String),
@@ -25,7 +28,7 @@ impl Error {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage { .. } | Error::Setup(_) => 2,
+            Error::Usage { .. } | Error::Setup(_) | Error::Pci(_) => 2,
             Error::Runtime(_) => 1,
         }
     }

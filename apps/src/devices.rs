@@ -1,0 +1,442 @@
+//! `vdpakit devices`: the PCI functions a PMD can drive, binding them to vfio-pci and back
+//! (like dpdk-devbind), the device models of this build, and `probe`, which opens a function
+//! through VFIO and reports what the PCI layer sees.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use vdpakit_core::mem::{MemMode, Segment};
+use vdpakit_core::pci::sysfs::{PciFunction, Sysfs};
+use vdpakit_core::pci::virtio_caps::{self, cfg_type, common, status};
+use vdpakit_core::pci::{Bdf, DmaDomain, PciDevice, ids};
+use vdpakit_core::virtio::GuestRegion;
+
+use crate::error::{Error, Result};
+
+/// `vdpakit devices` arguments.
+#[derive(Debug, Args)]
+pub struct DevicesArgs {
+    #[command(subcommand)]
+    cmd: Option<DevicesCmd>,
+    /// sysfs root (tests point this at a fake tree).
+    #[arg(long, global = true, hide = true, default_value = "/sys")]
+    sysfs: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCmd {
+    /// List the PCI functions a PMD can drive, with driver and IOMMU group (the default).
+    List {
+        /// List every PCI function, not only those a PMD drives.
+        #[arg(long)]
+        all: bool,
+        /// One JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bind a function to vfio-pci (driver_override, unbind, drivers_probe; loads vfio-pci).
+    Bind {
+        /// PCI address, DDDD:BB:DD.F or BB:DD.F.
+        bdf: String,
+    },
+    /// Give a function back to its kernel driver (clears driver_override, probes again).
+    Unbind {
+        /// PCI address, DDDD:BB:DD.F or BB:DD.F.
+        bdf: String,
+    },
+    /// List the device models (software SmartNICs) this build has.
+    Models,
+    /// Open a vfio-pci function and report what the PCI layer sees: BARs, capabilities, the
+    /// virtio structures, features, a status reset, MSI-X loopback, a DMA map and unmap.
+    Probe {
+        /// PCI address, DDDD:BB:DD.F or BB:DD.F (bound to vfio-pci).
+        bdf: String,
+        /// IOVA (hex) at which to map the probe's DMA buffer.
+        #[arg(long, default_value = "0x100000000")]
+        iova: String,
+    },
+}
+
+/// A device model this build offers: what `vdpakit devices models` prints.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelEntry {
+    /// Name used in device specs (`sim`, `ifc`, ...).
+    pub name: &'static str,
+    /// One line about it.
+    pub about: &'static str,
+}
+
+/// The hook the model registry fills: every device model of this build. Core's PCI layer has
+/// the model back end but no models of its own yet; the `sim` model and each PMD's model
+/// register here as they land.
+pub fn registered_models() -> Vec<ModelEntry> {
+    Vec::new()
+}
+
+fn parse_bdf(s: &str) -> Result<Bdf> {
+    s.parse::<Bdf>().map_err(|_| Error::Usage {
+        flag: "PCI address",
+        value: format!("'{s}'"),
+        accepted: "DDDD:BB:DD.F or BB:DD.F in hex, e.g. 0000:03:00.1".into(),
+    })
+}
+
+/// Runs `vdpakit devices`.
+pub fn run(args: DevicesArgs) -> Result<()> {
+    let sysfs = if args.sysfs == std::path::Path::new("/sys") {
+        Sysfs::system()
+    } else {
+        Sysfs::at(&args.sysfs)
+    };
+    match args.cmd.unwrap_or(DevicesCmd::List {
+        all: false,
+        json: false,
+    }) {
+        DevicesCmd::List { all, json } => list(&sysfs, all, json),
+        DevicesCmd::Bind { bdf } => {
+            let bdf = parse_bdf(&bdf)?;
+            let out = sysfs.bind_vfio(bdf)?;
+            if out.changed {
+                println!(
+                    "{bdf}: {} -> vfio-pci",
+                    out.before.as_deref().unwrap_or("no driver")
+                );
+            } else {
+                println!("{bdf}: already bound to vfio-pci");
+            }
+            Ok(())
+        }
+        DevicesCmd::Unbind { bdf } => {
+            let bdf = parse_bdf(&bdf)?;
+            let out = sysfs.unbind_vfio(bdf)?;
+            if out.changed {
+                println!(
+                    "{bdf}: vfio-pci -> {}",
+                    out.after.as_deref().unwrap_or("no driver")
+                );
+            } else {
+                println!(
+                    "{bdf}: not bound to vfio-pci (driver {}), left as it is",
+                    out.before.as_deref().unwrap_or("none")
+                );
+            }
+            Ok(())
+        }
+        DevicesCmd::Models => {
+            let models = registered_models();
+            if models.is_empty() {
+                println!(
+                    "no device models in this build yet (the `sim` model and the PMDs' models \
+                     register here when they land)"
+                );
+            }
+            for m in models {
+                println!("{:<10} {}", m.name, m.about);
+            }
+            Ok(())
+        }
+        DevicesCmd::Probe { bdf, iova } => {
+            let bdf = parse_bdf(&bdf)?;
+            let iova = parse_hex_u64(&iova).ok_or_else(|| Error::Usage {
+                flag: "--iova",
+                value: iova.clone(),
+                accepted: "a hexadecimal address that is a multiple of 0x1000, e.g. 0x100000000"
+                    .into(),
+            })?;
+            probe(&sysfs, bdf, iova)
+        }
+    }
+}
+
+fn parse_hex_u64(s: &str) -> Option<u64> {
+    let h = s.strip_prefix("0x").unwrap_or(s);
+    u64::from_str_radix(h, 16)
+        .ok()
+        .filter(|v| v.is_multiple_of(0x1000))
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+fn list(sysfs: &Sysfs, all: bool, json: bool) -> Result<()> {
+    let funcs: Vec<(PciFunction, Option<&'static ids::PmdMatch>)> = sysfs
+        .scan()?
+        .into_iter()
+        .map(|f| {
+            let m = ids::pmd_for_function(&f);
+            (f, m)
+        })
+        .filter(|(_, m)| all || m.is_some())
+        .collect();
+    if json {
+        let v: Vec<serde_json::Value> = funcs
+            .iter()
+            .map(|(f, m)| {
+                serde_json::json!({
+                    "bdf": f.bdf.to_string(),
+                    "vendor": format!("{:04x}", f.vendor),
+                    "device": format!("{:04x}", f.device),
+                    "subsystem": f.subsys_ids(),
+                    "class": format!("{:06x}", f.class),
+                    "driver": f.driver,
+                    "iommu_group": f.iommu_group,
+                    "numa_node": f.numa_node,
+                    "pmd": m.map(|m| m.pmd),
+                    "what": m.map(|m| m.what),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+        return Ok(());
+    }
+    if funcs.is_empty() {
+        println!(
+            "no PCI function that a vdpakit PMD drives (`vdpakit devices list --all` lists every function)"
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<13} {:<10} {:<10} {:<7} {:<12} {:>5} {:>4}  {:<7} WHAT",
+        "BDF", "IDS", "SUBSYS", "CLASS", "DRIVER", "GROUP", "NUMA", "PMD"
+    );
+    for (f, m) in &funcs {
+        println!(
+            "{:<13} {:<10} {:<10} {:06x}  {:<12} {:>5} {:>4}  {:<7} {}",
+            f.bdf.to_string(),
+            f.ids(),
+            f.subsys_ids(),
+            f.class,
+            f.driver_name(),
+            opt(f.iommu_group),
+            opt(f.numa_node),
+            m.map_or("-", |m| m.pmd),
+            m.map_or("", |m| m.what),
+        );
+    }
+    Ok(())
+}
+
+fn runtime(what: String) -> Error {
+    Error::Runtime(what)
+}
+
+fn eventfd() -> Result<OwnedFd> {
+    let e = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+        .map_err(|e| runtime(format!("eventfd: {e}")))?;
+    Ok(OwnedFd::from(e))
+}
+
+/// Whether an eventfd was signalled (reads and so clears it).
+fn signalled(fd: &OwnedFd) -> bool {
+    let mut b = [0u8; 8];
+    nix::unistd::read(fd.as_fd(), &mut b).is_ok_and(|n| n == 8 && u64::from_ne_bytes(b) > 0)
+}
+
+/// Waits up to 1 s for `fd` to be signalled.
+fn wait_signalled(fd: &OwnedFd) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < end {
+        if signalled(fd) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
+
+/// `vdpakit devices probe`: one `key: value` line per finding; an error stops with exit 1 (2
+/// for set-up errors such as a function not bound to vfio-pci).
+fn probe(sysfs: &Sysfs, bdf: Bdf, iova: u64) -> Result<()> {
+    let f = sysfs.function(bdf)?;
+    println!(
+        "function: {bdf} {} subsystem {} class {:06x} driver {} group {} numa {}",
+        f.ids(),
+        f.subsys_ids(),
+        f.class,
+        f.driver_name(),
+        opt(f.iommu_group),
+        opt(f.numa_node)
+    );
+    if let Some(m) = ids::pmd_for_function(&f) {
+        println!("pmd: {} ({})", m.pmd, m.what);
+    }
+    // The function's own set-up first (bound? IOMMU group? viable?): the most specific remedy.
+    sysfs.check_vfio(bdf)?;
+    let domain = DmaDomain::vfio()?;
+    let dev = PciDevice::open_vfio(bdf, &domain)?;
+    println!(
+        "open: {} config_size {}",
+        dev.kind(),
+        dev.ops().config_size()
+    );
+    let (v, d) = dev.ids()?;
+    println!("ids: {v:04x}:{d:04x}");
+    let mut bars = Vec::new();
+    for b in 0..vdpakit_core::pci::BARS {
+        let len = dev.bar_len(b);
+        if len > 0 {
+            bars.push(format!(
+                "{b}:{len:#x}{}",
+                if dev.ops().bar_mapping(b).is_some() {
+                    "(mmap)"
+                } else {
+                    "(partial/pread)"
+                }
+            ));
+        }
+    }
+    println!("bars: {}", bars.join(" "));
+    let caps = dev.capabilities()?;
+    println!(
+        "caps: {}",
+        caps.iter()
+            .map(|c| format!("{:#04x}@{:#x}", c.id, c.offset))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    dev.enable_bus_master()?;
+    let vcaps = virtio_caps::read(&dev)?;
+    for c in &vcaps.all {
+        println!(
+            "virtio_{}: bar {} offset {:#x} length {:#x}{}",
+            c.type_name(),
+            c.bar,
+            c.offset,
+            c.length,
+            if c.cfg_type == cfg_type::NOTIFY {
+                format!(" multiplier {}", c.notify_multiplier)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let missing: Vec<&str> = [
+        (cfg_type::COMMON, "common"),
+        (cfg_type::NOTIFY, "notify"),
+        (cfg_type::ISR, "isr"),
+        (cfg_type::DEVICE, "device"),
+    ]
+    .iter()
+    .filter(|(t, _)| vcaps.get(*t).is_none())
+    .map(|(_, n)| *n)
+    .collect();
+    if !missing.is_empty() {
+        return Err(runtime(format!(
+            "{bdf}: no virtio {} capability: not a modern virtio-PCI function",
+            missing.join("/")
+        )));
+    }
+    let cc = vcaps
+        .get(cfg_type::COMMON)
+        .copied()
+        .ok_or_else(|| runtime("no common cfg".into()))?;
+    if cc.length < common::LEN {
+        return Err(runtime(format!(
+            "{bdf}: common config of {:#x} bytes, at least {:#x} expected",
+            cc.length,
+            common::LEN
+        )));
+    }
+    let (bar, base) = (cc.bar, cc.offset as u64);
+    // Reset through the status register: write 0, the device reads back 0 when done.
+    dev.write8(bar, base + common::DEVICE_STATUS, 0)?;
+    let mut st = dev.read8(bar, base + common::DEVICE_STATUS)?;
+    for _ in 0..100 {
+        if st == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        st = dev.read8(bar, base + common::DEVICE_STATUS)?;
+    }
+    println!("status_after_reset: {st:#x}");
+    dev.write8(bar, base + common::DEVICE_STATUS, status::ACK)?;
+    let ack = dev.read8(bar, base + common::DEVICE_STATUS)?;
+    println!("status_ack: {ack:#x}");
+    let num_queues = dev.read16(bar, base + common::NUM_QUEUES)?;
+    println!("num_queues: {num_queues}");
+    dev.write32(bar, base + common::DEVICE_FEATURE_SELECT, 0)?;
+    let lo = dev.read32(bar, base + common::DEVICE_FEATURE)?;
+    dev.write32(bar, base + common::DEVICE_FEATURE_SELECT, 1)?;
+    let hi = dev.read32(bar, base + common::DEVICE_FEATURE)?;
+    let features = (hi as u64) << 32 | lo as u64;
+    println!("device_features: {features:#018x}");
+    let version_1 = features & (1 << virtio_caps::F_VERSION_1) != 0;
+    println!("version_1: {}", if version_1 { "yes" } else { "no" });
+    dev.write8(bar, base + common::DEVICE_STATUS, 0)?;
+    println!(
+        "status_final: {:#x}",
+        dev.read8(bar, base + common::DEVICE_STATUS)?
+    );
+    if let Some(n) = vcaps.get(cfg_type::NOTIFY) {
+        match dev.notify_area(n.bar, n.offset as u64, 2) {
+            Some(a) => println!("notify_area: fd offset {:#x} size {:#x}", a.offset, a.size),
+            None => println!("notify_area: none (doorbell page not mappable)"),
+        }
+        let db = dev.doorbell(n.bar, n.offset as u64, 2)?;
+        drop(db);
+    }
+
+    // MSI-X: wire every vector (at most 8) to its own eventfd; fire vector 2 (or the last)
+    // from software and see that exactly its eventfd is signalled.
+    let nvec = dev.msix_vectors();
+    println!("msix_vectors: {nvec}");
+    if nvec > 0 {
+        let n = nvec.min(8) as usize;
+        let fds: Vec<Arc<OwnedFd>> = (0..n)
+            .map(|_| eventfd().map(Arc::new))
+            .collect::<Result<_>>()?;
+        let wired: Vec<Option<Arc<OwnedFd>>> = fds.iter().cloned().map(Some).collect();
+        dev.set_msix(&wired)?;
+        println!("msix_wired: {n}");
+        let target = 2.min(n - 1);
+        dev.msix_trigger(target as u16)?;
+        let hit = wait_signalled(&fds[target]);
+        let others: Vec<usize> = (0..n)
+            .filter(|&i| i != target && signalled(&fds[i]))
+            .collect();
+        println!(
+            "msix_loopback: vector {target} -> {} (others signalled: {})",
+            if hit { "its eventfd" } else { "nothing" },
+            if others.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{others:?}")
+            }
+        );
+        dev.set_msix(&[])?;
+        if !hit || !others.is_empty() {
+            return Err(runtime(format!(
+                "{bdf}: MSI-X vector {target} did not reach exactly its eventfd"
+            )));
+        }
+    }
+
+    // DMA: map a 2 MiB buffer (a hugepage when one is free) at `iova`, then unmap it.
+    let seg = Segment::new("probe-dma", 2 << 20, MemMode::Auto)?;
+    let region = GuestRegion::from_segment(&seg);
+    domain.map(iova, &region)?;
+    let m = domain.mappings();
+    println!(
+        "dma_map: iova {iova:#x} len {:#x} {} ({} mapping)",
+        region.size(),
+        if seg.is_huge() {
+            "hugepage"
+        } else {
+            "4K pages"
+        },
+        m.len()
+    );
+    let removed = domain.unmap(iova, region.size())?;
+    println!("dma_unmap: {removed} removed");
+
+    match dev.reset() {
+        Ok(()) => println!("reset: ok"),
+        Err(e) => println!("reset: unsupported ({e})"),
+    }
+    println!("result: ok");
+    Ok(())
+}
