@@ -57,6 +57,10 @@ enum DevicesCmd {
         /// IOVA (hex) at which to map the probe's DMA buffer.
         #[arg(long, default_value = "0x100000000")]
         iova: String,
+        /// Also open this function (bound to vfio-pci) in the same DMA domain (repeatable):
+        /// one container holding several IOMMU groups.
+        #[arg(long = "with", value_name = "BDF")]
+        with: Vec<String>,
     },
 }
 
@@ -138,15 +142,19 @@ pub fn run(args: DevicesArgs) -> Result<()> {
             }
             Ok(())
         }
-        DevicesCmd::Probe { bdf, iova } => {
+        DevicesCmd::Probe { bdf, iova, with } => {
             let bdf = parse_bdf(&bdf)?;
+            let with = with
+                .iter()
+                .map(|b| parse_bdf(b))
+                .collect::<Result<Vec<_>>>()?;
             let iova = parse_hex_u64(&iova).ok_or_else(|| Error::Usage {
                 flag: "--iova",
                 value: iova.clone(),
                 accepted: "a hexadecimal address that is a multiple of 0x1000, e.g. 0x100000000"
                     .into(),
             })?;
-            probe(&sysfs, bdf, iova)
+            probe(&sysfs, bdf, iova, &with)
         }
     }
 }
@@ -250,7 +258,7 @@ fn wait_signalled(fd: &OwnedFd) -> bool {
 
 /// `vdpakit devices probe`: one `key: value` line per finding; an error stops with exit 1 (2
 /// for set-up errors such as a function not bound to vfio-pci).
-fn probe(sysfs: &Sysfs, bdf: Bdf, iova: u64) -> Result<()> {
+fn probe(sysfs: &Sysfs, bdf: Bdf, iova: u64, with: &[Bdf]) -> Result<()> {
     let f = sysfs.function(bdf)?;
     println!(
         "function: {bdf} {} subsystem {} class {:06x} driver {} group {} numa {}",
@@ -266,8 +274,25 @@ fn probe(sysfs: &Sysfs, bdf: Bdf, iova: u64) -> Result<()> {
     }
     // The function's own set-up first (bound? IOMMU group? viable?): the most specific remedy.
     sysfs.check_vfio(bdf)?;
+    for &b in with {
+        sysfs.check_vfio(b)?;
+    }
     let domain = DmaDomain::vfio()?;
+    // A mapping made before any device is open: recorded, replayed when the first one opens
+    // (the unmap at the end fails if the IOMMU never had it).
+    let early_seg = Segment::new("probe-early", 64 << 10, MemMode::NoHuge)?;
+    let early = GuestRegion::from_segment(&early_seg);
+    let early_iova = iova + (4 << 20);
+    domain.map(early_iova, &early)?;
     let dev = PciDevice::open_vfio(bdf, &domain)?;
+    let mut others = Vec::new();
+    for &b in with {
+        others.push(PciDevice::open_vfio(b, &domain)?);
+    }
+    println!(
+        "domain_devices: {}",
+        domain.container().map_or(0, |c| c.devices())
+    );
     println!(
         "open: {} config_size {}",
         dev.kind(),
@@ -432,6 +457,17 @@ fn probe(sysfs: &Sysfs, bdf: Bdf, iova: u64) -> Result<()> {
     );
     let removed = domain.unmap(iova, region.size())?;
     println!("dma_unmap: {removed} removed");
+    let replayed = domain.unmap(early_iova, early.size())?;
+    println!("dma_replayed_unmap: {replayed} removed");
+    for o in &others {
+        // The other functions of the domain answer too.
+        println!(
+            "with: {} ids {:04x}:{:04x}",
+            o.name(),
+            o.ids()?.0,
+            o.ids()?.1
+        );
+    }
 
     match dev.reset() {
         Ok(()) => println!("reset: ok"),

@@ -1,6 +1,7 @@
 //! The VFIO back end of `core::pci` on a real (emulated) IOMMU: a Linux 6.12 guest with QEMU's
-//! intel-iommu and a modern virtio-net-pci function runs `vdpakit devices` inside: list, bind to
-//! vfio-pci, `probe` (open through `PciDevice::open_vfio`, capability walk, virtio structures,
+//! intel-iommu and two modern virtio-net-pci functions (each behind its own PCIe root port, so in
+//! its own IOMMU group) runs `vdpakit devices` inside: list, bind to vfio-pci, `probe` of one with
+//! the other in the same DMA domain (open through `PciDevice::open_vfio`, capability walk, virtio structures,
 //! common config through the BAR accessors, status reset, MSI-X loopback per vector, DMA map and
 //! unmap of a hugepage, VFIO_DEVICE_RESET), then unbind.
 //!
@@ -20,12 +21,16 @@ fn vdpakit() -> PathBuf {
 }
 
 const SCRIPT: &str = r#"
-bdf=
+set --
 for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1041 ]; then bdf=${d##*/}; fi
+    if [ "$(cat $d/vendor)" = 0x1af4 ] && [ "$(cat $d/device)" = 0x1041 ]; then set -- "$@" "${d##*/}"; fi
 done
-[ -n "$bdf" ] || vmtest_fail "no modern virtio-net PCI function"
+[ $# = 2 ] || vmtest_fail "expected two modern virtio-net PCI functions, found: $*"
+bdf=$1
+bdf2=$2
 vmtest_report bdf "$bdf"
+vmtest_report bdf2 "$bdf2"
+vmtest_report group2 "$(basename "$(readlink /sys/bus/pci/devices/$bdf2/iommu_group)")"
 dev=/sys/bus/pci/devices/$bdf
 group=$(basename "$(readlink "$dev/iommu_group")")
 vmtest_report iommu_group "$group"
@@ -44,8 +49,9 @@ vmtest_report unbound_error "$(grep '^error:' /tmp/unbound.txt)"
 /vdpakit devices bind "$bdf" > /tmp/bind.txt 2>&1 || vmtest_fail "devices bind: $(cat /tmp/bind.txt)"
 vmtest_report bind_out "$(cat /tmp/bind.txt)"
 vmtest_report driver_bound "$(basename "$(readlink "$dev/driver")")"
+/vdpakit devices bind "$bdf2" > /tmp/bind2.txt 2>&1 || vmtest_fail "devices bind $bdf2: $(cat /tmp/bind2.txt)"
 
-VDPAKIT_LOG=debug /vdpakit devices probe "$bdf" > /tmp/probe.txt 2>/tmp/probe.err
+VDPAKIT_LOG=debug /vdpakit devices probe "$bdf" --with "$bdf2" > /tmp/probe.txt 2>/tmp/probe.err
 rc=$?
 cat /tmp/probe.txt /tmp/probe.err
 vmtest_report probe_rc "$rc"
@@ -69,6 +75,11 @@ fn guest_vfio_probe() -> Result<(), Failed> {
             "pcie-root-port,id=rp1,chassis=1,slot=1",
             "-device",
             &format!("virtio-net-pci,bus=rp1,romfile=,{VFIO_NIC_OPTS}"),
+            // A second function in its own IOMMU group, opened in the same DMA domain.
+            "-device",
+            "pcie-root-port,id=rp2,chassis=2,slot=2",
+            "-device",
+            &format!("virtio-net-pci,bus=rp2,romfile=,{VFIO_NIC_OPTS}"),
         ])
         .modules(&[
             "irqbypass",
@@ -180,6 +191,19 @@ fn guest_vfio_probe() -> Result<(), Failed> {
             "unbind: {:?}, driver after {}",
             m("unbind_out"),
             m("driver_after")
+        ),
+    )?;
+    check(
+        m("group2") != group
+            && m("probe_domain_devices") == "2"
+            && m("probe_dma_replayed_unmap") == "1 removed"
+            && m("probe_with").starts_with(&format!("{} ids 1af4:1041", m("bdf2"))),
+        format!(
+            "one domain, two groups ({group}, {}): devices {:?}, replayed unmap {:?}, with {:?}",
+            m("group2"),
+            m("probe_domain_devices"),
+            m("probe_dma_replayed_unmap"),
+            m("probe_with")
         ),
     )?;
     check(

@@ -282,7 +282,7 @@ impl Bar {
     fn area(&self, offset: u64, width: u64) -> Option<(&Area, usize)> {
         self.areas.iter().find_map(|a| {
             let rel = offset.checked_sub(a.start)?;
-            (rel + width <= a.mmio.len() as u64).then_some((a, rel as usize))
+            (rel.checked_add(width)? <= a.mmio.len() as u64).then_some((a, rel as usize))
         })
     }
 }
@@ -483,8 +483,9 @@ fn open_error(sysfs: &Sysfs, bdf: Bdf, group: u32, group_dev: &Path, e: VfioErro
             Some(libc::EBUSY) => vfio_err(
                 dev,
                 format!(
-                    "{} is busy: another process (QEMU, DPDK, another vdpakit) has IOMMU group \
-                     {group} open",
+                    "{} is busy: IOMMU group {group} is open elsewhere (QEMU, DPDK, another \
+                     vdpakit, or another DMA domain of this process: devices of one group \
+                     share one domain)",
                     group_dev.display()
                 ),
             ),
@@ -651,7 +652,7 @@ impl PciOps for VfioPci {
     fn notify_area(&self, bar: u8, offset: u64, len: u64) -> Option<NotifyArea> {
         let b = self.bars.get(bar as usize)?;
         let page = offset & !(PAGE - 1);
-        if offset - page + len.max(1) > PAGE {
+        if (offset - page).saturating_add(len.max(1)) > PAGE {
             return None;
         }
         // The whole page must be in one mapped area.
