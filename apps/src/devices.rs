@@ -10,9 +10,9 @@ use clap::{Args, Subcommand};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vdpakit_core::mem::{MemMode, Segment};
 use vdpakit_core::pci::sysfs::{PciFunction, Sysfs};
-use vdpakit_core::pci::virtio_caps::{self, cfg_type, common, status};
 use vdpakit_core::pci::{Bdf, DmaDomain, PciDevice, ids};
 use vdpakit_core::virtio::GuestRegion;
+use vdpakit_core::virtio_pci::{ModernTransport, Region, status};
 
 use crate::error::{Error, Result};
 
@@ -62,22 +62,6 @@ enum DevicesCmd {
         #[arg(long = "with", value_name = "BDF")]
         with: Vec<String>,
     },
-}
-
-/// A device model this build offers: what `vdpakit devices models` prints.
-#[derive(Debug, Clone, Copy)]
-pub struct ModelEntry {
-    /// Name used in device specs (`sim`, `ifc`, ...).
-    pub name: &'static str,
-    /// One line about it.
-    pub about: &'static str,
-}
-
-/// The hook the model registry fills: every device model of this build. Core's PCI layer has
-/// the model back end but no models of its own yet; the `sim` model and each PMD's model
-/// register here as they land.
-pub fn registered_models() -> Vec<ModelEntry> {
-    Vec::new()
 }
 
 fn parse_bdf(s: &str) -> Result<Bdf> {
@@ -130,15 +114,17 @@ pub fn run(args: DevicesArgs) -> Result<()> {
             Ok(())
         }
         DevicesCmd::Models => {
-            let models = registered_models();
-            if models.is_empty() {
+            // The registry of device kinds (`vdpakit vdpa --device KIND:...`): the `sim` model
+            // and each PMD's model register there.
+            let kinds = crate::vdpa::kinds();
+            if kinds.is_empty() {
                 println!(
                     "no device models in this build yet (the `sim` model and the PMDs' models \
-                     register here when they land)"
+                     register in vdpa::kinds() when they land)"
                 );
             }
-            for m in models {
-                println!("{:<10} {}", m.name, m.about);
+            for k in kinds {
+                println!("{:<10} {}", k.name, k.about);
             }
             Ok(())
         }
@@ -324,86 +310,45 @@ fn probe(sysfs: &Sysfs, bdf: Bdf, iova: u64, with: &[Bdf]) -> Result<()> {
             .join(" ")
     );
     dev.enable_bus_master()?;
-    let vcaps = virtio_caps::read(&dev)?;
-    for c in &vcaps.all {
+    // The virtio structures, through the shared virtio-PCI transport (common, notify and ISR
+    // are mandatory; each must lie inside its BAR).
+    let vt = ModernTransport::probe(dev.clone()).map_err(|e| runtime(e.to_string()))?;
+    let vio = |e: vdpakit_core::virtio_pci::VirtioPciError| runtime(e.to_string());
+    let (cc, notify, isr, device) = vt.regions();
+    let show = |name: &str, r: Region, extra: String| {
         println!(
-            "virtio_{}: bar {} offset {:#x} length {:#x}{}",
-            c.type_name(),
-            c.bar,
-            c.offset,
-            c.length,
-            if c.cfg_type == cfg_type::NOTIFY {
-                format!(" multiplier {}", c.notify_multiplier)
-            } else {
-                String::new()
-            }
+            "virtio_{name}: bar {} offset {:#x} length {:#x}{extra}",
+            r.bar, r.offset, r.len
         );
-    }
-    let missing: Vec<&str> = [
-        (cfg_type::COMMON, "common"),
-        (cfg_type::NOTIFY, "notify"),
-        (cfg_type::ISR, "isr"),
-        (cfg_type::DEVICE, "device"),
-    ]
-    .iter()
-    .filter(|(t, _)| vcaps.get(*t).is_none())
-    .map(|(_, n)| *n)
-    .collect();
-    if !missing.is_empty() {
-        return Err(runtime(format!(
-            "{bdf}: no virtio {} capability: not a modern virtio-PCI function",
-            missing.join("/")
-        )));
-    }
-    let cc = vcaps
-        .get(cfg_type::COMMON)
-        .copied()
-        .ok_or_else(|| runtime("no common cfg".into()))?;
-    if cc.length < common::LEN {
-        return Err(runtime(format!(
-            "{bdf}: common config of {:#x} bytes, at least {:#x} expected",
-            cc.length,
-            common::LEN
-        )));
-    }
-    let (bar, base) = (cc.bar, cc.offset as u64);
-    // Reset through the status register: write 0, the device reads back 0 when done.
-    dev.write8(bar, base + common::DEVICE_STATUS, 0)?;
-    let mut st = dev.read8(bar, base + common::DEVICE_STATUS)?;
-    for _ in 0..100 {
-        if st == 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-        st = dev.read8(bar, base + common::DEVICE_STATUS)?;
-    }
-    println!("status_after_reset: {st:#x}");
-    dev.write8(bar, base + common::DEVICE_STATUS, status::ACK)?;
-    let ack = dev.read8(bar, base + common::DEVICE_STATUS)?;
-    println!("status_ack: {ack:#x}");
-    let num_queues = dev.read16(bar, base + common::NUM_QUEUES)?;
-    println!("num_queues: {num_queues}");
-    dev.write32(bar, base + common::DEVICE_FEATURE_SELECT, 0)?;
-    let lo = dev.read32(bar, base + common::DEVICE_FEATURE)?;
-    dev.write32(bar, base + common::DEVICE_FEATURE_SELECT, 1)?;
-    let hi = dev.read32(bar, base + common::DEVICE_FEATURE)?;
-    let features = (hi as u64) << 32 | lo as u64;
-    println!("device_features: {features:#018x}");
-    let version_1 = features & (1 << virtio_caps::F_VERSION_1) != 0;
-    println!("version_1: {}", if version_1 { "yes" } else { "no" });
-    dev.write8(bar, base + common::DEVICE_STATUS, 0)?;
-    println!(
-        "status_final: {:#x}",
-        dev.read8(bar, base + common::DEVICE_STATUS)?
+    };
+    show("common", cc, String::new());
+    show(
+        "notify",
+        notify,
+        format!(" multiplier {}", vt.notify_multiplier()),
     );
-    if let Some(n) = vcaps.get(cfg_type::NOTIFY) {
-        match dev.notify_area(n.bar, n.offset as u64, 2) {
-            Some(a) => println!("notify_area: fd offset {:#x} size {:#x}", a.offset, a.size),
-            None => println!("notify_area: none (doorbell page not mappable)"),
-        }
-        let db = dev.doorbell(n.bar, n.offset as u64, 2)?;
-        drop(db);
+    show("isr", isr, String::new());
+    match device {
+        Some(d) => show("device", d, String::new()),
+        None => println!("virtio_device: none"),
     }
+    // Reset through the status register (write 0, wait for 0), then ACKNOWLEDGE.
+    vt.reset().map_err(vio)?;
+    println!("status_after_reset: {:#x}", vt.status().map_err(vio)?);
+    vt.set_status(status::ACKNOWLEDGE).map_err(vio)?;
+    println!("status_ack: {:#x}", vt.status().map_err(vio)?);
+    println!("num_queues: {}", vt.num_queues().map_err(vio)?);
+    let features = vt.device_features().map_err(vio)?;
+    println!("device_features: {features:#018x}");
+    let version_1 = features & (1 << 32) != 0;
+    println!("version_1: {}", if version_1 { "yes" } else { "no" });
+    vt.reset().map_err(vio)?;
+    println!("status_final: {:#x}", vt.status().map_err(vio)?);
+    match dev.notify_area(notify.bar, notify.offset, 2) {
+        Some(a) => println!("notify_area: fd offset {:#x} size {:#x}", a.offset, a.size),
+        None => println!("notify_area: none (doorbell page not mappable)"),
+    }
+    drop(dev.doorbell(notify.bar, notify.offset, 2)?);
 
     // MSI-X: wire every vector (at most 8) to its own eventfd; fire vector 2 (or the last)
     // from software and see that exactly its eventfd is signalled.

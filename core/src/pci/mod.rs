@@ -15,7 +15,6 @@
 //! - [`vfio`]: the VFIO back end (container, group, device, type1 IOMMU).
 //! - [`sysfs`]: scan of PCI functions, binding to `vfio-pci`.
 //! - [`ids`]: which PMD drives which function.
-//! - [`virtio_caps`]: the virtio-PCI vendor capabilities (common, notify, ISR, device config).
 
 pub mod addr;
 pub mod dma;
@@ -24,7 +23,6 @@ pub mod mmio;
 pub mod model;
 pub mod sysfs;
 pub mod vfio;
-pub mod virtio_caps;
 
 use std::fmt;
 use std::os::fd::OwnedFd;
