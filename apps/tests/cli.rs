@@ -700,7 +700,7 @@ fn vdpa_bad_input_is_one_line_exit_2() {
                 "--iface",
                 "/tmp/x",
                 "--duration",
-                "-1",
+                "0",
             ],
             "--duration",
         ),
