@@ -836,7 +836,12 @@ impl Device {
         };
         b.send(h, &payload, &fds)?;
         if ack {
-            let r = b.recv()?;
+            // Bounded: a front end that cannot answer while it waits for us must not hang the
+            // control thread (the ring then keeps its relayed kicks).
+            let _ = b.stream().set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let r = b.recv();
+            let _ = b.stream().set_read_timeout(None);
+            let r = r?;
             let status = msg::parse_u64(Req::GetFeatures, &r.payload).unwrap_or(u64::MAX);
             if r.hdr.request != h.request || r.hdr.flags & msg::FLAG_REPLY == 0 || status != 0 {
                 return Err(VhostError::Unsupported {
