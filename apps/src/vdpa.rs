@@ -67,7 +67,16 @@ pub struct DeviceKind {
 
 /// The device kinds this build knows.
 pub fn kinds() -> Vec<DeviceKind> {
-    Vec::new()
+    vec![DeviceKind {
+        name: "sim",
+        about: "software vDPA device (like Linux vdpa_sim): N VFs whose wires are loop, cable, \
+                tap:IFNAME or rep (keys: name, vfs, wire, queues, mac, mtu, log, filter, poll, queue_size)",
+        create: create_sim,
+    }]
+}
+
+fn create_sim(params: &str) -> Result<Devices> {
+    Ok(vdpakit_core::model::sim::create(params)?)
 }
 
 fn create(spec: &str) -> Result<Devices> {
