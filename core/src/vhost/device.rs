@@ -838,7 +838,9 @@ impl Device {
         if ack {
             // Bounded: a front end that cannot answer while it waits for us must not hang the
             // control thread (the ring then keeps its relayed kicks).
-            let _ = b.stream().set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = b
+                .stream()
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let r = b.recv();
             let _ = b.stream().set_read_timeout(None);
             let r = r?;

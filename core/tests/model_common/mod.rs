@@ -110,6 +110,12 @@ impl Vq {
         }
     }
 
+    /// Queue `index` with its rings at `block` of `g` (buffers after the rings).
+    pub fn for_guest(g: &Guest, index: u16, block: u64, features: u64) -> Vq {
+        let bufs = g.base + if index % 2 == 0 { RX_BUFS } else { TX_BUFS };
+        Vq::new(g, index, block, bufs, features)
+    }
+
     pub fn vq_config(&self, start: u16) -> VqConfig {
         VqConfig {
             index: self.index,
@@ -125,7 +131,7 @@ impl Vq {
     }
 
     /// Posts one buffer slot as a chain; returns false when the ring or the slots are full.
-    fn post(&mut self, len: u32, writable: bool) -> Option<u64> {
+    pub fn post(&mut self, len: u32, writable: bool) -> Option<u64> {
         let gpa = self.free.pop_front()?;
         match self.dq.add(&[(gpa, len, writable)]) {
             Ok(id) => {
