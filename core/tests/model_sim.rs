@@ -591,7 +591,7 @@ fn dirty_logging_marks_exactly_the_pages_written() {
 #[test]
 fn a_wrong_register_map_fails_loudly() {
     use vdpakit_core::model::sim_pmd::SimVdpa;
-    use vdpakit_core::model::sim_pmd::regs::SIM_REGS;
+    use vdpakit_core::model::sim_pmd::regs::{RegMap, SIM_REGS};
     use vdpakit_core::pci::DmaDomain;
 
     let sim = SimDevice::from_spec("name=wrongmap,wire=loop").unwrap();
@@ -601,11 +601,8 @@ fn a_wrong_register_map_fails_loudly() {
         let dev = SimVdpa::open_with_map("wrong", sim.vf_model(0).unwrap(), &domain, map);
         (dev, domain, g)
     };
-    let cases: [(
-        &str,
-        fn(&mut vdpakit_core::model::sim_pmd::regs::RegMap),
-        &[&str],
-    ); 4] = [
+    type Case = (&'static str, fn(&mut RegMap), &'static [&'static str]);
+    let cases: [Case; 4] = [
         (
             "desc in a hole",
             |m| m.queue_desc = 0x0f8,

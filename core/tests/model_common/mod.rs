@@ -112,7 +112,12 @@ impl Vq {
 
     /// Queue `index` with its rings at `block` of `g` (buffers after the rings).
     pub fn for_guest(g: &Guest, index: u16, block: u64, features: u64) -> Vq {
-        let bufs = g.base + if index % 2 == 0 { RX_BUFS } else { TX_BUFS };
+        let bufs = g.base
+            + if index.is_multiple_of(2) {
+                RX_BUFS
+            } else {
+                TX_BUFS
+            };
         Vq::new(g, index, block, bufs, features)
     }
 
