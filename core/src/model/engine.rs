@@ -591,7 +591,10 @@ impl Engine {
             if g != self.seen_ctl {
                 self.seen_ctl = g;
                 for vi in 0..self.vfs.len() {
-                    self.apply(vi);
+                    if self.apply(vi) {
+                        // A representor came or went: its blanks may belong to another pool.
+                        while self.stash.pop().is_some() {}
+                    }
                 }
             }
             let work = self.poll_once();
@@ -698,13 +701,14 @@ impl Engine {
         false
     }
 
-    /// Applies VF `vi`'s control state if it changed.
-    fn apply(&mut self, vi: usize) {
+    /// Applies VF `vi`'s control state if it changed; returns whether its representor
+    /// channels changed.
+    fn apply(&mut self, vi: usize) -> bool {
         let vf = &mut self.vfs[vi];
         let sh = Arc::clone(&vf.sh);
         let g = sh.ctl_gen.load(Ordering::Acquire);
         if g == vf.seen_gen {
-            return;
+            return false;
         }
         vf.seen_gen = g;
         if vf.bus.is_none() {
@@ -727,9 +731,13 @@ impl Engine {
                 c.broken.store(false, Ordering::Release);
             }
         }
-        if let Some(ends) = ctl.rep.take() {
-            vf.rep = ends;
-        }
+        let rep_changed = match ctl.rep.take() {
+            Some(ends) => {
+                vf.rep = ends;
+                true
+            }
+            None => false,
+        };
         vf.features = ctl.features;
         vf.hdr_len = hdr_len(ctl.features);
         vf.mrg = ctl.features & vf::NET_MRG_RXBUF != 0;
@@ -820,6 +828,7 @@ impl Engine {
         }
         drop(ctl);
         sh.ack_gen.store(g, Ordering::Release);
+        rep_changed
     }
 
     fn build(

@@ -10,6 +10,7 @@
 //! live per-queue and per-port figures while the lcores run.
 
 mod null;
+mod rep;
 mod ring;
 mod spec;
 mod vhost_user;
@@ -267,7 +268,13 @@ pub struct PortKind {
 }
 
 /// The port kinds this build knows.
-pub const KINDS: &[PortKind] = &[null::KIND, ring::KIND, vhost_user::KIND, virtio_user::KIND];
+pub const KINDS: &[PortKind] = &[
+    null::KIND,
+    ring::KIND,
+    vhost_user::KIND,
+    virtio_user::KIND,
+    rep::KIND,
+];
 
 /// Builds a port from a spec.
 pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
@@ -276,6 +283,7 @@ pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
         "ring" => Ok(Box::new(ring::RingPort::new(spec, env)?)),
         "vhost-user" => Ok(Box::new(vhost_user::VhostUserPort::new(spec, env)?)),
         "virtio-user" => Ok(Box::new(virtio_user::VirtioUserPort::new(spec, env)?)),
+        "rep" => Ok(Box::new(rep::RepPort::new(spec, env)?)),
         other => Err(Error::UnknownPortKind {
             kind: other.to_string(),
             known: KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
