@@ -29,7 +29,7 @@
 //!   the rings themselves, so a missed kick costs latency, never a packet.
 //! - **Polling**: while there is work the engine spins; after 100 µs without any
 //!   ([`PollMode::Adaptive`]) it asks for kicks (enables notifications), checks once more, and
-//!   sleeps in `poll(2)` on its wake eventfd and the TAP fds, at most 1 ms while a VF runs (so a
+//!   sleeps in `epoll_wait(2)` on its wake eventfd and the TAP fds, at most 1 ms while a VF runs (so a
 //!   host-notifier page written by another process is seen within a millisecond).
 //!   [`PollMode::Busy`] never sleeps.
 //! - **Ring state**: positions (next avail, next used; packed: wrap counter in bit 15) are
@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::eswitch::{RepQueueEnds, Wire};
@@ -531,6 +531,9 @@ struct Engine {
     out: Burst,
     /// Frames from a representor port.
     inb: Burst,
+    /// What the sleeping engine waits on: its wake eventfd and the TAP fds (registered once).
+    epoll: Option<Epoll>,
+    events: [EpollEvent; 8],
 }
 
 impl Engine {
@@ -565,7 +568,25 @@ impl Engine {
                 rep: Vec::new(),
             });
         }
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .ok()
+            .filter(|ep| {
+                let ev = EpollEvent::new(EpollFlags::EPOLLIN, 0);
+                ep.add(sh.wake.as_fd(), ev).is_ok()
+                    && vfs.iter().all(|v| match &v.wire {
+                        Wire::Tap(t) => ep.add(t.as_fd(), ev).is_ok(),
+                        _ => true,
+                    })
+            });
+        if epoll.is_none() {
+            tracing::warn!(
+                "{}: no epoll: the idle engine wakes every tick only",
+                sh.name
+            );
+        }
         Engine {
+            epoll,
+            events: [EpollEvent::empty(); 8],
             sh,
             vfs,
             seen_ctl: u64::MAX,
@@ -647,17 +668,13 @@ impl Engine {
             || self.work_pending();
         if !pending {
             let timeout = if any_running { TICK_RUNNING } else { TICK_IDLE };
-            let mut fds = vec![PollFd::new(self.sh.wake.as_fd(), PollFlags::POLLIN)];
-            for vf in &self.vfs {
-                if let Wire::Tap(t) = &vf.wire {
-                    fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+            match &self.epoll {
+                Some(ep) => {
+                    let t = EpollTimeout::try_from(timeout).unwrap_or(EpollTimeout::MAX);
+                    let _ = ep.wait(&mut self.events, t);
                 }
+                None => std::thread::sleep(timeout),
             }
-            let _ = poll(
-                &mut fds,
-                PollTimeout::try_from(timeout).unwrap_or(PollTimeout::NONE),
-            );
-            drop(fds);
             let _ = self.sh.wake.read();
         }
         self.sh.sleeping.store(false, Ordering::SeqCst);
