@@ -89,7 +89,7 @@ pub struct Vq {
 
 impl Vq {
     /// Queue `index` of a guest whose rings start at `block` (page-separated areas).
-    fn new(g: &Guest, index: u16, block: u64, buf_base: u64, features: u64) -> Vq {
+    pub fn new(g: &Guest, index: u16, block: u64, buf_base: u64, features: u64) -> Vq {
         let cfg = QueueConfig {
             size: QSIZE,
             desc: block,
