@@ -207,7 +207,10 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: &str) -> Result<Netns, Failed> {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ok = Command::new("ip")
             .args(["netns", "add", name])
             .status()
