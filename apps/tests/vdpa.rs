@@ -86,7 +86,9 @@ fn stop_vdpa(vdpa: &mut HostProcess, dir: &Path) -> Result<Value, Failed> {
     signal(vdpa, "-INT");
     wait_exit(vdpa, Duration::from_secs(20))?;
     let out = std::fs::read_to_string(dir.join("vdpa.json")).map_err(|e| e.to_string())?;
-    serde_json::from_str(out.trim())
+    // The JSON summary is the last line (socket lines and QEMU command lines come first).
+    let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(last)
         .map_err(|e| format!("vdpa JSON: {e}: {out}\n{}", vdpa.log_tail(30)).into())
 }
 
@@ -205,7 +207,10 @@ struct Netns(String);
 
 impl Netns {
     fn new(name: &str) -> Result<Netns, Failed> {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(std::process::Stdio::null())
+            .status();
         let ok = Command::new("ip")
             .args(["netns", "add", name])
             .status()
