@@ -87,7 +87,11 @@ fn stop_vdpa(vdpa: &mut HostProcess, dir: &Path) -> Result<Value, Failed> {
     wait_exit(vdpa, Duration::from_secs(20))?;
     let out = std::fs::read_to_string(dir.join("vdpa.json")).map_err(|e| e.to_string())?;
     // The JSON summary is the last line (socket lines and QEMU command lines come first).
-    let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     serde_json::from_str(last)
         .map_err(|e| format!("vdpa JSON: {e}: {out}\n{}", vdpa.log_tail(30)).into())
 }
