@@ -12,9 +12,10 @@
 //!   the driver disables or resets it. Other descriptor errors count as `errors` and break the
 //!   queue the same way. Nothing a driver writes can crash the engine.
 //! - **Transmit** (odd queues): chains are popped, the virtio-net header is skipped (12 bytes
-//!   with VERSION_1 or MRG_RXBUF, else 10), the frame is copied into one of the engine's
-//!   preallocated frame buffers, the chain is completed with length 0, and the burst is handed
-//!   to the VF's wire ([`eswitch`](super::eswitch)).
+//!   with VERSION_1 or MRG_RXBUF, else 10), the frame is copied into the engine's preallocated
+//!   frame arena, the chain is completed with length 0, and the burst is handed to the VF's
+//!   wire ([`eswitch`](super::eswitch)). One-buffer frames take a staged path: all chains of
+//!   the burst are popped first with their buffer lines requested, then copied.
 //! - **Receive** (even queues): each frame gets a zeroed header (`num_buffers` = 1) and is
 //!   written into a receive chain; with MRG_RXBUF a frame larger than a chain spans several
 //!   (`num_buffers` = chains used). A frame that finds no buffer is counted as `dropped` on the
