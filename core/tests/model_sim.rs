@@ -908,3 +908,25 @@ fn ring_disable_enable_and_restart_keep_the_position() {
     let e = r.dev.configure(&c).unwrap_err().to_string();
     assert!(e.contains("0x8006") && e.contains("0x8000"), "{e}");
 }
+
+/// Devices are found by name while they live; a name in use is refused, and free again once
+/// the device is gone; unknown kinds and bad values are errors naming them.
+#[test]
+fn registry_and_spec_errors() {
+    use vdpakit_core::model::{self, registry};
+    let devs = model::create("sim:name=reg1,vfs=2").unwrap();
+    assert_eq!(devs.len(), 2);
+    assert_eq!(devs[1].name(), "reg1-vf1");
+    assert!(registry::names().contains(&"reg1".to_string()));
+    let e = model::create("sim:name=reg1").err().unwrap().to_string();
+    assert!(e.contains("'reg1' exists already"), "{e}");
+    drop(devs);
+    assert!(!registry::names().contains(&"reg1".to_string()));
+    assert_eq!(model::create("sim:name=reg1").unwrap().len(), 1);
+    let e = model::create("nosuch:a=1").err().unwrap().to_string();
+    assert!(e.contains("'nosuch'") && e.contains("sim"), "{e}");
+    let e = model::create("sim:queues=17").err().unwrap().to_string();
+    assert!(e.contains("queues='17'") && e.contains("1..=16"), "{e}");
+    let e = registry::rep_pairs("reg-none", 0).unwrap_err().to_string();
+    assert!(e.contains("no device 'reg-none'"), "{e}");
+}
