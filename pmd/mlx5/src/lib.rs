@@ -27,7 +27,9 @@ pub mod model;
 pub mod prm;
 pub mod res;
 pub mod steer;
+pub mod vdpa;
 pub mod virtq;
 
 pub use error::{Error, Result};
 pub use hca::{Caps, Hca, HcaOptions};
+pub use vdpa::{Devargs, EventMode, Mlx5Vdpa, create};

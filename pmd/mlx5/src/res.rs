@@ -157,8 +157,9 @@ impl Hca {
         let pg = 1u64 << log;
         let first = piece.va & !(pg - 1);
         let n = (piece.va - first + piece.len).div_ceil(pg) as usize;
-        let mut b = self.mkey_in(pd, variant, mkey::MODE_MTT, piece.va, piece.len, 8 * n);
+        // Entries go in whole octwords (two per octword).
         let octwords = n.div_ceil(2) as u64;
+        let mut b = self.mkey_in(pd, variant, mkey::MODE_MTT, piece.va, piece.len, 16 * octwords as usize);
         b.set(mkey::OCTWORD_SIZE, octwords);
         b.set(mkey::OCTWORD_ACTUAL_SIZE, octwords);
         b.set(mkey::LOG_PAGE_SIZE, u64::from(log));
