@@ -150,8 +150,13 @@ impl Cmdq {
         st.token = st.token.wrapping_add(1).max(1);
         let token = st.token;
         let inb = input.as_bytes();
-        let n_in = inb.len().saturating_sub(slot::INLINE).div_ceil(slot::MB_DATA_LEN);
-        let n_out = outlen.saturating_sub(slot::INLINE).div_ceil(slot::MB_DATA_LEN);
+        let n_in = inb
+            .len()
+            .saturating_sub(slot::INLINE)
+            .div_ceil(slot::MB_DATA_LEN);
+        let n_out = outlen
+            .saturating_sub(slot::INLINE)
+            .div_ceil(slot::MB_DATA_LEN);
         let State {
             in_blocks,
             out_blocks,
@@ -247,7 +252,14 @@ impl Cmdq {
         Ok(out)
     }
 
-    fn block_header(&self, b: &mut [u8; slot::MB_SIZE], next: u64, num: u32, token: u8, full: bool) {
+    fn block_header(
+        &self,
+        b: &mut [u8; slot::MB_SIZE],
+        next: u64,
+        num: u32,
+        token: u8,
+        full: bool,
+    ) {
         b[slot::MB_NEXT..slot::MB_NEXT + 8].copy_from_slice(&next.to_be_bytes());
         b[slot::MB_BLOCK_NUM..slot::MB_BLOCK_NUM + 4].copy_from_slice(&num.to_be_bytes());
         b[slot::MB_TOKEN] = token;

@@ -52,10 +52,12 @@ impl DmaArena {
     /// Creates `len` bytes (rounded up to the page size) of shared memory and maps it into
     /// `domain` at IOVA = its address.
     pub fn new(name: &str, domain: &DmaDomain, len: usize, mode: MemMode) -> Result<DmaArena> {
-        let seg = Segment::new(&format!("{name}-dma"), len.max(PAGE as usize), mode)
-            .map_err(|e| Error::Memory {
-                dev: name.to_string(),
-                what: format!("driver DMA memory: {e}"),
+        let seg =
+            Segment::new(&format!("{name}-dma"), len.max(PAGE as usize), mode).map_err(|e| {
+                Error::Memory {
+                    dev: name.to_string(),
+                    what: format!("driver DMA memory: {e}"),
+                }
             })?;
         let region = GuestRegion::from_segment(&seg);
         let base = seg.iova();

@@ -156,9 +156,9 @@ impl Error {
     /// The opcode the error belongs to, if any.
     pub fn opcode(&self) -> Option<u16> {
         match self {
-            Error::Command { cmd, .. } | Error::Delivery { cmd, .. } | Error::BadReply { cmd, .. } => {
-                Some(cmd.opcode)
-            }
+            Error::Command { cmd, .. }
+            | Error::Delivery { cmd, .. }
+            | Error::BadReply { cmd, .. } => Some(cmd.opcode),
             _ => None,
         }
     }

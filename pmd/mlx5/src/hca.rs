@@ -196,7 +196,12 @@ impl Hca {
             cfg::COMMAND,
             command | cfg::CMD_MEMORY | cfg::CMD_BUS_MASTER,
         )?;
-        Self::wait_init(&pci, &name, opts.init_timeout, "before command queue set-up")?;
+        Self::wait_init(
+            &pci,
+            &name,
+            opts.init_timeout,
+            "before command queue set-up",
+        )?;
         let rev = from_be_reg(pci.read32(iseg::BAR, iseg::CMDIF_REV_FW_SUB)?) >> 16;
         if rev != iseg::CMDIF_REV {
             return Err(Error::NotSupported {
@@ -223,7 +228,11 @@ impl Hca {
         )?;
         let addr = cmdq.iova();
         pci.write32(iseg::BAR, iseg::CMDQ_ADDR_H, be_reg((addr >> 32) as u32))?;
-        pci.write32(iseg::BAR, iseg::CMDQ_ADDR_L_SZ, be_reg(addr as u32 & !0xfff))?;
+        pci.write32(
+            iseg::BAR,
+            iseg::CMDQ_ADDR_L_SZ,
+            be_reg(addr as u32 & !0xfff),
+        )?;
         Self::wait_init(&pci, &name, opts.init_timeout, "after command queue set-up")?;
         tracing::debug!(
             "{name}: firmware {}.{}, command queue of {} slots at {addr:#x}",
@@ -274,11 +283,18 @@ impl Hca {
         let mut b = cmd_in(op::ACCESS_REG, 0, boot::REG_DATA + 16);
         b.set(boot::REG_ID, u64::from(boot::REG_HOST_ENDIANNESS));
         // Byte 0 of the register: 0 for a little-endian host, 0x80 for big-endian.
-        b.put(boot::REG_DATA, &[if cfg!(target_endian = "big") { 0x80 } else { 0 }]);
+        b.put(
+            boot::REG_DATA,
+            &[if cfg!(target_endian = "big") { 0x80 } else { 0 }],
+        );
         self.exec(&b, boot::REG_DATA + 16)?;
 
         let cur = self.query_cap(cap::GENERAL, true)?;
-        let mut set = cmd_in(op::SET_HCA_CAP, cap::GENERAL << 1, cap::OFF as usize + cap::LEN);
+        let mut set = cmd_in(
+            op::SET_HCA_CAP,
+            cap::GENERAL << 1,
+            cap::OFF as usize + cap::LEN,
+        );
         set.put(cap::OFF as usize, cur.bytes(cap::OFF as usize, cap::LEN));
         set.set(
             cap::general::CMDIF_CHECKSUM,
@@ -357,7 +373,10 @@ impl Hca {
         if virtio.max_queues < 2 {
             return Err(Error::NotSupported {
                 dev: self.name.clone(),
-                what: format!("{} virtio queues: at least one pair is needed", virtio.max_queues),
+                what: format!(
+                    "{} virtio queues: at least one pair is needed",
+                    virtio.max_queues
+                ),
             });
         }
         self.caps = Caps { general, virtio };
@@ -436,7 +455,15 @@ impl Hca {
             self.fw_pages().extend(pages);
             left -= batch;
         }
-        tracing::debug!("{}: gave firmware {n} {} pages", self.name, if kind == boot::PAGES_BOOT { "boot" } else { "init" });
+        tracing::debug!(
+            "{}: gave firmware {n} {} pages",
+            self.name,
+            if kind == boot::PAGES_BOOT {
+                "boot"
+            } else {
+                "init"
+            }
+        );
         Ok(())
     }
 
@@ -585,7 +612,9 @@ impl Hca {
                 h.synd, h.ext_synd
             ));
         }
-        if h.nic_interface == iseg::NIC_IF_DISABLED as u8 || h.nic_interface == iseg::NIC_IF_SW_RESET as u8 {
+        if h.nic_interface == iseg::NIC_IF_DISABLED as u8
+            || h.nic_interface == iseg::NIC_IF_SW_RESET as u8
+        {
             return bad(format!("NIC interface mode {}", h.nic_interface));
         }
         let mut t = self.health.lock().unwrap_or_else(|p| p.into_inner());

@@ -139,7 +139,12 @@ impl Buf {
         let ok = off
             .checked_add(src.len())
             .is_some_and(|e| e <= self.0.len());
-        debug_assert!(ok, "{} bytes at {off} outside a {}-byte buffer", src.len(), self.0.len());
+        debug_assert!(
+            ok,
+            "{} bytes at {off} outside a {}-byte buffer",
+            src.len(),
+            self.0.len()
+        );
         if ok {
             self.0[off..off + src.len()].copy_from_slice(src);
         }

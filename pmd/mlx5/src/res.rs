@@ -105,7 +105,15 @@ impl Hca {
         }
     }
 
-    fn mkey_in(&self, pd: u32, variant: u8, mode: u8, start: u64, len: u64, entries: usize) -> crate::prm::Buf {
+    fn mkey_in(
+        &self,
+        pd: u32,
+        variant: u8,
+        mode: u8,
+        start: u64,
+        len: u64,
+        entries: usize,
+    ) -> crate::prm::Buf {
         let mut b = cmd_in(op::CREATE_MKEY, 0, mkey::ENTRIES + entries);
         b.set(mkey::ACCESS_MODE_1_0, u64::from(mode & 3));
         b.set(mkey::ACCESS_MODE_4_2, u64::from(mode >> 2));
@@ -159,7 +167,14 @@ impl Hca {
         let n = (piece.va - first + piece.len).div_ceil(pg) as usize;
         // Entries go in whole octwords (two per octword).
         let octwords = n.div_ceil(2) as u64;
-        let mut b = self.mkey_in(pd, variant, mkey::MODE_MTT, piece.va, piece.len, 16 * octwords as usize);
+        let mut b = self.mkey_in(
+            pd,
+            variant,
+            mkey::MODE_MTT,
+            piece.va,
+            piece.len,
+            16 * octwords as usize,
+        );
         b.set(mkey::OCTWORD_SIZE, octwords);
         b.set(mkey::OCTWORD_ACTUAL_SIZE, octwords);
         b.set(mkey::LOG_PAGE_SIZE, u64::from(log));
@@ -184,7 +199,14 @@ impl Hca {
         variant: u8,
     ) -> Result<u32> {
         let padded = entries.len().next_multiple_of(4);
-        let mut b = self.mkey_in(pd, variant, mkey::MODE_KLM, start, len, mkey::KLM_SIZE * padded);
+        let mut b = self.mkey_in(
+            pd,
+            variant,
+            mkey::MODE_KLM,
+            start,
+            len,
+            mkey::KLM_SIZE * padded,
+        );
         b.set(mkey::OCTWORD_SIZE, padded as u64);
         b.set(mkey::OCTWORD_ACTUAL_SIZE, padded as u64);
         for (i, &(count, key, addr)) in entries.iter().enumerate() {
@@ -214,7 +236,8 @@ impl Hca {
         let b = addr.to_be_bytes();
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&b[2..8]);
-        let mtu = (out.get(vport::MTU.at(vport::QUERY_CTX)) as u16).saturating_sub(vport::MTU_OVERHEAD);
+        let mtu =
+            (out.get(vport::MTU.at(vport::QUERY_CTX)) as u16).saturating_sub(vport::MTU_OVERHEAD);
         Ok((mac, mtu))
     }
 }
@@ -234,7 +257,13 @@ pub struct KeySet {
 impl KeySet {
     /// Builds the keys for `pieces` (sorted by `va`, not overlapping). On failure, the keys
     /// made so far are destroyed.
-    pub fn create(hca: &Hca, pd: u32, null_mkey: u32, pieces: &[KeyPiece], variant: u8) -> Result<KeySet> {
+    pub fn create(
+        hca: &Hca,
+        pd: u32,
+        null_mkey: u32,
+        pieces: &[KeyPiece],
+        variant: u8,
+    ) -> Result<KeySet> {
         let mut set = KeySet::default();
         let r = (|| {
             for p in pieces {

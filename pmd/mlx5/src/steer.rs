@@ -9,9 +9,9 @@ use crate::prm::{op, steer};
 
 /// The Toeplitz key (40 bytes, vdpakit's own).
 pub const RSS_KEY: [u8; 40] = [
-    0x2c, 0xc6, 0x81, 0xd1, 0x5b, 0xdb, 0xf4, 0xf7, 0xfc, 0xa2, 0x83, 0x19, 0xdb, 0x1a, 0x3e,
-    0x94, 0x6b, 0x9e, 0x38, 0xd9, 0x2c, 0x9c, 0x03, 0xd1, 0xad, 0x99, 0x44, 0xa7, 0xd9, 0x56,
-    0x3d, 0x59, 0x06, 0x3c, 0x25, 0xf3, 0xfc, 0x1f, 0xdc, 0x2a,
+    0x2c, 0xc6, 0x81, 0xd1, 0x5b, 0xdb, 0xf4, 0xf7, 0xfc, 0xa2, 0x83, 0x19, 0xdb, 0x1a, 0x3e, 0x94,
+    0x6b, 0x9e, 0x38, 0xd9, 0x2c, 0x9c, 0x03, 0xd1, 0xad, 0x99, 0x44, 0xa7, 0xd9, 0x56, 0x3d, 0x59,
+    0x06, 0x3c, 0x25, 0xf3, 0xfc, 0x1f, 0xdc, 0x2a,
 ];
 
 impl Hca {
@@ -91,7 +91,13 @@ impl Hca {
 
     /// CREATE_FLOW_GROUP over entries `start..=end` matching the outer destination MAC under
     /// `mask`.
-    pub fn create_dmac_group(&self, table: u32, start: u32, end: u32, mask: [u8; 6]) -> Result<u32> {
+    pub fn create_dmac_group(
+        &self,
+        table: u32,
+        start: u32,
+        end: u32,
+        mask: [u8; 6],
+    ) -> Result<u32> {
         let mut b = cmd_in(op::CREATE_FLOW_GROUP, 0, steer::FG_LEN);
         b.set(steer::FT_TABLE_TYPE, steer::TABLE_NIC_RX);
         b.set(steer::FT_TABLE_ID, u64::from(table));
@@ -113,7 +119,14 @@ impl Hca {
 
     /// SET_FLOW_TABLE_ENTRY: frames whose destination MAC matches `dmac` (under the group's
     /// mask) go to `tir`.
-    pub fn set_dmac_entry(&self, table: u32, group: u32, index: u32, dmac: [u8; 6], tir: u32) -> Result<()> {
+    pub fn set_dmac_entry(
+        &self,
+        table: u32,
+        group: u32,
+        index: u32,
+        dmac: [u8; 6],
+        tir: u32,
+    ) -> Result<()> {
         let mut b = cmd_in(op::SET_FLOW_TABLE_ENTRY, 0, steer::FTE_LEN);
         b.set(steer::FT_TABLE_TYPE, steer::TABLE_NIC_RX);
         b.set(steer::FT_TABLE_ID, u64::from(table));
@@ -162,7 +175,13 @@ pub struct Steering {
 impl Steering {
     /// RQT over `rx` (receive queue object ids), TIR, root table, groups and rules for `mac`.
     /// On failure what was created is destroyed.
-    pub fn create(hca: &Hca, td: u32, rx: &[u32], max_pairs: u16, mac: [u8; 6]) -> Result<Steering> {
+    pub fn create(
+        hca: &Hca,
+        td: u32,
+        rx: &[u32],
+        max_pairs: u16,
+        mac: [u8; 6],
+    ) -> Result<Steering> {
         let mut s = Steering {
             rqt_max: max_pairs.next_power_of_two(),
             ..Default::default()

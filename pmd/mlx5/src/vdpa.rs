@@ -40,7 +40,7 @@ use crate::model::{Mlx5Model, ModelOptions, Wire};
 use crate::prm::{cap, vq};
 use crate::res::{KeyPiece, KeySet};
 use crate::steer::Steering;
-use crate::virtq::{Vq, VirtqAttr, state_name};
+use crate::virtq::{VirtqAttr, Vq, state_name};
 
 /// How a queue tells the guest about used buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,12 +160,7 @@ impl Devargs {
             };
             match k {
                 "model" => a.model = true,
-                "pci" => {
-                    a.pci = Some(
-                        v.parse::<Bdf>()
-                            .map_err(|e| err(format!("pci={v}: {e}")))?,
-                    )
-                }
+                "pci" => a.pci = Some(v.parse::<Bdf>().map_err(|e| err(format!("pci={v}: {e}")))?),
                 "name" if !v.is_empty() => a.name = Some(v.to_string()),
                 "queues" => {
                     let n = num(256)?;
@@ -185,9 +180,10 @@ impl Devargs {
                 }
                 "event_mode" => a.event_mode = v.parse().map_err(err)?,
                 "mac" => {
-                    a.mac = Some(parse_mac(v).ok_or_else(|| {
-                        err(format!("mac={v}: accepted is xx:xx:xx:xx:xx:xx"))
-                    })?)
+                    a.mac =
+                        Some(parse_mac(v).ok_or_else(|| {
+                            err(format!("mac={v}: accepted is xx:xx:xx:xx:xx:xx"))
+                        })?)
                 }
                 "mtu" => {
                     let n = num(9000)?;
@@ -352,9 +348,10 @@ impl Mlx5Vdpa {
         if args.event_mode == EventMode::Qp {
             return Err(Error::NotSupported {
                 dev: pci.name().to_string(),
-                what: "event_mode=qp (the QP/CQ/EQ notification chain) is not implemented yet; use \
+                what:
+                    "event_mode=qp (the QP/CQ/EQ notification chain) is not implemented yet; use \
                        msix or poll"
-                    .into(),
+                        .into(),
             });
         }
         let hca = Hca::open(pci, &args.hca_options())?;
@@ -540,30 +537,26 @@ impl Mlx5Vdpa {
             .fold(0, |a, (_, m)| a | 1 << m)
     }
 
-    fn build(&mut self, conf: &DevConf) -> std::result::Result<Running, (Running, VdpaError)> {
+    /// Builds everything into `run` (which the caller tears down on failure).
+    fn build(&mut self, conf: &DevConf, run: &mut Running) -> std::result::Result<(), VdpaError> {
         let base = self.base.as_ref().map(|b| (b.pd, b.td, b.tis, b.null_mkey));
-        let mut run = Running {
-            features: conf.features,
-            keys: KeySet::default(),
-            layout: KeyLayout::default(),
-            vqs: Vec::new(),
-            steering: None,
-        };
         let Some((pd, td, tis, null_mkey)) = base else {
-            let e = self.cfg_err("device has no base resources".into());
-            return Err((run, e));
+            return Err(self.cfg_err("device has no base resources".into()));
         };
         macro_rules! t {
             ($e:expr) => {
-                match $e {
-                    Ok(x) => x,
-                    Err(e) => return Err((run, VdpaError::from(e))),
-                }
+                $e.map_err(VdpaError::from)?
             };
         }
         let arena = (self.hca.arena().base(), self.hca.arena().len());
         run.layout = KeyLayout::new(self.hca.pci().domain(), arena);
-        run.keys = t!(KeySet::create(&self.hca, pd, null_mkey, &run.layout.pieces, 0x5a));
+        run.keys = t!(KeySet::create(
+            &self.hca,
+            pd,
+            null_mkey,
+            &run.layout.pieces,
+            0x5a
+        ));
         let packed = conf.features & vf::RING_PACKED != 0;
         let version_1 = conf.features & vf::VERSION_1 != 0;
         let features = self.mlx_features(conf.features);
@@ -585,11 +578,9 @@ impl Mlx5Vdpa {
                 })
             };
             let (dl, al, ul) = vdpakit_core::virtio::ring_sizes(q.size, packed, false);
-            let addrs = (|| Ok((va(q.desc, dl, "descriptor table")?, va(q.driver, al, "driver area")?, va(q.device, ul, "device area")?)))();
-            let (desc, avail, used) = match addrs {
-                Ok(x) => x,
-                Err(e) => return Err((run, e)),
-            };
+            let desc = va(q.desc, dl, "descriptor table")?;
+            let avail = va(q.driver, al, "driver area")?;
+            let used = va(q.device, ul, "device area")?;
             let msix = self.args.event_mode == EventMode::Msix && q.call.is_some();
             let vector = u32::from(q.index) + 1;
             if msix {
@@ -605,7 +596,11 @@ impl Mlx5Vdpa {
                 packed,
                 version_1,
                 features,
-                event_mode: if msix { vq::EVENT_MSIX } else { vq::EVENT_NO_MSIX },
+                event_mode: if msix {
+                    vq::EVENT_MSIX
+                } else {
+                    vq::EVENT_NO_MSIX
+                },
                 event_target: if msix { vector } else { 0 },
                 desc,
                 avail,
@@ -622,16 +617,9 @@ impl Mlx5Vdpa {
             run.vqs[usize::from(q.index)] = Some(v);
         }
         // The RQT spreads over the receive queues, repeated to a power of two.
-        let rx: Vec<u32> = run
-            .vqs
-            .iter()
-            .step_by(2)
-            .flatten()
-            .map(|v| v.id)
-            .collect();
+        let rx: Vec<u32> = run.vqs.iter().step_by(2).flatten().map(|v| v.id).collect();
         if rx.is_empty() {
-            let e = self.cfg_err("no receive queue configured".into());
-            return Err((run, e));
+            return Err(self.cfg_err("no receive queue configured".into()));
         }
         let rqt: Vec<u32> = rx
             .iter()
@@ -640,11 +628,7 @@ impl Mlx5Vdpa {
             .copied()
             .collect();
         run.steering = Some(t!(Steering::create(
-            &self.hca,
-            td,
-            &rqt,
-            self.pairs,
-            self.mac
+            &self.hca, td, &rqt, self.pairs, self.mac
         )));
         t!(self.hca.pci().set_msix(&fds));
         for q in conf.queues.iter().filter(|q| q.enabled) {
@@ -653,10 +637,15 @@ impl Mlx5Vdpa {
             }
         }
         // A queue the device could not start is in ERR now: say so.
-        for v in run.vqs.iter().flatten().filter(|v| v.state == vq::STATE_RDY) {
+        for v in run
+            .vqs
+            .iter()
+            .flatten()
+            .filter(|v| v.state == vq::STATE_RDY)
+        {
             let a = t!(self.hca.query_virtq(v.id));
             if a.state != vq::STATE_RDY {
-                let e = VdpaError::Device {
+                return Err(VdpaError::Device {
                     dev: self.name.clone(),
                     what: format!(
                         "queue {} went to {} (error type {}) when made ready: its rings do not translate \
@@ -665,11 +654,10 @@ impl Mlx5Vdpa {
                         state_name(a.state),
                         a.error_type
                     ),
-                };
-                return Err((run, e));
+                });
             }
         }
-        Ok(run)
+        Ok(())
     }
 
     fn teardown(&mut self, mut run: Running) -> Result<()> {
@@ -802,7 +790,9 @@ impl VdpaDevice for Mlx5Vdpa {
         let packed = conf.features & vf::RING_PACKED != 0;
         let c = self.hca.caps().virtio.clone();
         if packed && c.queue_types & cap::QUEUE_PACKED == 0 {
-            return Err(self.cfg_err("packed rings negotiated, the device has split rings only".into()));
+            return Err(
+                self.cfg_err("packed rings negotiated, the device has split rings only".into())
+            );
         }
         if conf.log.is_some() {
             return Err(VdpaError::Unsupported {
@@ -818,7 +808,10 @@ impl VdpaDevice for Mlx5Vdpa {
                     count: self.pairs * 2,
                 });
             }
-            if q.size == 0 || q.size > self.args.queue_size || (!packed && !q.size.is_power_of_two()) {
+            if q.size == 0
+                || q.size > self.args.queue_size
+                || (!packed && !q.size.is_power_of_two())
+            {
                 return Err(self.cfg_err(format!(
                     "queue {}: ring size {} (accepted: {}1..={})",
                     q.index,
@@ -828,8 +821,15 @@ impl VdpaDevice for Mlx5Vdpa {
                 )));
             }
         }
-        match self.build(conf) {
-            Ok(run) => {
+        let mut run = Running {
+            features: conf.features,
+            keys: KeySet::default(),
+            layout: KeyLayout::default(),
+            vqs: Vec::new(),
+            steering: None,
+        };
+        match self.build(conf, &mut run) {
+            Ok(()) => {
                 tracing::info!(
                     "{}: configured {} queues (features {:#x}, key {:#x} over {} pieces)",
                     self.name,
@@ -841,7 +841,7 @@ impl VdpaDevice for Mlx5Vdpa {
                 self.run = Some(run);
                 Ok(())
             }
-            Err((run, e)) => {
+            Err(e) => {
                 if let Err(u) = self.teardown(run) {
                     tracing::warn!("{}: undoing a failed configure: {u}", self.name);
                 }
@@ -854,14 +854,23 @@ impl VdpaDevice for Mlx5Vdpa {
         let resumable = self.hca.caps().virtio.freeze_to_rdy;
         let name = self.name.clone();
         let v = self.vq_mut(qid)?;
-        let (from, to) = (v.state, if enable { vq::STATE_RDY } else { vq::STATE_SUSPEND });
+        let (from, to) = (
+            v.state,
+            if enable {
+                vq::STATE_RDY
+            } else {
+                vq::STATE_SUSPEND
+            },
+        );
         if from == to || (from == vq::STATE_INIT && !enable) {
             return Ok(());
         }
         if from == vq::STATE_SUSPEND && enable && !resumable {
             return Err(VdpaError::Unsupported {
                 dev: name,
-                what: format!("re-enabling queue {qid} (the device cannot resume a suspended queue)"),
+                what: format!(
+                    "re-enabling queue {qid} (the device cannot resume a suspended queue)"
+                ),
             });
         }
         let id = v.id;
@@ -870,7 +879,11 @@ impl VdpaDevice for Mlx5Vdpa {
         Ok(())
     }
 
-    fn set_features(&mut self, features: u64, log: Option<LogConfig>) -> std::result::Result<(), VdpaError> {
+    fn set_features(
+        &mut self,
+        features: u64,
+        log: Option<LogConfig>,
+    ) -> std::result::Result<(), VdpaError> {
         let cur = self.run.as_ref().map_or(features, |r| r.features);
         if log.is_some() || (features ^ cur) & !vf::VHOST_F_LOG_ALL != 0 {
             return Err(VdpaError::Unsupported {

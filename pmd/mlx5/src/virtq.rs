@@ -188,7 +188,12 @@ impl Hca {
     /// MODIFY_GENERAL_OBJECT(VIRTIO_NET_Q): the fields `select` ([`vq::sel`]) names take their
     /// values from `attr`.
     pub fn modify_virtq(&self, id: u32, select: u64, attr: &VirtqAttr) -> Result<()> {
-        let mut b = obj_in(op::MODIFY_GENERAL_OBJECT, obj::VIRTIO_NET_Q, id, vq::CMD_LEN);
+        let mut b = obj_in(
+            op::MODIFY_GENERAL_OBJECT,
+            obj::VIRTIO_NET_Q,
+            id,
+            vq::CMD_LEN,
+        );
         attr.encode(&mut b);
         b.set(vq::MODIFY_FIELD_SELECT, select);
         self.exec(&b, 16).map(|_| ())

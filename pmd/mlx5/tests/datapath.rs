@@ -21,7 +21,13 @@ fn mac(dev: &dyn VdpaDevice) -> [u8; 6] {
 
 /// Moves `n` frames from the guest's transmit ring through the looped wire into its receive
 /// ring, keeping both rings fed; returns the frames received in order.
-fn pump(g: &Guest, dev: &dyn VdpaDevice, rx: &mut Ring, tx: &mut Ring, frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+fn pump(
+    g: &Guest,
+    dev: &dyn VdpaDevice,
+    rx: &mut Ring,
+    tx: &mut Ring,
+    frames: &[Vec<u8>],
+) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut sent = 0;
     wait("all frames through the loop", || {
@@ -49,7 +55,9 @@ fn loop_once(params: &str, packed: bool) {
     dev.configure(&conf(f, &[&rx, &tx])).unwrap();
     assert_eq!(rx.post_rx(&dev, 256), 256);
     let m = mac(&dev);
-    let frames: Vec<Vec<u8>> = (0..1000).map(|i| frame(m, 1, i, 60 + (i as usize % 1400))).collect();
+    let frames: Vec<Vec<u8>> = (0..1000)
+        .map(|i| frame(m, 1, i, 60 + (i as usize % 1400)))
+        .collect();
     let got = pump(&g, &dev, &mut rx, &mut tx, &frames);
     assert_eq!(got, frames, "every frame once, in order, intact");
     // Let late completions land before counting.
@@ -57,11 +65,17 @@ fn loop_once(params: &str, packed: bool) {
     tx.reap_tx();
     assert!(rx.reap_rx(&g, HDR).is_empty());
     let s = model.stats();
-    assert_eq!((s.tx_frames, s.rx_frames, s.steer_drops, s.bad_frames), (1000, 1000, 0, 0));
+    assert_eq!(
+        (s.tx_frames, s.rx_frames, s.steer_drops, s.bad_frames),
+        (1000, 1000, 0, 0)
+    );
     assert_eq!(dev.stats(1).unwrap().packets, 1000);
     assert_eq!(dev.stats(0).unwrap().packets, 1000);
     assert_eq!(dev.stats(0).unwrap().errors, 0);
-    assert!(rx.interrupts() > 0 && tx.interrupts() > 0, "MSI-X wired to the call eventfds");
+    assert!(
+        rx.interrupts() > 0 && tx.interrupts() > 0,
+        "MSI-X wired to the call eventfds"
+    );
     assert!(model.kicks(1) > 0 && model.kicks(0) > 0);
 
     // Another station's unicast is not ours; broadcast is.
@@ -78,7 +92,12 @@ fn loop_once(params: &str, packed: bool) {
 
     dev.close().unwrap();
     // Only the device's base resources remain (UAR, PD, TD, TIS).
-    assert_eq!(model.live_objects() - model.firmware_pages(), 4, "{:?}", model.census());
+    assert_eq!(
+        model.live_objects() - model.firmware_pages(),
+        4,
+        "{:?}",
+        model.census()
+    );
     let dom = dev.domain().clone();
     drop(dev);
     assert_eq!(model.live_objects(), 0);
@@ -126,7 +145,9 @@ fn both_ways_through_a_port() {
     let m = mac(&dev);
 
     // Guest → wire.
-    let out: Vec<Vec<u8>> = (0..500).map(|i| frame([0x02, 7, 7, 7, 7, 7], 2, i, 100)).collect();
+    let out: Vec<Vec<u8>> = (0..500)
+        .map(|i| frame([0x02, 7, 7, 7, 7, 7], 2, i, 100))
+        .collect();
     let mut sent = 0;
     let mut wire = Vec::new();
     wait("transmit to the wire", || {
@@ -140,7 +161,9 @@ fn both_ways_through_a_port() {
     assert_eq!(wire, out);
 
     // Wire → guest: the backlog holds what does not fit until buffers come.
-    let inbound: Vec<Vec<u8>> = (0..700).map(|i| frame(m, 4, i, 64 + (i as usize % 900))).collect();
+    let inbound: Vec<Vec<u8>> = (0..700)
+        .map(|i| frame(m, 4, i, 64 + (i as usize % 900)))
+        .collect();
     for fr in &inbound {
         model.inject(fr.clone());
     }
@@ -155,7 +178,10 @@ fn both_ways_through_a_port() {
     });
     assert_eq!(got, inbound);
     let s = model.stats();
-    assert_eq!((s.tx_frames, s.rx_frames, s.backlog_drops, s.steer_drops), (500, 700, 0, 0));
+    assert_eq!(
+        (s.tx_frames, s.rx_frames, s.backlog_drops, s.steer_drops),
+        (500, 700, 0, 0)
+    );
 }
 
 /// Four queue pairs: the RQT spreads flows over the receive queues by a symmetric Toeplitz
@@ -188,7 +214,10 @@ fn multiqueue_steering_by_flow() {
                 fr[36..38].copy_from_slice(&sp);
             }
             // The hash the TIR computes: addresses then ports, smaller endpoint first.
-            let (a, b) = ((fr[26..30].to_vec(), fr[34..36].to_vec()), (fr[30..34].to_vec(), fr[36..38].to_vec()));
+            let (a, b) = (
+                (fr[26..30].to_vec(), fr[34..36].to_vec()),
+                (fr[30..34].to_vec(), fr[36..38].to_vec()),
+            );
             let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
             let data = [lo.0, hi.0, lo.1, hi.1].concat();
             let q = (toeplitz(&RSS_KEY, &data) & 3) as u16 * 2;
@@ -207,7 +236,11 @@ fn multiqueue_steering_by_flow() {
         (got.values().map(Vec::len).sum::<usize>() >= n as usize).then_some(())
     });
     assert_eq!(got, expect);
-    assert!(got.len() >= 3, "flows spread over the queues: {:?}", got.keys().collect::<Vec<_>>());
+    assert!(
+        got.len() >= 3,
+        "flows spread over the queues: {:?}",
+        got.keys().collect::<Vec<_>>()
+    );
     let all: BTreeSet<u32> = got.values().flatten().copied().collect();
     assert_eq!(all.len(), n as usize);
 }
@@ -237,7 +270,10 @@ fn suspend_resume_and_restart_keep_positions() {
     std::thread::sleep(Duration::from_millis(60));
     let s2 = (dev.vring_state(0).unwrap(), dev.vring_state(1).unwrap());
     assert_eq!(s1, s2, "positions frozen while suspended");
-    assert_eq!(s1.1.avail_idx, s1.1.used_idx, "split: every popped chain completed");
+    assert_eq!(
+        s1.1.avail_idx, s1.1.used_idx,
+        "split: every popped chain completed"
+    );
     dev.resume().unwrap();
     got.extend(pump(&g, &dev, &mut rx, &mut tx, &[]));
     wait("the suspended frames", || {
@@ -258,7 +294,10 @@ fn suspend_resume_and_restart_keep_positions() {
     dev.close().unwrap();
     let c = DevConf {
         features: f,
-        queues: vec![rx.vq_config(r0.avail_idx, r0.used_idx), tx.vq_config(r1.avail_idx, r1.used_idx)],
+        queues: vec![
+            rx.vq_config(r0.avail_idx, r0.used_idx),
+            tx.vq_config(r1.avail_idx, r1.used_idx),
+        ],
         log: None,
         mtu: None,
     };
@@ -289,9 +328,7 @@ fn unmapped_ring_is_an_iommu_fault() {
     dom.unmap(GPA, GUEST_MEM as u64).unwrap();
     let id = dev.queue_objects()[1].unwrap();
     tx.transmit(&g, &dev, &[frame(m, 1, 2, 60)], HDR);
-    let (state, et, _, _) = wait("the queue to fail", || {
-        model.queue(id).filter(|q| q.0 == 3)
-    });
+    let (state, et, _, _) = wait("the queue to fail", || model.queue(id).filter(|q| q.0 == 3));
     assert_eq!((state, et), (3, queue_error::RING));
     assert!(dom.faults().0 > 0, "an IOMMU fault was recorded");
     let e = dev.vring_state(1).unwrap_err().to_string();
@@ -308,7 +345,15 @@ fn configure_refuses_unmapped_rings() {
     let mut c = conf(f, &[&rx]);
     c.queues[0].desc = 0x7000_0000;
     let e = dev.configure(&c).unwrap_err().to_string();
-    assert!(e.contains("descriptor table at IOVA 0x70000000 is not DMA-mapped"), "{e}");
+    assert!(
+        e.contains("descriptor table at IOVA 0x70000000 is not DMA-mapped"),
+        "{e}"
+    );
     // Nothing was left behind.
-    assert_eq!(model.live_objects() - model.firmware_pages(), 4, "{:?}", model.census());
+    assert_eq!(
+        model.live_objects() - model.firmware_pages(),
+        4,
+        "{:?}",
+        model.census()
+    );
 }

@@ -41,9 +41,9 @@ impl Fail {
 
 /// The syndrome the model returns for a failure reason.
 pub fn syndrome_of(reason: &str) -> u32 {
-    reason
-        .bytes()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+    reason.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 fn bad(reason: &'static str, detail: String) -> Fail {
@@ -236,7 +236,8 @@ impl Fw {
             opc::INIT_HCA,
             opc::DISABLE_HCA,
         ];
-        let sys = |why: &'static str| Fail::new(st::BAD_SYS_STATE, why, format!("opcode {opcode:#x}"));
+        let sys =
+            |why: &'static str| Fail::new(st::BAD_SYS_STATE, why, format!("opcode {opcode:#x}"));
         if opcode == opc::ENABLE_HCA {
             if self.enabled {
                 return Err(sys("function already enabled"));
@@ -252,21 +253,30 @@ impl Fw {
                 return Err(sys("function not initialized (INIT_HCA first)"));
             }
         } else if self.initialized
-            && matches!(opcode, opc::SET_ISSI | opc::INIT_HCA | opc::SET_HCA_CAP | opc::DISABLE_HCA)
+            && matches!(
+                opcode,
+                opc::SET_ISSI | opc::INIT_HCA | opc::SET_HCA_CAP | opc::DISABLE_HCA
+            )
         {
             return Err(sys("not allowed after INIT_HCA"));
         }
         match opcode {
             opc::ENABLE_HCA => {
                 if rd(inp, FUNC_ID) != 0 {
-                    return Err(bad("only the function itself can be enabled", String::new()));
+                    return Err(bad(
+                        "only the function itself can be enabled",
+                        String::new(),
+                    ));
                 }
                 self.enabled = true;
                 Ok(())
             }
             opc::DISABLE_HCA => {
                 if !self.pages.is_empty() {
-                    tracing::warn!("model: DISABLE_HCA with {} firmware pages not taken back", self.pages.len());
+                    tracing::warn!(
+                        "model: DISABLE_HCA with {} firmware pages not taken back",
+                        self.pages.len()
+                    );
                     self.stats.leaked_pages += self.pages.len() as u64;
                     self.pages.clear();
                 }
@@ -376,27 +386,66 @@ impl Fw {
             opc::DESTROY_FG => self.destroy_fg(inp),
             opc::SET_FTE => self.set_fte(inp),
             opc::DELETE_FTE => self.delete_fte(inp),
-            _ => Err(Fail::new(st::BAD_OP, "unknown opcode", format!("opcode {opcode:#x}"))),
+            _ => Err(Fail::new(
+                st::BAD_OP,
+                "unknown opcode",
+                format!("opcode {opcode:#x}"),
+            )),
         }
     }
 
     fn known(&self, opcode: u16) -> bool {
         use opc::*;
         [
-            QUERY_HCA_CAP, INIT_HCA, TEARDOWN_HCA, ENABLE_HCA, DISABLE_HCA, QUERY_PAGES,
-            MANAGE_PAGES, SET_HCA_CAP, QUERY_ISSI, SET_ISSI, CREATE_MKEY, DESTROY_MKEY,
-            QUERY_SPECIAL_CONTEXTS, QUERY_NIC_VPORT_CONTEXT, ALLOC_PD, DEALLOC_PD, ALLOC_UAR,
-            DEALLOC_UAR, ACCESS_REG, ALLOC_TD, DEALLOC_TD, CREATE_TIR, DESTROY_TIR, CREATE_TIS,
-            DESTROY_TIS, CREATE_RQT, MODIFY_RQT, DESTROY_RQT, SET_FT_ROOT, CREATE_FT, DESTROY_FT,
-            CREATE_FG, DESTROY_FG, SET_FTE, DELETE_FTE, CREATE_OBJ, MODIFY_OBJ, QUERY_OBJ,
-            DESTROY_OBJ, CREATE_UMEM, DESTROY_UMEM,
+            QUERY_HCA_CAP,
+            INIT_HCA,
+            TEARDOWN_HCA,
+            ENABLE_HCA,
+            DISABLE_HCA,
+            QUERY_PAGES,
+            MANAGE_PAGES,
+            SET_HCA_CAP,
+            QUERY_ISSI,
+            SET_ISSI,
+            CREATE_MKEY,
+            DESTROY_MKEY,
+            QUERY_SPECIAL_CONTEXTS,
+            QUERY_NIC_VPORT_CONTEXT,
+            ALLOC_PD,
+            DEALLOC_PD,
+            ALLOC_UAR,
+            DEALLOC_UAR,
+            ACCESS_REG,
+            ALLOC_TD,
+            DEALLOC_TD,
+            CREATE_TIR,
+            DESTROY_TIR,
+            CREATE_TIS,
+            DESTROY_TIS,
+            CREATE_RQT,
+            MODIFY_RQT,
+            DESTROY_RQT,
+            SET_FT_ROOT,
+            CREATE_FT,
+            DESTROY_FT,
+            CREATE_FG,
+            DESTROY_FG,
+            SET_FTE,
+            DELETE_FTE,
+            CREATE_OBJ,
+            MODIFY_OBJ,
+            QUERY_OBJ,
+            DESTROY_OBJ,
+            CREATE_UMEM,
+            DESTROY_UMEM,
         ]
         .contains(&opcode)
     }
 
     fn alloc_plain(&mut self, kind: Kind, out: &mut [u8]) -> Result<(), Fail> {
         let id = self.store.fresh(kind);
-        self.store.insert(kind, id.into(), Vec::new(), Body::Plain)?;
+        self.store
+            .insert(kind, id.into(), Vec::new(), Body::Plain)?;
         let at = match self.opts.skew {
             Some(super::Skew::AllocId) => Fld(0x40, 24),
             _ => ID24,
@@ -413,7 +462,9 @@ impl Fw {
         let held = self.pages.len() as u32;
         let n = match rd(inp, OP_MOD) {
             1 => self.opts.boot_pages.saturating_sub(held),
-            2 => self.pages_wanted().saturating_sub(held.max(self.opts.boot_pages)),
+            2 => self
+                .pages_wanted()
+                .saturating_sub(held.max(self.opts.boot_pages)),
             3 => 0,
             m => return Err(bad("unknown QUERY_PAGES op_mod", format!("op_mod {m}"))),
         };
@@ -508,7 +559,11 @@ impl Fw {
                 wr(out, gcap::LOG_MAX_KLM, u64::from(o.log_max_klm));
                 wr(out, gcap::NIC_FLOW_TABLE, 1);
                 wr(out, gcap::PORT_TYPE, 1);
-                wr(out, gcap::CMDIF_CSUM, if cur { self.cmdif_checksum.into() } else { 3 });
+                wr(
+                    out,
+                    gcap::CMDIF_CSUM,
+                    if cur { self.cmdif_checksum.into() } else { 3 },
+                );
                 wr(out, gcap::UAR_4K, 1);
                 wr(out, gcap::UMEM_UID_0, 1);
                 wr(out, gcap::LOG_PG_SZ, 12);
@@ -547,7 +602,10 @@ impl Fw {
                 }
                 Ok(())
             }
-            _ => Err(bad("capability type not supported", format!("cap type {kind:#x}"))),
+            _ => Err(bad(
+                "capability type not supported",
+                format!("cap type {kind:#x}"),
+            )),
         }
     }
 
@@ -555,7 +613,10 @@ impl Fw {
         Self::need_in(inp, CAP_BYTES)?;
         let m = rd(inp, OP_MOD) as u16;
         if m >> 1 != CAP_GENERAL {
-            return Err(bad("capability type not settable", format!("op_mod {m:#x}")));
+            return Err(bad(
+                "capability type not settable",
+                format!("op_mod {m:#x}"),
+            ));
         }
         if rd(inp, gcap::LOG_UAR_PG_SZ) != 0 {
             return Err(bad(
@@ -565,7 +626,10 @@ impl Fw {
         }
         let cs = rd(inp, gcap::CMDIF_CSUM) as u8;
         if cs > 1 {
-            return Err(bad("checksum mode not supported", format!("cmdif_checksum {cs}")));
+            return Err(bad(
+                "checksum mode not supported",
+                format!("cmdif_checksum {cs}"),
+            ));
         }
         self.cmdif_checksum = cs;
         Ok(())
@@ -581,7 +645,10 @@ impl Fw {
             return Err(bad("bad number of UMEM pages", format!("num_of_mtt {n}")));
         }
         if offset >= page {
-            return Err(bad("UMEM page offset beyond the page", format!("offset {offset:#x}")));
+            return Err(bad(
+                "UMEM page offset beyond the page",
+                format!("offset {offset:#x}"),
+            ));
         }
         let n = n as usize;
         Self::need_in(inp, UMEM_MTT_BYTE + 8 * n)?;
@@ -589,11 +656,17 @@ impl Fw {
         for i in 0..n {
             let e = be64(inp, UMEM_MTT_BYTE + 8 * i);
             if e & 3 != 3 {
-                return Err(bad("UMEM page without read and write access", format!("entry {i}: {e:#x}")));
+                return Err(bad(
+                    "UMEM page without read and write access",
+                    format!("entry {i}: {e:#x}"),
+                ));
             }
             let a = e & !3;
             if a & (page - 1) != 0 {
-                return Err(bad("UMEM page not aligned to the page size", format!("entry {i}: {a:#x}")));
+                return Err(bad(
+                    "UMEM page not aligned to the page size",
+                    format!("entry {i}: {a:#x}"),
+                ));
             }
             pages.push(a);
         }
@@ -641,7 +714,10 @@ impl Fw {
         }
         Self::need_in(inp, MK_ENTRIES_BYTE + 16 * ow)?;
         if !whole && (len == 0 || start.checked_add(len).is_none()) {
-            return Err(bad("key length 0 or overflowing", format!("start {start:#x} len {len:#x}")));
+            return Err(bad(
+                "key length 0 or overflowing",
+                format!("start {start:#x} len {len:#x}"),
+            ));
         }
         let mut m = MkeyObj {
             key: 0,
@@ -664,7 +740,10 @@ impl Fw {
                 }
                 let log = rd(inp, MKC_LOG_PG);
                 if !(12..=39).contains(&log) {
-                    return Err(bad("MTT page size out of range", format!("log_page_size {log}")));
+                    return Err(bad(
+                        "MTT page size out of range",
+                        format!("log_page_size {log}"),
+                    ));
                 }
                 m.page = 1u64 << log;
                 let first = start & !(m.page - 1);
@@ -678,14 +757,21 @@ impl Fw {
                 for i in 0..need as usize {
                     let e = be64(inp, MK_ENTRIES_BYTE + 8 * i);
                     if (e & !3) & (m.page - 1) != 0 {
-                        return Err(bad("MTT entry not page aligned", format!("entry {i}: {e:#x}")));
+                        return Err(bad(
+                            "MTT entry not page aligned",
+                            format!("entry {i}: {e:#x}"),
+                        ));
                     }
                     m.mtt.push(e);
                 }
             }
             mkey::MODE_KLM => {
                 if ow > 1usize << self.opts.log_max_klm {
-                    return Err(Fail::new(st::LIMITS, "KLM list too long", format!("{ow} entries")));
+                    return Err(Fail::new(
+                        st::LIMITS,
+                        "KLM list too long",
+                        format!("{ow} entries"),
+                    ));
                 }
                 let mut covered = 0u64;
                 for i in 0..ow {
@@ -751,7 +837,11 @@ impl Fw {
                 Self::need_out(out, 16 + CNT_OBJ_BYTES)?;
                 let o = self.store.get(Kind::Counters, id)?;
                 let Body::Counters(c) = &o.body else {
-                    return Err(Fail::new(st::INTERNAL, "object table corrupt", String::new()));
+                    return Err(Fail::new(
+                        st::INTERNAL,
+                        "object table corrupt",
+                        String::new(),
+                    ));
                 };
                 wr(out, CNT_RECEIVED, c.received);
                 wr(out, CNT_COMPLETED, c.completed);
@@ -765,7 +855,10 @@ impl Fw {
             (opc::MODIFY_OBJ, OT_VIRTIO_Q_COUNTERS) => {
                 Err(bad("counters objects cannot be modified", String::new()))
             }
-            _ => Err(bad("general object type not supported", format!("type {t:#x}"))),
+            _ => Err(bad(
+                "general object type not supported",
+                format!("type {t:#x}"),
+            )),
         }
     }
 
@@ -779,7 +872,11 @@ impl Fw {
         let max = rd(inp, RQT_MAX) as u16;
         let n = rd(inp, RQT_ACTUAL) as usize;
         if max == 0 || max as u32 > 1 << self.opts.log_max_rqt_size {
-            return Err(Fail::new(st::LIMITS, "RQT size out of range", format!("max {max}")));
+            return Err(Fail::new(
+                st::LIMITS,
+                "RQT size out of range",
+                format!("max {max}"),
+            ));
         }
         if n == 0 || n > max as usize {
             return Err(bad("RQT actual size out of range", format!("{n} of {max}")));
@@ -884,7 +981,11 @@ impl Fw {
         }
         let log = rd(inp, FT_LOG_SIZE);
         if log > 16 {
-            return Err(Fail::new(st::LIMITS, "flow table too large", format!("log_size {log}")));
+            return Err(Fail::new(
+                st::LIMITS,
+                "flow table too large",
+                format!("log_size {log}"),
+            ));
         }
         let id = self.store.fresh(Kind::Table);
         self.store
@@ -918,11 +1019,18 @@ impl Fw {
         Self::need_in(inp, FG_CRITERIA_BYTE + 0x200)?;
         let t = self.table(inp)?;
         let Body::Table(log) = self.store.get(Kind::Table, t)?.body else {
-            return Err(Fail::new(st::INTERNAL, "object table corrupt", String::new()));
+            return Err(Fail::new(
+                st::INTERNAL,
+                "object table corrupt",
+                String::new(),
+            ));
         };
         let (s, e) = (rd(inp, FG_START) as u32, rd(inp, FG_END) as u32);
         if s > e || u64::from(e) >= 1u64 << log {
-            return Err(bad("flow group range outside the table", format!("{s}..={e} of 2^{log}")));
+            return Err(bad(
+                "flow group range outside the table",
+                format!("{s}..={e} of 2^{log}"),
+            ));
         }
         for (_, o) in self.store.iter_kind(Kind::Group) {
             if let Body::Group(g) = &o.body
@@ -930,12 +1038,18 @@ impl Fw {
                 && g.start <= e
                 && s <= g.end
             {
-                return Err(bad("flow groups overlap", format!("{s}..={e} and {}..={}", g.start, g.end)));
+                return Err(bad(
+                    "flow groups overlap",
+                    format!("{s}..={e} and {}..={}", g.start, g.end),
+                ));
             }
         }
         let en = rd(inp, FG_ENABLE);
         if en & !1 != 0 {
-            return Err(bad("match criteria beyond outer headers", format!("enable {en:#x}")));
+            return Err(bad(
+                "match criteria beyond outer headers",
+                format!("enable {en:#x}"),
+            ));
         }
         let c = &inp[FG_CRITERIA_BYTE..FG_CRITERIA_BYTE + 0x200];
         let mask = dmac_at(c);
@@ -968,7 +1082,10 @@ impl Fw {
     fn group_of(&self, t: u64, g: u64) -> Result<GroupObj, Fail> {
         match &self.store.get(Kind::Group, g)?.body {
             Body::Group(x) if u64::from(x.table) == t => Ok(x.clone()),
-            _ => Err(bad("flow group of another table", format!("group {g:#x}, table {t:#x}"))),
+            _ => Err(bad(
+                "flow group of another table",
+                format!("group {g:#x}, table {t:#x}"),
+            )),
         }
     }
 
@@ -1011,7 +1128,10 @@ impl Fw {
         let dtype = inp[FTE_DEST_BYTE];
         let tir = u64::from(be32(inp, FTE_DEST_BYTE) & 0xff_ffff);
         if dtype != DEST_TYPE_TIR {
-            return Err(bad("destination type not supported (TIR only)", format!("type {dtype}")));
+            return Err(bad(
+                "destination type not supported (TIR only)",
+                format!("type {dtype}"),
+            ));
         }
         let dmac = dmac_at(&inp[FTE_MATCH_BYTE..]);
         self.store.insert(
@@ -1037,7 +1157,11 @@ impl Fw {
     pub fn vq_index(&self, id: u64) -> Result<u16, Fail> {
         match &self.store.get(Kind::Vq, id)?.body {
             Body::Vq(v) => Ok(v.index()),
-            _ => Err(Fail::new(st::INTERNAL, "object table corrupt", String::new())),
+            _ => Err(Fail::new(
+                st::INTERNAL,
+                "object table corrupt",
+                String::new(),
+            )),
         }
     }
 

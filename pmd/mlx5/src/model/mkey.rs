@@ -67,7 +67,11 @@ pub fn lookup(store: &Store, key: u32) -> Result<&MkeyObj, Fail> {
         Body::Mkey(m) => Err(Fail::new(
             st::BAD_PARAM,
             "memory key variant mismatch",
-            format!("key {key:#x} names index {:#x}, whose key is {:#x}", key >> 8, m.key),
+            format!(
+                "key {key:#x} names index {:#x}, whose key is {:#x}",
+                key >> 8,
+                m.key
+            ),
         )),
         _ => Err(Fail::new(st::INTERNAL, "key table corrupt", String::new())),
     }
@@ -75,7 +79,14 @@ pub fn lookup(store: &Store, key: u32) -> Result<&MkeyObj, Fail> {
 
 /// Translates `[va, va + len)` of `key` into pieces (appended to `out`); `domain` lists the
 /// mapped IOVA ranges (for physical keys). Parts that do not translate are left out.
-pub fn translate(store: &Store, key: u32, va: u64, len: u64, depth: u8, out: &mut Vec<Piece>) -> Result<(), Fail> {
+pub fn translate(
+    store: &Store,
+    key: u32,
+    va: u64,
+    len: u64,
+    depth: u8,
+    out: &mut Vec<Piece>,
+) -> Result<(), Fail> {
     if key == NULL_MKEY || len == 0 {
         return Ok(());
     }
@@ -90,7 +101,10 @@ pub fn translate(store: &Store, key: u32, va: u64, len: u64, depth: u8, out: &mu
     let (lo, hi) = if m.whole {
         (va, va.saturating_add(len))
     } else {
-        (va.max(m.start), va.saturating_add(len).min(m.start.saturating_add(m.len)))
+        (
+            va.max(m.start),
+            va.saturating_add(len).min(m.start.saturating_add(m.len)),
+        )
     };
     if lo >= hi {
         return Ok(());

@@ -45,8 +45,8 @@ use vdpakit_core::virtio::GuestMemory;
 
 use bits::{be32, be64};
 use defs::{reg, wire};
-pub use fw::{Failure, FwStats, Wire, syndrome_of};
 use fw::Fw;
+pub use fw::{Failure, FwStats, Wire, syndrome_of};
 pub use mkey::NULL_MKEY;
 pub use steer::toeplitz;
 pub use store::Kind;
@@ -196,7 +196,8 @@ const PCIE_CAP: usize = 0x60;
 
 fn config_space(o: &ModelOptions) -> [u8; 256] {
     let mut c = [0u8; 256];
-    let put16 = |c: &mut [u8; 256], off: usize, v: u16| c[off..off + 2].copy_from_slice(&v.to_le_bytes());
+    let put16 =
+        |c: &mut [u8; 256], off: usize, v: u16| c[off..off + 2].copy_from_slice(&v.to_le_bytes());
     put16(&mut c, 0x00, 0x15b3);
     put16(&mut c, 0x02, o.device_id);
     put16(&mut c, 0x06, 1 << 4);
@@ -208,7 +209,11 @@ fn config_space(o: &ModelOptions) -> [u8; 256] {
     c[0x34] = MSIX_CAP as u8;
     c[MSIX_CAP] = cap_id::MSIX;
     c[MSIX_CAP + 1] = PCIE_CAP as u8;
-    put16(&mut c, MSIX_CAP + 2, o.msix_vectors.saturating_sub(1) & 0x7ff);
+    put16(
+        &mut c,
+        MSIX_CAP + 2,
+        o.msix_vectors.saturating_sub(1) & 0x7ff,
+    );
     // Table and PBA in BAR0 above the init segment pages.
     c[MSIX_CAP + 4..MSIX_CAP + 8].copy_from_slice(&0x2000u32.to_le_bytes());
     c[MSIX_CAP + 8..MSIX_CAP + 12].copy_from_slice(&0x3000u32.to_le_bytes());
@@ -353,16 +358,13 @@ impl Mlx5Model {
                     | (u32::from(self.opts.log_cmdq_size) << 4)
                     | u32::from(self.opts.log_cmdq_stride)
             }
-            reg::INIT_BUSY => {
-                if r.init_left > 0 {
-                    if r.init_left != u32::MAX {
-                        r.init_left -= 1;
-                    }
-                    1 << 31
-                } else {
-                    0
+            reg::INIT_BUSY if r.init_left > 0 => {
+                if r.init_left != u32::MAX {
+                    r.init_left -= 1;
                 }
+                1 << 31
             }
+            reg::INIT_BUSY => 0,
             reg::HEALTH_FW_VER => (7 << 24) | (22 << 16) | 1000,
             reg::HEALTH_HW_ID => 0x20d,
             reg::HEALTH_SYND_WORD => (u32::from(r.synd) << 16) | u32::from(r.ext_synd),
@@ -450,7 +452,10 @@ impl Mlx5Model {
             }
         };
         fence(Ordering::Release);
-        if dom.write(at + wire::D_STATUS as u64, &[status << 1]).is_err() {
+        if dom
+            .write(at + wire::D_STATUS as u64, &[status << 1])
+            .is_err()
+        {
             dma.record_fault(at, wire::D_LEN as u64);
         }
     }
@@ -458,7 +463,13 @@ impl Mlx5Model {
     /// Checks the descriptor and gathers the input; returns (input, output block addresses,
     /// output length) or a delivery status.
     #[allow(clippy::type_complexity)]
-    fn deliver(&self, fw: &mut Fw, dma: &DmaDomain, dom: &GuestMemory, d: &[u8; wire::D_LEN]) -> Result<(Vec<u8>, Vec<u64>, usize), u8> {
+    fn deliver(
+        &self,
+        fw: &mut Fw,
+        dma: &DmaDomain,
+        dom: &GuestMemory,
+        d: &[u8; wire::D_LEN],
+    ) -> Result<(Vec<u8>, Vec<u64>, usize), u8> {
         let csum = fw.cmdif_checksum != 0;
         if d[wire::D_TYPE] != wire::XPORT_PCI {
             return Err(wire::DS_TYPE);
@@ -469,9 +480,6 @@ impl Mlx5Model {
         let token = d[wire::D_TOKEN];
         let inlen = be32(d, wire::D_INLEN) as usize;
         let outlen = be32(d, wire::D_OUTLEN) as usize;
-        let mut input = vec![0u8; inlen.max(16)];
-        input[..16.min(inlen.max(16))].copy_from_slice(&d[wire::D_IN..wire::D_IN + 16]);
-        input.truncate(inlen.max(16));
         let n_in = inlen.saturating_sub(16).div_ceil(wire::MB_DATA);
         let n_out = outlen.saturating_sub(16).div_ceil(wire::MB_DATA);
         if n_in > wire::MB_MAX_CHAIN {
@@ -480,7 +488,14 @@ impl Mlx5Model {
         if n_out > wire::MB_MAX_CHAIN {
             return Err(wire::DS_OUT_LEN);
         }
-        let walk = |first: u64, n: usize, input_side: bool, data: &mut Option<&mut Vec<u8>>| -> Result<Vec<u64>, u8> {
+        let mut input = vec![0u8; inlen];
+        let k = inlen.min(16);
+        input[..k].copy_from_slice(&d[wire::D_IN..wire::D_IN + k]);
+        let walk = |first: u64,
+                    n: usize,
+                    input_side: bool,
+                    data: &mut Option<&mut Vec<u8>>|
+         -> Result<Vec<u64>, u8> {
             let (align_ds, len_ds) = if input_side {
                 (wire::DS_IN_ALIGN, wire::DS_IN_LEN)
             } else {

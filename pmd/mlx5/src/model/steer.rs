@@ -92,7 +92,11 @@ impl Fw {
             match ipv4_tuple(frame, t.symmetric) {
                 Some(data) => {
                     let h = toeplitz(&t.key, &data) as usize;
-                    if n.is_power_of_two() { h & (n - 1) } else { h % n }
+                    if n.is_power_of_two() {
+                        h & (n - 1)
+                    } else {
+                        h % n
+                    }
                 }
                 None => 0,
             }

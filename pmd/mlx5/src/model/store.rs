@@ -231,7 +231,9 @@ impl Store {
 
     /// Mutable access.
     pub fn get_mut(&mut self, kind: Kind, id: u64) -> Result<&mut Obj, Fail> {
-        self.map.get_mut(&(kind, id)).ok_or_else(|| unknown(kind, id))
+        self.map
+            .get_mut(&(kind, id))
+            .ok_or_else(|| unknown(kind, id))
     }
 
     /// Whether it exists.
@@ -240,7 +242,13 @@ impl Store {
     }
 
     /// Adds an object referring to `deps` (each must exist).
-    pub fn insert(&mut self, kind: Kind, id: u64, deps: Vec<(Kind, u64)>, body: Body) -> Result<(), Fail> {
+    pub fn insert(
+        &mut self,
+        kind: Kind,
+        id: u64,
+        deps: Vec<(Kind, u64)>,
+        body: Body,
+    ) -> Result<(), Fail> {
         for &(k, d) in &deps {
             self.get(k, d)?;
         }
@@ -267,7 +275,11 @@ impl Store {
             return Err(Fail::new(
                 st::BAD_RES_STATE,
                 "object still in use",
-                format!("{} {id:#x} is used by {} other object(s)", kind.name(), o.refs),
+                format!(
+                    "{} {id:#x} is used by {} other object(s)",
+                    kind.name(),
+                    o.refs
+                ),
             ));
         }
         let o = self

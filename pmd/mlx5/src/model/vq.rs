@@ -106,14 +106,22 @@ impl Fw {
     fn vq(&self, id: u64) -> Result<&VqObj, Fail> {
         match &self.store.get(Kind::Vq, id)?.body {
             Body::Vq(v) => Ok(v),
-            _ => Err(Fail::new(st::INTERNAL, "object table corrupt", String::new())),
+            _ => Err(Fail::new(
+                st::INTERNAL,
+                "object table corrupt",
+                String::new(),
+            )),
         }
     }
 
     fn vq_mut(&mut self, id: u64) -> Result<&mut VqObj, Fail> {
         match &mut self.store.get_mut(Kind::Vq, id)?.body {
             Body::Vq(v) => Ok(v),
-            _ => Err(Fail::new(st::INTERNAL, "object table corrupt", String::new())),
+            _ => Err(Fail::new(
+                st::INTERNAL,
+                "object table corrupt",
+                String::new(),
+            )),
         }
     }
 
@@ -122,7 +130,10 @@ impl Fw {
         let o = &self.opts;
         let index = rd(raw, vqf::INDEX);
         if index >= u64::from(o.max_queues) {
-            return Err(bad("queue index beyond max_num_virtio_queues", format!("index {index}")));
+            return Err(bad(
+                "queue index beyond max_num_virtio_queues",
+                format!("index {index}"),
+            ));
         }
         let size = rd(raw, self.size_field());
         let packed = match rd(raw, vqf::Q_TYPE) {
@@ -145,14 +156,23 @@ impl Fw {
             ));
         }
         if mode == 2 && target >= u64::from(o.msix_vectors) {
-            return Err(bad("MSI-X vector beyond the function's", format!("vector {target}")));
+            return Err(bad(
+                "MSI-X vector beyond the function's",
+                format!("vector {target}"),
+            ));
         }
         let feats = (rd(raw, vqf::FEAT_HI) << 3) | rd(raw, vqf::FEAT_LO);
         if feats & !u64::from(o.feature_mask) != 0 {
-            return Err(bad("queue features beyond the device's", format!("{feats:#x}")));
+            return Err(bad(
+                "queue features beyond the device's",
+                format!("{feats:#x}"),
+            ));
         }
         if rd(raw, vqf::DESC_GROUP_MKEY) != 0 {
-            return Err(bad("descriptor group keys are not supported", String::new()));
+            return Err(bad(
+                "descriptor group keys are not supported",
+                String::new(),
+            ));
         }
         let pd = rd(raw, vqf::PD);
         self.store.get(Kind::Pd, pd)?;
@@ -185,7 +205,11 @@ impl Fw {
             let off = rd(raw, vqf::UMEM_OFF[i]);
             let need = u64::from(o.umem[i].0) * size + u64::from(o.umem[i].1);
             let Body::Umem(u) = &self.store.get(Kind::Umem, id)?.body else {
-                return Err(Fail::new(st::INTERNAL, "object table corrupt", String::new()));
+                return Err(Fail::new(
+                    st::INTERNAL,
+                    "object table corrupt",
+                    String::new(),
+                ));
             };
             if usize_ < need {
                 return Err(bad(
@@ -209,7 +233,10 @@ impl Fw {
         if index % 2 == 1 {
             let tis = rd(raw, vqf::TISN);
             if tis == 0 {
-                return Err(bad("transmit queue without a TIS", format!("index {index}")));
+                return Err(bad(
+                    "transmit queue without a TIS",
+                    format!("index {index}"),
+                ));
             }
             self.store.get(Kind::Tis, tis)?;
             deps.push((Kind::Tis, tis));
@@ -235,7 +262,10 @@ impl Fw {
                 if let Some(d) = &self.dma {
                     d.record_fault(iova, 8);
                 }
-                return Err(bad("UMEM not reachable by DMA", format!("umem {} at {iova:#x}", i + 1)));
+                return Err(bad(
+                    "UMEM not reachable by DMA",
+                    format!("umem {} at {iova:#x}", i + 1),
+                ));
             }
         }
         Ok(())
@@ -288,7 +318,10 @@ impl Fw {
             .iter()
             .fold(SEL_STATE, |m, (bit, _)| m | 1 << bit);
         if select & !known != 0 {
-            return Err(bad("modify_field_select bits not supported", format!("{select:#x}")));
+            return Err(bad(
+                "modify_field_select bits not supported",
+                format!("{select:#x}"),
+            ));
         }
         let (cur, mut raw) = {
             let v = self.vq(id)?;
@@ -334,7 +367,8 @@ impl Fw {
             ));
         }
         let deps = self.vq_validate(&raw)?;
-        if new == VQ_RDY && cur != VQ_RDY && (rd(&raw, vqf::MKEY) == 0 || rd(&raw, vqf::DESC) == 0) {
+        if new == VQ_RDY && cur != VQ_RDY && (rd(&raw, vqf::MKEY) == 0 || rd(&raw, vqf::DESC) == 0)
+        {
             return Err(bad(
                 "queue made ready without a key or ring addresses",
                 format!("object {id:#x}"),
@@ -344,7 +378,8 @@ impl Fw {
         {
             let v = self.vq_mut(id)?;
             // Suspending: keep the positions in the object.
-            if cur == VQ_RDY && new == VQ_SUSPEND
+            if cur == VQ_RDY
+                && new == VQ_SUSPEND
                 && let Some(rt) = v.rt.take()
             {
                 wr(&mut raw, vqf::HW_AVAIL, rt.q.last_avail().into());
@@ -380,9 +415,11 @@ impl Fw {
             features: if v1 { VIRTIO_F_VERSION_1 } else { 0 }
                 | if packed { VIRTIO_F_RING_PACKED } else { 0 },
         };
-        let q = mem
-            .map_err(|e| e.to_string())
-            .and_then(|m| DeviceQueue::new(&cfg, &m).map(|q| (q, m)).map_err(|e| e.to_string()));
+        let q = mem.map_err(|e| e.to_string()).and_then(|m| {
+            DeviceQueue::new(&cfg, &m)
+                .map(|q| (q, m))
+                .map_err(|e| e.to_string())
+        });
         let (mut q, mem) = match q {
             Ok(x) => x,
             Err(why) => {
@@ -553,7 +590,9 @@ impl Fw {
         let mut bad_frames = 0;
         {
             let Ok(v) = self.vq_mut(id) else { return false };
-            let Some(rt) = v.rt.as_mut() else { return false };
+            let Some(rt) = v.rt.as_mut() else {
+                return false;
+            };
             while n < BUDGET {
                 match rt.q.pop(&rt.mem, &mut rt.segs) {
                     Ok(Some(chain)) => {

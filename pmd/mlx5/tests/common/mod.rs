@@ -146,7 +146,13 @@ impl Ring {
 
     /// Posts `frames` (virtio-net header of `hdr` zero bytes + frame, one buffer each);
     /// returns how many fit.
-    pub fn transmit(&mut self, g: &Guest, dev: &dyn VdpaDevice, frames: &[Vec<u8>], hdr: usize) -> usize {
+    pub fn transmit(
+        &mut self,
+        g: &Guest,
+        dev: &dyn VdpaDevice,
+        frames: &[Vec<u8>],
+        hdr: usize,
+    ) -> usize {
         let mut n = 0;
         for f in frames {
             let Some(addr) = self.free.pop() else { break };
@@ -223,7 +229,11 @@ pub fn features(packed: bool) -> u64 {
 
 /// A configuration of fresh rings (packed rings start with both wrap counters set).
 pub fn conf(features: u64, rings: &[&Ring]) -> DevConf {
-    let start = if features & vf::RING_PACKED != 0 { 0x8000 } else { 0 };
+    let start = if features & vf::RING_PACKED != 0 {
+        0x8000
+    } else {
+        0
+    };
     DevConf {
         features,
         queues: rings.iter().map(|r| r.vq_config(start, start)).collect(),
@@ -259,7 +269,10 @@ pub fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(x) = f() {
             return x;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_micros(200));
     }
 }
