@@ -67,7 +67,13 @@ pub struct DeviceKind {
 
 /// The device kinds this build knows.
 pub fn kinds() -> Vec<DeviceKind> {
-    Vec::new()
+    vec![DeviceKind {
+        name: "mlx5",
+        about: "NVIDIA ConnectX-6/7, BlueField vDPA function: mlx5:pci=BDF (bound to vfio-pci) or \
+                its model mlx5:model; queues=N, queue_size=N, event_mode=msix|poll, mac=.., mtu=.., \
+                hw_latency_mode, hw_max_latency_us, hw_max_pending_comp (model: wire=loop|port)",
+        create: |p| vdpakit_pmd_mlx5::create(p).map_err(|e| Error::Runtime(e.to_string())),
+    }]
 }
 
 fn create(spec: &str) -> Result<Devices> {

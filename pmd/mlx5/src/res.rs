@@ -188,6 +188,14 @@ impl Hca {
         self.mkey_out(&b, variant)
     }
 
+    /// CREATE_MKEY in physical-address mode over the whole address space (key address = IOVA;
+    /// the IOMMU alone decides what is reachable).
+    pub fn create_pa_mkey(&self, pd: u32, variant: u8) -> Result<u32> {
+        let mut b = self.mkey_in(pd, variant, mkey::MODE_PA, 0, 0, 0);
+        b.set(mkey::LENGTH64, 1);
+        self.mkey_out(&b, variant)
+    }
+
     /// CREATE_MKEY indirect (KLM) over `[start, start + len)`: `entries` are (byte count, key,
     /// address in that key), in order; holes use the null key.
     pub fn create_klm_mkey(
@@ -243,13 +251,16 @@ impl Hca {
 }
 
 /// Memory keys over a set of pieces: one MTT key per piece, and a KLM key over them all when
-/// there is more than one (holes between pieces go to the null key).
+/// there is more than one (holes between pieces go to the null key); pieces too far apart for
+/// an indirect list get one physical-address key instead.
 #[derive(Debug, Default)]
 pub struct KeySet {
     /// The per-piece keys.
     pub mtt: Vec<u32>,
     /// The indirect key, if any.
     pub klm: Option<u32>,
+    /// The physical-address key, when the pieces are too far apart for an indirect one.
+    pub pa: Option<u32>,
     /// The key queues use.
     pub key: u32,
 }
@@ -282,30 +293,37 @@ impl KeySet {
                     let start = pieces[0].va;
                     let mut entries = Vec::new();
                     let mut at = start;
+                    let max = (1usize << hca.caps().general.log_max_klm_list_size).min(4096);
                     for (p, &key) in pieces.iter().zip(&set.mtt) {
                         let mut hole = p.va - at;
-                        while hole > 0 {
+                        while hole > 0 && entries.len() <= max {
                             let n = hole.min(KLM_CHUNK);
                             entries.push((n as u32, null_mkey, 0));
                             hole -= n;
                         }
                         let mut off = 0;
-                        while off < p.len {
+                        while off < p.len && entries.len() <= max {
                             let n = (p.len - off).min(KLM_CHUNK);
                             entries.push((n as u32, key, p.va + off));
                             off += n;
                         }
                         at = p.va + p.len;
                     }
-                    let max = 1usize << hca.caps().general.log_max_klm_list_size;
                     if entries.len() > max {
-                        return Err(Error::Config {
-                            dev: hca.name().to_string(),
-                            what: format!(
-                                "guest memory needs {} indirect key entries, the device takes {max}",
-                                entries.len()
-                            ),
-                        });
+                        // Spread too far apart for an indirect list (a mediated ring or log
+                        // far above guest memory): a physical key, the IOMMU restricting it.
+                        tracing::debug!(
+                            "{}: {} pieces spanning {:#x}..{at:#x}: physical-address key",
+                            hca.name(),
+                            pieces.len(),
+                            start
+                        );
+                        for k in set.mtt.drain(..).rev() {
+                            hca.destroy_mkey(k)?;
+                        }
+                        set.key = hca.create_pa_mkey(pd, variant)?;
+                        set.pa = Some(set.key);
+                        return Ok(());
                     }
                     let k = hca.create_klm_mkey(pd, start, at - start, &entries, variant)?;
                     set.klm = Some(k);
@@ -325,6 +343,11 @@ impl KeySet {
 
     /// Destroys the keys (indirect first). Failures are logged.
     pub fn destroy(&mut self, hca: &Hca) {
+        if let Some(k) = self.pa.take()
+            && let Err(e) = hca.destroy_mkey(k)
+        {
+            tracing::warn!("{e}");
+        }
         if let Some(k) = self.klm.take()
             && let Err(e) = hca.destroy_mkey(k)
         {

@@ -3,9 +3,10 @@
 //!
 //! At probe the function is brought up and the per-device resources made (UAR, PD, transport
 //! domain, TIS, the null key; MAC and MTU from the NIC vport). `configure` builds the memory keys
-//! over what the binding DMA-mapped (one page-list key per mapping, an indirect key over them when
-//! there are several; mappings far above guest memory, such as the software relay's mediated
-//! rings, are placed just above it in the key's address space), creates every queue (three UMEMs,
+//! over what the binding DMA-mapped, at key address = IOVA = guest physical address (one
+//! page-list key per mapping, an indirect key over them when there are several; mappings too far
+//! apart for an indirect list, such as the software relay's mediated rings far above guest
+//! memory, get one physical-address key that the IOMMU alone restricts), creates every queue (three UMEMs,
 //! a counters object, the VIRTIO_NET_Q in INIT with ring addresses, positions, key and event
 //! target), the steering (RQT over the receive queues, TIR, root flow table with the MAC and
 //! multicast rules), wires MSI-X vectors to the guest's call eventfds, moves the enabled queues
@@ -40,7 +41,7 @@ use crate::model::{Mlx5Model, ModelOptions, Wire};
 use crate::prm::{cap, vq};
 use crate::res::{KeyPiece, KeySet};
 use crate::steer::Steering;
-use crate::virtq::{VirtqAttr, Vq, state_name};
+use crate::virtq::{QCounters, VirtqAttr, Vq, state_name};
 
 /// How a queue tells the guest about used buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,11 +244,8 @@ impl Devargs {
     }
 }
 
-/// Where far-away mappings go in the key space: IOVAs at or above this are relocated.
-const RELOCATE_ABOVE: u64 = 1 << 40;
-const GIB: u64 = 1 << 30;
-
-/// The key address space over the domain's mappings.
+/// The memory a queue key covers: every DMA mapping except the driver's own memory, at key
+/// address = IOVA (descriptors carry guest physical addresses, which are the IOVAs).
 #[derive(Debug, Clone, Default)]
 struct KeyLayout {
     pieces: Vec<KeyPiece>,
@@ -255,44 +253,25 @@ struct KeyLayout {
 
 impl KeyLayout {
     fn new(domain: &DmaDomain, exclude: (u64, u64)) -> KeyLayout {
-        let mut low = Vec::new();
-        let mut high = Vec::new();
-        for m in domain.mappings() {
-            if m.iova >= exclude.0 && m.iova + m.len <= exclude.0 + exclude.1 {
-                continue;
-            }
-            let p = KeyPiece {
+        let mut pieces: Vec<KeyPiece> = domain
+            .mappings()
+            .into_iter()
+            .filter(|m| !(m.iova >= exclude.0 && m.iova + m.len <= exclude.0 + exclude.1))
+            .map(|m| KeyPiece {
                 va: m.iova,
                 iova: m.iova,
                 len: m.len,
-            };
-            if m.iova < RELOCATE_ABOVE {
-                low.push(p);
-            } else {
-                high.push(p);
-            }
-        }
-        let mut next = low
-            .iter()
-            .map(|p| p.va + p.len)
-            .max()
-            .unwrap_or(0)
-            .next_multiple_of(GIB);
-        for p in &mut high {
-            p.va = next + p.iova % GIB;
-            next = (p.va + p.len).next_multiple_of(GIB);
-        }
-        low.extend(high);
-        low.sort_by_key(|p| p.va);
-        KeyLayout { pieces: low }
+            })
+            .collect();
+        pieces.sort_by_key(|p| p.va);
+        KeyLayout { pieces }
     }
 
-    /// The key address of `iova` (the whole `[iova, iova + len)` must be in one piece).
-    fn va(&self, iova: u64, len: u64) -> Option<u64> {
+    /// Whether `[iova, iova + len)` lies in one piece.
+    fn covers(&self, iova: u64, len: u64) -> bool {
         self.pieces
             .iter()
-            .find(|p| iova >= p.iova && iova - p.iova + len <= p.len)
-            .map(|p| p.va + (iova - p.iova))
+            .any(|p| iova >= p.iova && iova - p.iova + len <= p.len)
     }
 }
 
@@ -327,6 +306,8 @@ pub struct Mlx5Vdpa {
     run: Option<Running>,
     doorbell: Doorbell,
     model: Option<Arc<Mlx5Model>>,
+    /// Counts of queue objects already destroyed, by queue index.
+    retired: Vec<VqStats>,
 }
 
 /// virtio feature bit → mlx feature bit.
@@ -397,6 +378,7 @@ impl Mlx5Vdpa {
             run: None,
             doorbell,
             model: None,
+            retired: Vec::new(),
         };
         dev.base = Some(dev.make_base()?);
         tracing::info!(
@@ -570,12 +552,14 @@ impl Mlx5Vdpa {
         let mut fds: Vec<Option<Arc<OwnedFd>>> = Vec::new();
         for q in &conf.queues {
             let va = |iova: u64, len: u64, what: &str| {
-                run.layout.va(iova, len).ok_or_else(|| {
-                    self.cfg_err(format!(
+                if run.layout.covers(iova, len) {
+                    Ok(iova)
+                } else {
+                    Err(self.cfg_err(format!(
                         "queue {}: {what} at IOVA {iova:#x} is not DMA-mapped",
                         q.index
-                    ))
-                })
+                    )))
+                }
             };
             let (dl, al, ul) = vdpakit_core::virtio::ring_sizes(q.size, packed, false);
             let desc = va(q.desc, dl, "descriptor table")?;
@@ -669,6 +653,20 @@ impl Mlx5Vdpa {
             s.destroy(&self.hca);
         }
         for v in run.vqs.drain(..).rev().flatten() {
+            // Counters outlive the queue object: keep what it counted.
+            match self.hca.query_counters(v.counters) {
+                Ok(c) => {
+                    let i = usize::from(v.index);
+                    if self.retired.len() <= i {
+                        self.retired.resize(i + 1, VqStats::default());
+                    }
+                    let t = &mut self.retired[i];
+                    let s = to_stats(&c);
+                    t.packets += s.packets;
+                    t.errors += s.errors;
+                }
+                Err(e) => tracing::warn!("{e}"),
+            }
             if let Err(e) = v.destroy(&self.hca) {
                 tracing::warn!("{e}");
                 first.get_or_insert(e);
@@ -934,30 +932,29 @@ impl VdpaDevice for Mlx5Vdpa {
     }
 
     fn stats(&self, qid: u16) -> std::result::Result<VqStats, VdpaError> {
-        let Some(v) = self
+        if qid >= self.pairs * 2 {
+            return Err(VdpaError::BadQueue {
+                dev: self.name.clone(),
+                qid,
+                count: self.pairs * 2,
+            });
+        }
+        let mut s = self
+            .retired
+            .get(usize::from(qid))
+            .copied()
+            .unwrap_or_default();
+        if let Some(v) = self
             .run
             .as_ref()
             .and_then(|r| r.vqs.get(usize::from(qid)))
             .and_then(|v| v.as_ref())
-        else {
-            if qid >= self.pairs * 2 {
-                return Err(VdpaError::BadQueue {
-                    dev: self.name.clone(),
-                    qid,
-                    count: self.pairs * 2,
-                });
-            }
-            return Ok(VqStats::default());
-        };
-        let c = self.hca.query_counters(v.counters)?;
-        Ok(VqStats {
-            packets: c.completed_desc,
-            errors: u64::from(c.bad_desc_errors)
-                + u64::from(c.invalid_buffer)
-                + u64::from(c.exceed_max_chain)
-                + u64::from(c.error_cqes),
-            ..VqStats::default()
-        })
+        {
+            let c = to_stats(&self.hca.query_counters(v.counters)?);
+            s.packets += c.packets;
+            s.errors += c.errors;
+        }
+        Ok(s)
     }
 
     fn suspend(&mut self) -> std::result::Result<(), VdpaError> {
@@ -972,6 +969,18 @@ impl VdpaDevice for Mlx5Vdpa {
             });
         }
         self.set_all(vq::STATE_SUSPEND, vq::STATE_RDY)
+    }
+}
+
+/// Counters as the framework reports them (the device counts chains, not bytes).
+fn to_stats(c: &QCounters) -> VqStats {
+    VqStats {
+        packets: c.completed_desc,
+        errors: u64::from(c.bad_desc_errors)
+            + u64::from(c.invalid_buffer)
+            + u64::from(c.exceed_max_chain)
+            + u64::from(c.error_cqes),
+        ..VqStats::default()
     }
 }
 
