@@ -1000,3 +1000,62 @@ pub fn create(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
     };
     Ok(vec![Box::new(dev)])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devargs() {
+        let a = Devargs::parse(
+            "model,queues=4,queue_size=512,event_mode=poll,mac=02:00:00:00:00:09,mtu=9000,\
+             hw_latency_mode=2,hw_max_latency_us=30,hw_max_pending_comp=64,wire=port,packed=0",
+        )
+        .unwrap();
+        assert!(a.model && a.pci.is_none());
+        assert_eq!(a.queues, Some(4));
+        assert_eq!(a.queue_size, 512);
+        assert_eq!(a.event_mode, EventMode::Poll);
+        assert_eq!(a.mac, Some([2, 0, 0, 0, 0, 9]));
+        assert_eq!(a.mtu, Some(9000));
+        assert_eq!(a.moderation, (2, 30, 64));
+        assert_eq!(a.wire, Wire::Port);
+        assert!(!a.packed);
+        let a =
+            Devargs::parse("pci=0000:03:00.2,cmd_timeout_ms=500,dma_mem=64,mem=no-huge").unwrap();
+        assert_eq!(
+            a.pci.map(|b| b.to_string()).as_deref(),
+            Some("0000:03:00.2")
+        );
+        assert_eq!(a.cmd_timeout, Duration::from_millis(500));
+        assert_eq!(a.dma_mem, 64 << 20);
+        for (bad, says) in [
+            ("", "say which device"),
+            ("model,pci=03:00.0", "exclude each other"),
+            ("model,queue_size=100", "power of two"),
+            ("model,queues=0", "at least one pair"),
+            ("model,event_mode=irq", "accepted are msix, poll, qp"),
+            ("model,mac=1:2", "xx:xx:xx:xx:xx:xx"),
+            ("model,mtu=20", "68..=9000"),
+            ("model,colour=red", "unknown key 'colour'"),
+            ("pci=zz", "pci=zz"),
+            ("model,hw_max_latency_us=5000", "0..=4095"),
+        ] {
+            let e = Devargs::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&format!("invalid mlx5 device spec 'mlx5:{bad}'")),
+                "{e}"
+            );
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn qp_event_mode_is_refused_clearly() {
+        let mut a = Devargs::parse("model,event_mode=qp").unwrap();
+        a.mem = MemMode::NoHuge;
+        a.dma_mem = 4 << 20;
+        let e = Mlx5Vdpa::with_model(a).unwrap_err().to_string();
+        assert!(e.contains("event_mode=qp"), "{e}");
+    }
+}

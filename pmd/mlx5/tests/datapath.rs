@@ -357,3 +357,29 @@ fn configure_refuses_unmapped_rings() {
         model.census()
     );
 }
+
+/// Guest memory in two regions with a hole between them (as below and above a 4 GiB PCI hole)
+/// gets an indirect key (null key in the hole); a mapping far away (like the relay's mediated
+/// rings) gets a physical-address key. Rings in one region, buffers in the other: traffic flows
+/// either way.
+#[test]
+fn keys_over_several_regions() {
+    for (far, what) in [
+        (0x1_0000_0000u64, "indirect"),
+        (0x2000_0000_0000, "physical"),
+    ] {
+        let (mut dev, model) = device("model");
+        let g = Guest::with_regions(dev.domain(), &[GPA, far]);
+        let f = features(false);
+        let mut rx = Ring::with_buffers(&g, 0, 128, f, true, far);
+        let mut tx = Ring::with_buffers(&g, 1, 128, f, true, far);
+        dev.configure(&conf(f, &[&rx, &tx])).unwrap();
+        let keys = model.census()[&vdpakit_pmd_mlx5::model::Kind::Mkey];
+        assert_eq!(keys, if what == "indirect" { 3 } else { 1 }, "{what}");
+        rx.post_rx(&dev, 128);
+        let m = mac(&dev);
+        let frames: Vec<Vec<u8>> = (0..300).map(|i| frame(m, 6, i, 200)).collect();
+        assert_eq!(pump(&g, &dev, &mut rx, &mut tx, &frames), frames, "{what}");
+        assert_eq!(dev.domain().faults().0, 0);
+    }
+}

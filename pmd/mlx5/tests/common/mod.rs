@@ -66,11 +66,26 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(dom: &DmaDomain) -> Guest {
-        let seg = Segment::new("guest", GUEST_MEM, MemMode::NoHuge).unwrap();
-        let region = GuestRegion::from_segment(&seg).rebased(GPA, GPA);
-        dom.map(GPA, &region).unwrap();
-        let mem = GuestMemory::new(vec![region]).unwrap();
-        Guest { seg, mem }
+        Guest::with_regions(dom, &[GPA])
+    }
+
+    /// Guest memory in several regions of `GUEST_MEM` bytes each, at `gpas` (the first holds
+    /// the rings; buffers of `Ring::with_buffers` may go to the others).
+    pub fn with_regions(dom: &DmaDomain, gpas: &[u64]) -> Guest {
+        let mut regions = Vec::new();
+        let mut first = None;
+        for &gpa in gpas {
+            let seg = Segment::new("guest", GUEST_MEM, MemMode::NoHuge).unwrap();
+            let region = GuestRegion::from_segment(&seg).rebased(gpa, gpa);
+            dom.map(gpa, &region).unwrap();
+            regions.push(region);
+            first.get_or_insert(seg);
+        }
+        let mem = GuestMemory::new(regions).unwrap();
+        Guest {
+            seg: first.unwrap(),
+            mem,
+        }
     }
 }
 
@@ -90,6 +105,18 @@ pub fn ring_base(index: u16) -> u64 {
 
 impl Ring {
     pub fn new(g: &Guest, index: u16, size: u16, features: u64, call: bool) -> Ring {
+        Ring::with_buffers(g, index, size, features, call, BUF_BASE)
+    }
+
+    /// A ring whose buffers are carved from `bufs` on.
+    pub fn with_buffers(
+        g: &Guest,
+        index: u16,
+        size: u16,
+        features: u64,
+        call: bool,
+        bufs: u64,
+    ) -> Ring {
         let l = ring_layout(size, features & vf::RING_PACKED != 0, false);
         assert!(l.total <= 0x4_0000);
         assert!(u64::from(index) < 8 && size <= 256);
@@ -101,7 +128,7 @@ impl Ring {
             ))
         });
         let free = (0..u64::from(size))
-            .map(|i| BUF_BASE + (u64::from(index) * 256 + i) * BUF)
+            .map(|i| bufs + (u64::from(index) * 256 + i) * BUF)
             .collect();
         Ring {
             index,
