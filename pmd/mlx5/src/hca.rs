@@ -18,7 +18,7 @@ use vdpakit_core::pci::{PciDevice, cfg};
 use crate::cmd::{CmdOptions, Cmdq};
 use crate::dma::{DmaArena, DmaBuf, PAGE};
 use crate::error::{CmdName, Error, Result};
-use crate::prm::{Buf, Field, be_reg, boot, cap, from_be_reg, hdr, iseg, obj, op, pci_id};
+use crate::prm::{Buf, be_reg, boot, cap, from_be_reg, hdr, iseg, obj, op, pci_id};
 
 /// Bring-up options.
 #[derive(Debug, Clone)]
@@ -670,11 +670,6 @@ impl Hca {
     /// Whether the function is initialized (between INIT_HCA and TEARDOWN_HCA).
     pub fn is_up(&self) -> bool {
         self.stage == Stage::Initialized
-    }
-
-    /// Field reader for tests and tools: reads `f` of a capability buffer.
-    pub fn field(buf: &Buf, f: Field) -> u64 {
-        buf.get(f)
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::dma::{DmaBuf, PAGE};
 use crate::error::{CmdName, Error, Result};
 use crate::hca::{Hca, cmd_in};
-use crate::prm::{boot, hdr, mkey, op, steer, umem};
+use crate::prm::{boot, mkey, op, steer, umem};
 
 /// One contiguous piece of a memory key: key addresses `[va, va + len)` are IOVAs
 /// `[iova, iova + len)`.
@@ -360,9 +360,4 @@ impl KeySet {
         }
         self.key = 0;
     }
-}
-
-/// The id field of a CREATE output (for tests decoding raw outputs).
-pub fn out_id(out: &crate::prm::Buf) -> u32 {
-    out.get(hdr::ID) as u32
 }

@@ -600,17 +600,16 @@ impl Mlx5Vdpa {
             let v = t!(Vq::create(&self.hca, &attr));
             run.vqs[usize::from(q.index)] = Some(v);
         }
-        // The RQT spreads over the receive queues, repeated to a power of two.
-        let rx: Vec<u32> = run.vqs.iter().step_by(2).flatten().map(|v| v.id).collect();
-        if rx.is_empty() {
+        if run.vqs.iter().step_by(2).flatten().next().is_none() {
             return Err(self.cfg_err("no receive queue configured".into()));
         }
-        let rqt: Vec<u32> = rx
+        let enabled: Vec<u16> = conf
+            .queues
             .iter()
-            .cycle()
-            .take(rx.len().next_power_of_two())
-            .copied()
+            .filter(|q| q.enabled)
+            .map(|q| q.index)
             .collect();
+        let rqt = rqt_list(&run.vqs, |v| enabled.contains(&v.index));
         run.steering = Some(t!(Steering::create(
             &self.hca, td, &rqt, self.pairs, self.mac
         )));
@@ -874,6 +873,14 @@ impl VdpaDevice for Mlx5Vdpa {
         let id = v.id;
         self.hca.set_virtq_state(id, to)?;
         self.vq_mut(qid)?.state = to;
+        // Receive queues coming and going (queue pairs changed): the RQT follows.
+        if qid % 2 == 0
+            && let Some(run) = self.run.as_ref()
+            && let Some(s) = run.steering.as_ref()
+        {
+            let list = rqt_list(&run.vqs, |v| v.state == vq::STATE_RDY);
+            s.set_queues(&self.hca, &list)?;
+        }
         Ok(())
     }
 
@@ -970,6 +977,18 @@ impl VdpaDevice for Mlx5Vdpa {
         }
         self.set_all(vq::STATE_SUSPEND, vq::STATE_RDY)
     }
+}
+
+/// The RQT entries: the receive queues `pick` selects (all of them if it selects none),
+/// repeated to a power of two so a hash spreads evenly.
+fn rqt_list(vqs: &[Option<Vq>], pick: impl Fn(&Vq) -> bool) -> Vec<u32> {
+    let all: Vec<&Vq> = vqs.iter().step_by(2).flatten().collect();
+    let mut rx: Vec<u32> = all.iter().filter(|v| pick(v)).map(|v| v.id).collect();
+    if rx.is_empty() {
+        rx = all.iter().map(|v| v.id).collect();
+    }
+    let n = rx.len().next_power_of_two();
+    rx.iter().cycle().take(n).copied().collect()
 }
 
 /// Counters as the framework reports them (the device counts chains, not bytes).

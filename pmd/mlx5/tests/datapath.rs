@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use vdpakit_core::vdpa::{DevConf, VdpaDevice};
+use vdpakit_pmd_mlx5::Mlx5Vdpa;
 use vdpakit_pmd_mlx5::model::{queue_error, toeplitz};
 use vdpakit_pmd_mlx5::steer::RSS_KEY;
 
@@ -382,4 +383,47 @@ fn keys_over_several_regions() {
         assert_eq!(pump(&g, &dev, &mut rx, &mut tx, &frames), frames, "{what}");
         assert_eq!(dev.domain().faults().0, 0);
     }
+}
+
+/// Queue pairs enabled later (as after the guest's MQ_VQ_PAIRS_SET): disabled rings stay in
+/// INIT and out of the RQT; enabling moves them to RDY and into the RQT, disabling suspends them
+/// and takes them out again.
+#[test]
+fn enabling_pairs_follows_in_the_rqt() {
+    let (mut dev, model) = device("model,queues=2,wire=port");
+    let g = Guest::new(dev.domain());
+    let f = features(false);
+    let mut rings: Vec<Ring> = (0..4).map(|i| Ring::new(&g, i, 256, f, true)).collect();
+    let refs: Vec<&Ring> = rings.iter().collect();
+    let mut c = conf(f, &refs);
+    c.queues[2].enabled = false;
+    c.queues[3].enabled = false;
+    dev.configure(&c).unwrap();
+    for r in rings.iter_mut().step_by(2) {
+        r.post_rx(&dev, 256);
+    }
+    let m = mac(&dev);
+    let round = |dev: &Mlx5Vdpa, rings: &mut [Ring], seq0: u32| -> [usize; 2] {
+        for flow in 0..64u16 {
+            model.inject(frame(m, flow, seq0 + u32::from(flow), 80));
+        }
+        let mut got = [0usize; 2];
+        wait("a round of flows", || {
+            for (k, r) in rings.iter_mut().step_by(2).enumerate() {
+                let n = r.reap_rx(&g, HDR).len();
+                got[k] += n;
+                r.post_rx(dev, n);
+            }
+            (got.iter().sum::<usize>() >= 64).then_some(())
+        });
+        got
+    };
+    assert_eq!(round(&dev, &mut rings, 0), [64, 0]);
+    dev.set_vring_state(2, true).unwrap();
+    dev.set_vring_state(3, true).unwrap();
+    let spread = round(&dev, &mut rings, 100);
+    assert!(spread[0] > 0 && spread[1] > 0, "{spread:?}");
+    dev.set_vring_state(2, false).unwrap();
+    assert_eq!(round(&dev, &mut rings, 200), [64, 0]);
+    assert_eq!(model.stats().steer_drops, 0);
 }

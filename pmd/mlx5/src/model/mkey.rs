@@ -120,7 +120,8 @@ pub fn translate(
             let mut a = lo;
             while a < hi {
                 let i = ((a - first) / m.page) as usize;
-                let page_end = first + (i as u64 + 1) * m.page;
+                let page_start = first + i as u64 * m.page;
+                let page_end = page_start.saturating_add(m.page);
                 let end = hi.min(page_end);
                 if let Some(&e) = m.mtt.get(i)
                     && e & 1 != 0
@@ -128,7 +129,7 @@ pub fn translate(
                     let base = e & !(m.page - 1) & !3;
                     out.push(Piece {
                         va: a,
-                        iova: base + (a - (page_end - m.page)),
+                        iova: base + (a - page_start),
                         len: end - a,
                     });
                 }
