@@ -874,7 +874,7 @@ impl VdpaDevice for Mlx5Vdpa {
         self.hca.set_virtq_state(id, to)?;
         self.vq_mut(qid)?.state = to;
         // Receive queues coming and going (queue pairs changed): the RQT follows.
-        if qid % 2 == 0
+        if qid.is_multiple_of(2)
             && let Some(run) = self.run.as_ref()
             && let Some(s) = run.steering.as_ref()
         {
