@@ -255,6 +255,22 @@ impl Hca {
             if let Err(u) = hca.shutdown() {
                 tracing::warn!("{}: undoing a failed bring-up: {u}", hca.name);
             }
+            // A function a previous user left enabled (a crashed process): reset it once.
+            if !opts.reset && e.opcode() == Some(op::ENABLE_HCA) && e.status() == Some(4) {
+                tracing::warn!(
+                    "{}: the function is still enabled by a previous user; resetting it",
+                    hca.name
+                );
+                let pci = hca.pci.clone();
+                drop(hca);
+                return Hca::open(
+                    pci,
+                    &HcaOptions {
+                        reset: true,
+                        ..opts.clone()
+                    },
+                );
+            }
             return Err(e);
         }
         Ok(hca)
@@ -533,7 +549,17 @@ impl Hca {
                 op_mod: input.get(hdr::OP_MOD) as u16
             }
         );
-        self.cmdq.exec(input, outlen)
+        match self.cmdq.exec(input, outlen) {
+            // A command that never completes: say so if the health buffer explains it.
+            Err(e @ Error::Timeout { .. }) => match self.check_health() {
+                Err(h @ Error::Health { .. }) => {
+                    tracing::error!("{e}");
+                    Err(h)
+                }
+                _ => Err(e),
+            },
+            r => r,
+        }
     }
 
     /// Runs a command whose output is just a 24-bit id at 0x48 (ALLOC/CREATE).

@@ -241,3 +241,33 @@ fn moved_queue_size_field_fails_loudly() {
         "{e}"
     );
 }
+
+/// A function left enabled by a previous user (a process that died without teardown): the
+/// next bring-up resets it and succeeds.
+#[test]
+fn left_enabled_function_is_reset() {
+    let (m, pci, _) = open_model(ModelOptions::default());
+    let first = Hca::open(pci.clone(), &hca_opts()).unwrap();
+    first.alloc_pd().unwrap();
+    // Gone without teardown.
+    std::mem::forget(first);
+    assert!(m.is_initialized());
+    let mut hca = Hca::open(pci, &hca_opts()).unwrap();
+    assert_eq!(m.live_objects(), 32, "only the new pages: {:?}", m.census());
+    hca.close().unwrap();
+    assert_eq!(m.live_objects(), 0);
+}
+
+/// A command that never completes while the health syndrome is set reports the health.
+#[test]
+fn timeout_with_a_health_syndrome_says_so() {
+    let (m, pci, _) = open_model(ModelOptions::default());
+    let hca = Hca::open(pci, &quick(50)).unwrap();
+    m.hang_commands(true);
+    m.set_health_syndrome(0x7, 0x42);
+    let e = hca.alloc_pd().unwrap_err().to_string();
+    assert!(
+        e.ends_with("firmware unhealthy: health syndrome 0x07, extended syndrome 0x0042"),
+        "{e}"
+    );
+}
