@@ -45,6 +45,13 @@
 //!   and touches no ring until resumed (frames arriving for a suspended VF are dropped and
 //!   counted).
 //!
+//! # Hooks for vendor models
+//!
+//! [`VfControl::queue_mem`] gives a queue its own memory view (a model that translates ring and
+//! buffer addresses its own way, e.g. through memory keys) instead of the domain's;
+//! [`VfControl::steer`] chooses the receive pair of each frame arriving from the wire (a flow
+//! table, RSS) instead of the wire's own pair. See [`spawn`] for how a model runs the engine.
+//!
 //! # Control
 //!
 //! The device model (register writes on a driver thread) changes a VF's [`VfControl`] under its
@@ -192,7 +199,7 @@ impl QueueSetup {
 }
 
 /// One VF's control state: what the driver asked for.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct VfControl {
     /// Negotiated virtio features.
     pub features: u64,
@@ -208,6 +215,33 @@ pub struct VfControl {
     pub log: Option<(u64, u64)>,
     /// Representor channels to install (empty: detach), picked up by the engine.
     pub rep: Option<Vec<RepQueueEnds>>,
+    /// Per-queue memory views replacing the domain's for that queue's rings and buffers (a
+    /// model whose queues translate addresses their own way, e.g. through memory keys). `None`
+    /// (or a shorter vector): the domain view. The model keeps them current; the engine rebuilds
+    /// a queue when its view changes (`GuestMemory::ptr_eq`).
+    pub queue_mem: Vec<Option<GuestMemory>>,
+    /// Receive steering for frames arriving from the wire: the queue pair a frame goes to (a
+    /// model's flow table or RSS). `None`: the wire's own pair (loop, cable, representor) or pair
+    /// 0 (TAP). A pair the VF does not have drops the frame (counted on queue 0).
+    pub steer: Option<RxSteer>,
+}
+
+/// A receive steering function: frame → queue pair. Called on the engine thread once per frame
+/// arriving from the wire; it must not block or allocate.
+pub type RxSteer = Arc<dyn Fn(&[u8]) -> u16 + Send + Sync>;
+
+impl std::fmt::Debug for VfControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfControl")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("running", &self.running)
+            .field("suspended", &self.suspended)
+            .field("epoch", &self.epoch)
+            .field("queues", &self.queues)
+            .field("log", &self.log)
+            .field("steer", &self.steer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the model and the engine share about one VF.
@@ -232,7 +266,8 @@ pub struct VfShared {
 }
 
 impl VfShared {
-    pub(crate) fn new(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
+    /// A VF with `pairs` queue pairs (its doorbell pages in a fresh memfd, one per queue).
+    pub fn new(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
         let nq = usize::from(pairs) * 2;
         let seg = Segment::new(
             &format!("sim-doorbells-{index}"),
@@ -322,7 +357,8 @@ pub struct EngineShared {
 }
 
 impl EngineShared {
-    pub(crate) fn new(
+    /// The shared state of an engine serving `vfs` (VF `k` at index `k`).
+    pub fn new(
         name: &str,
         vfs: Vec<Arc<VfShared>>,
         poll: PollMode,
@@ -382,17 +418,59 @@ impl EngineShared {
     }
 
     /// Asks the thread to stop (it exits at its next iteration).
-    pub(crate) fn request_stop(&self) {
+    fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
     }
 }
 
-/// Starts the engine thread of a device.
-pub(crate) fn spawn(
+/// A running engine thread: stopped and joined when dropped (the thread then drops its queues,
+/// TAP fds and representor channels).
+#[derive(Debug)]
+pub struct EngineThread {
     shared: Arc<EngineShared>,
-    wires: Vec<Wire>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// The state shared with the thread.
+    pub fn shared(&self) -> &Arc<EngineShared> {
+        &self.shared
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.shared.request_stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the engine thread of a device whose VFs are `shared.vfs()`, VF `k`'s wire being
+/// `wires[k]` (missing wires are [`Wire::None`]).
+///
+/// This is how a vendor model reuses the engine: its [`DeviceModel`](crate::pci::model::DeviceModel)
+/// keeps one [`VfShared`] per function, connects it at `attach` ([`VfShared::set_bus`]), turns
+/// its own register writes into [`VfControl`] changes followed by [`EngineShared::sync`], rings
+/// doorbells with [`VfShared::ring_bell`] + [`EngineShared::wake`], offers
+/// [`VfShared::bell_segment`]'s pages as notify areas, and reads [`VfShared::counters`].
+pub fn spawn(shared: Arc<EngineShared>, wires: Vec<Wire>) -> Result<EngineThread, String> {
+    let t = spawn_thread(Arc::clone(&shared), wires)?;
+    Ok(EngineThread {
+        shared,
+        thread: Some(t),
+    })
+}
+
+fn spawn_thread(
+    shared: Arc<EngineShared>,
+    mut wires: Vec<Wire>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
+    while wires.len() < shared.vfs.len() {
+        wires.push(Wire::None);
+    }
     shared.alive.store(true, Ordering::Release);
     let name = format!("sim-{}", shared.name);
     let sh = Arc::clone(&shared);
@@ -418,13 +496,14 @@ pub(crate) fn spawn(
 #[derive(Debug)]
 struct QRun {
     setup: QueueSetup,
+    /// The model's view for this queue (None: the domain's).
+    mem: Option<GuestMemory>,
     dq: Option<DeviceQueue>,
     broken: bool,
     notify: bool,
 }
 
 /// One VF as the engine runs it.
-#[derive(Debug)]
 struct VfRun {
     sh: Arc<VfShared>,
     seen_gen: u64,
@@ -443,6 +522,7 @@ struct VfRun {
     queues: Vec<QRun>,
     wire: Wire,
     rep: Vec<RepQueueEnds>,
+    steer: Option<RxSteer>,
 }
 
 impl VfRun {
@@ -637,6 +717,7 @@ impl Engine {
                 queues: (0..nq)
                     .map(|_| QRun {
                         setup: QueueSetup::default(),
+                        mem: None,
                         dq: None,
                         broken: false,
                         notify: false,
@@ -644,6 +725,7 @@ impl Engine {
                     .collect(),
                 wire,
                 rep: Vec::new(),
+                steer: None,
             });
         }
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
@@ -836,6 +918,7 @@ impl Engine {
             }
             None => false,
         };
+        vf.steer = ctl.steer.clone();
         vf.features = ctl.features;
         vf.hdr_len = hdr_len(ctl.features);
         vf.mrg = ctl.features & vf::NET_MRG_RXBUF != 0;
@@ -864,8 +947,14 @@ impl Engine {
             let want = ctl.running && s.enabled && s.size > 0;
             let q = &mut vf.queues[qi];
             let c = &sh.counters[qi];
+            let new_mem = ctl.queue_mem.get(qi).cloned().flatten();
+            let mem_changed = match (&q.mem, &new_mem) {
+                (Some(a), Some(b)) => !a.ptr_eq(b),
+                (None, None) => false,
+                _ => true,
+            };
             if let Some(dq) = &q.dq
-                && (!want || !q.setup.same_ring(&s))
+                && (!want || !q.setup.same_ring(&s) || mem_changed)
             {
                 let (a, u) = positions(dq);
                 ctl.queues[qi].avail = Some(a);
@@ -879,9 +968,11 @@ impl Engine {
                 q.broken = false;
                 c.broken.store(false, Ordering::Release);
             }
+            q.mem = new_mem;
             let s = ctl.queues[qi];
             if want && q.dq.is_none() && !q.broken {
-                match Self::build(vf.features, &vf.mem, &s, vf.log.as_ref()) {
+                let mem = q.mem.as_ref().unwrap_or(&vf.mem);
+                match Self::build(vf.features, mem, &s, vf.log.as_ref()) {
                     Ok(dq) => {
                         let (a, u) = positions(&dq);
                         c.avail.store(u32::from(a), Ordering::Release);
@@ -977,7 +1068,8 @@ impl Engine {
                 ..q.setup
             };
             drop(old);
-            match Self::build(vf.features, &vf.mem, &s, vf.log.as_ref()) {
+            let mem = q.mem.as_ref().unwrap_or(&vf.mem);
+            match Self::build(vf.features, mem, &s, vf.log.as_ref()) {
                 Ok(dq) => {
                     q.dq = Some(dq);
                     q.notify = false;
@@ -1053,14 +1145,15 @@ impl Engine {
         if q.broken {
             return 0;
         }
+        let mem = q.mem.as_ref().unwrap_or(&vf.mem);
         let Some(dq) = q.dq.as_mut() else { return 0 };
         let hl = vf.hdr_len;
         frames.clear();
-        tx_staged.clear(&vf.mem);
+        tx_staged.clear(mem);
         let (mut staged, mut errors, mut chains) = (0usize, 0u64, 0);
         let mut err = None;
         while frames.n < BURST && chains < 2 * BURST {
-            match dq.pop(&vf.mem, segs) {
+            match dq.pop(mem, segs) {
                 Ok(Some(ch)) => {
                     chains += 1;
                     let total = ch.readable as usize;
@@ -1136,7 +1229,7 @@ impl Engine {
                 ..
             } = self;
             let frames = &*frames;
-            rx_write(&mut vfs[vj], pj, segs, rx, n, |i| frames.get(i));
+            rx_deliver(&mut vfs[vj], pj, segs, rx, n, |i| frames.get(i));
             return;
         }
         let Engine {
@@ -1231,7 +1324,7 @@ impl Engine {
                     }
                     total += got;
                     let pkts = &*inb;
-                    rx_write(vf, p, segs, rx, got, |i| pkts.as_slice()[i].data());
+                    rx_deliver(vf, p, segs, rx, got, |i| pkts.as_slice()[i].data());
                     // Delivered (or dropped): the mbufs become blanks.
                     while let Some(m) = inb.pop() {
                         let _ = stash.push(m);
@@ -1244,7 +1337,7 @@ impl Engine {
         let n = frames.n;
         if n > 0 {
             let frames = &*frames;
-            rx_write(vf, 0, segs, rx, n, |i| frames.get(i));
+            rx_deliver(vf, 0, segs, rx, n, |i| frames.get(i));
         }
         n
     }
@@ -1254,6 +1347,43 @@ impl Engine {
 fn q_store(c: &QueueCounters, a: u16, u: u16) {
     c.avail.store(u32::from(a), Ordering::Release);
     c.used.store(u32::from(u), Ordering::Release);
+}
+
+/// Writes `n` (at most [`BURST`]) frames arriving from the wire into `vf`: all into pair `pair`,
+/// or, when the model installed a steering function, each into the pair it picks.
+fn rx_deliver<'a>(
+    vf: &mut VfRun,
+    pair: usize,
+    segs: &mut Segs,
+    rx: &mut RxScratch,
+    n: usize,
+    frame: impl Fn(usize) -> &'a [u8],
+) {
+    let mut to = [0u16; BURST];
+    {
+        let Some(steer) = vf.steer.as_ref() else {
+            return rx_write(vf, pair, segs, rx, n, frame);
+        };
+        for (i, t) in to.iter_mut().enumerate().take(n) {
+            *t = steer(frame(i));
+        }
+    }
+    let pairs = vf.pairs();
+    let lost = to[..n].iter().filter(|&&p| usize::from(p) >= pairs).count();
+    bump(&vf.sh.counters[0].dropped, lost as u64);
+    let mut idx = [0usize; BURST];
+    for p in 0..pairs {
+        let mut k = 0;
+        for (i, &t) in to.iter().enumerate().take(n) {
+            if usize::from(t) == p {
+                idx[k] = i;
+                k += 1;
+            }
+        }
+        if k > 0 {
+            rx_write(vf, p, segs, rx, k, |j| frame(idx[j]));
+        }
+    }
 }
 
 /// Writes `n` frames (`frame(i)`) into VF `vf`'s receive queue of pair `p`. Frames that find
@@ -1271,6 +1401,7 @@ fn rx_write<'a>(
     let c = &sh.counters[qi];
     let q = &mut vf.queues[qi];
     let active = vf.running && !vf.suspended;
+    let mem = q.mem.as_ref().unwrap_or(&vf.mem);
     let dq = match q.dq.as_mut() {
         Some(dq) if active && !q.broken => dq,
         _ => {
@@ -1288,10 +1419,10 @@ fn rx_write<'a>(
     // Fast path: frames whose header and data fit the first writable buffer of one chain. The
     // chains are popped first with their destination lines requested for writing, then the
     // copies run; it stops at the first frame that needs the general path below.
-    rx.staged.clear(&vf.mem);
+    rx.staged.clear(mem);
     let mut first = 0;
     while first < n {
-        match dq.pop(&vf.mem, segs) {
+        match dq.pop(mem, segs) {
             Ok(Some(ch)) => {
                 if rx.staged.push_first_writable(segs, hl + frame(first).len()) {
                     rx.staged_chains[first] = ch;
@@ -1322,7 +1453,7 @@ fn rx_write<'a>(
         let mut done = 0usize;
         let mut first_hdr = None;
         while done < total {
-            let ch = match dq.pop(&vf.mem, segs) {
+            let ch = match dq.pop(mem, segs) {
                 Ok(Some(ch)) => ch,
                 Ok(None) => {
                     // Out of buffers: give back what this frame took; the rest are dropped.
@@ -1378,7 +1509,7 @@ fn rx_write<'a>(
         }
         if vf.mrg && used > 1 {
             let ok = first_hdr
-                .is_some_and(|gpa| vf.mem.write(gpa + 10, &(used as u16).to_le_bytes()).is_ok());
+                .is_some_and(|gpa| mem.write(gpa + 10, &(used as u16).to_le_bytes()).is_ok());
             if !ok {
                 for k in (0..used).rev() {
                     dq.rewind(&rx.chains[k].0);

@@ -26,7 +26,7 @@ use crate::mbuf::{MbufRx, MbufTx, mbuf_channel};
 
 /// One VF's wire, as the engine runs it.
 #[derive(Debug)]
-pub(crate) enum Wire {
+pub enum Wire {
     /// Transmit comes back to receive; `Some(mac)`: only frames for that MAC (or broadcast,
     /// multicast).
     Loop(Option<[u8; 6]>),
@@ -38,6 +38,16 @@ pub(crate) enum Wire {
     Rep,
     /// Nothing: transmit is dropped.
     None,
+}
+
+impl Wire {
+    /// A host TAP uplink (created, or attached to when it exists): errors name the interface
+    /// and what to fix.
+    pub fn tap(name: &str) -> Result<Wire, ModelError> {
+        let tap = Tap::open(name).map_err(ModelError::Tap)?;
+        tracing::info!("uplink is TAP {}", tap.name());
+        Ok(Wire::Tap(tap))
+    }
 }
 
 /// The engine's ends of one queue pair's representor channels.
