@@ -7,7 +7,7 @@
 //!   domain's IOVA view ([`DmaDomain::view`](crate::pci::DmaDomain::view)); when the domain's
 //!   generation changes (a map or unmap) the view is re-read and every running queue is rebuilt
 //!   at its current position. A ring area, descriptor buffer or indirect table outside every
-//!   mapping is an IOMMU fault: recorded in the domain ([`record_fault`]), counted on the queue
+//!   mapping is an IOMMU fault: recorded in the domain ([`record_fault`](crate::pci::DmaDomain::record_fault)), counted on the queue
 //!   (`iommu_faults`), and the queue stops (broken; the device status shows NEEDS_RESET) until
 //!   the driver disables or resets it. Other descriptor errors count as `errors` and break the
 //!   queue the same way. Nothing a driver writes can crash the engine.

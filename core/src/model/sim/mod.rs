@@ -2,7 +2,7 @@
 //! interface that can work (like Linux's vdpa_sim), the reference device of the framework tests.
 //!
 //! A sim device has `vfs` VFs; each is its own PCI function ([`SimVf`], a
-//! [`DeviceModel`](crate::pci::model::DeviceModel)) with its own DMA domain and its own vDPA
+//! [`DeviceModel`]) with its own DMA domain and its own vDPA
 //! device (`NAME-vfK`), driven by the sim PMD ([`sim_pmd`](crate::model::sim_pmd)). One engine
 //! thread serves all VFs of a device. The register map is in [`regs`] (the device's copy).
 //!
