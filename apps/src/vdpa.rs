@@ -119,6 +119,7 @@ impl App {
             packed: true,
             mrg_rxbuf: true,
             in_order: false,
+            in_order_batch: false,
             mtu,
             host_notifier: true,
         };

@@ -1,7 +1,8 @@
 //! The `virtio-user` port (vdpakit as vhost-user front end) against vdpakit's own `vhost-user`
 //! back end in one process, over a real Unix socket: exact counts and payloads both ways, split
-//! and packed rings, mergeable receive buffers on and off, feature errors, and a back end that
-//! goes away and comes back while the front end keeps running.
+//! and packed rings, mergeable receive buffers on and off, IN_ORDER with batched used entries,
+//! feature errors, and a back end that goes away and comes back while the front end keeps
+//! running.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -143,14 +144,37 @@ fn transfer(pool: &Mempool, tx: &mut QueuePair, rx: &mut QueuePair, first: u32, 
     txq.tx_burst(&mut pending);
 }
 
+/// How the front end and the back end treat VIRTIO_F_IN_ORDER in a test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InOrder {
+    /// The front end does not ask for it (`in_order=0`).
+    Off,
+    /// Negotiated; the back end writes one used entry per chain.
+    PerChain,
+    /// Negotiated; the back end batches used entries (`in_order=batch`).
+    Batched,
+}
+
 fn both_ways(packed: bool, mrg: bool) {
+    both_ways_in_order(packed, mrg, InOrder::Off);
+}
+
+fn both_ways_in_order(packed: bool, mrg: bool, in_order: InOrder) {
     let pool = pool();
     let sock = sock_path();
     let (p, m) = (packed as u8, mrg as u8);
-    let be_spec = format!("vhost-user:path={},packed=1,mrg_rxbuf=1", sock.display());
+    let (be_io, fe_io) = match in_order {
+        InOrder::Off => ("1", "0"),
+        InOrder::PerChain => ("1", "1"),
+        InOrder::Batched => ("batch", "1"),
+    };
+    let be_spec = format!(
+        "vhost-user:path={},packed=1,mrg_rxbuf=1,in_order={be_io}",
+        sock.display()
+    );
     let mut be = back_end(&be_spec, &pool);
     let fe_spec = format!(
-        "virtio-user:path={},packed={p},mrg_rxbuf={m}",
+        "virtio-user:path={},packed={p},mrg_rxbuf={m},in_order={fe_io}",
         sock.display()
     );
     let mut fe = front_end(&fe_spec, &pool);
@@ -162,6 +186,11 @@ fn both_ways(packed: bool, mrg: bool) {
         "packed negotiated: {f:#x}"
     );
     assert_eq!(f & vf::NET_MRG_RXBUF != 0, mrg, "mrg negotiated: {f:#x}");
+    assert_eq!(
+        f & vf::IN_ORDER != 0,
+        in_order != InOrder::Off,
+        "in-order negotiated: {f:#x}"
+    );
     assert_ne!(f & vf::VERSION_1, 0);
 
     let mut fq = fe.take_queues().unwrap();
@@ -169,6 +198,13 @@ fn both_ways(packed: bool, mrg: bool) {
     const N: u32 = 3000;
     transfer(&pool, &mut fq[0], &mut bq[0], 0, N);
     transfer(&pool, &mut bq[0], &mut fq[0], 0, N);
+    // The back end's transmit completions (read-only chains) came in batches only when asked.
+    let implied = fe.in_order_implied();
+    if in_order == InOrder::Batched {
+        assert!(implied > 0, "no in-order batch was resolved");
+    } else {
+        assert_eq!(implied, 0);
+    }
 
     let fs = fe.stats();
     let bs = be.stats();
@@ -208,6 +244,71 @@ fn packed_mergeable_both_ways() {
 #[test]
 fn packed_not_mergeable_both_ways() {
     both_ways(true, false);
+}
+
+#[test]
+fn split_in_order_per_chain_both_ways() {
+    both_ways_in_order(false, true, InOrder::PerChain);
+}
+
+#[test]
+fn split_in_order_batched_both_ways() {
+    both_ways_in_order(false, true, InOrder::Batched);
+}
+
+#[test]
+fn split_in_order_batched_not_mergeable_both_ways() {
+    both_ways_in_order(false, false, InOrder::Batched);
+}
+
+#[test]
+fn packed_in_order_per_chain_both_ways() {
+    both_ways_in_order(true, true, InOrder::PerChain);
+}
+
+#[test]
+fn packed_in_order_batched_both_ways() {
+    both_ways_in_order(true, true, InOrder::Batched);
+}
+
+#[test]
+fn packed_in_order_batched_not_mergeable_both_ways() {
+    both_ways_in_order(true, false, InOrder::Batched);
+}
+
+#[test]
+fn in_order_falls_back_when_not_offered_unless_required() {
+    let pool = pool();
+    let sock = sock_path();
+    let _be = back_end(
+        &format!("vhost-user:path={},in_order=0", sock.display()),
+        &pool,
+    );
+    let fe = front_end(&format!("virtio-user:path={}", sock.display()), &pool);
+    wait_until("link", || fe.link().up);
+    assert_eq!(fe.negotiated_features().unwrap() & vf::IN_ORDER, 0);
+    drop(fe);
+    let fe = front_end(
+        &format!("virtio-user:path={},in_order=1", sock.display()),
+        &pool,
+    );
+    wait_until("the set-up error", || fe.last_error().is_some());
+    let e = fe.last_error().unwrap();
+    assert!(
+        e.contains("VIRTIO_F_IN_ORDER") && e.contains("in_order=1"),
+        "{e}"
+    );
+    assert!(!fe.link().up);
+}
+
+#[test]
+fn in_order_is_used_by_default_when_offered() {
+    let pool = pool();
+    let sock = sock_path();
+    let _be = back_end(&format!("vhost-user:path={}", sock.display()), &pool);
+    let fe = front_end(&format!("virtio-user:path={}", sock.display()), &pool);
+    wait_until("link", || fe.link().up);
+    assert_ne!(fe.negotiated_features().unwrap() & vf::IN_ORDER, 0);
 }
 
 #[test]
@@ -257,7 +358,7 @@ fn bad_spec_values_name_the_value_and_what_is_accepted() {
         ("virtio-user:path=/x,queue_size=100", "power of two"),
         ("virtio-user:path=/x,queue_size=16", "64..=32768"),
         ("virtio-user:path=/x,packed=2", "packed='2'"),
-        ("virtio-user:path=/x,in_order=1", "in_order='1'"),
+        ("virtio-user:path=/x,in_order=2", "in_order='2'"),
         ("virtio-user:path=/x,queues=0", "1..=128"),
         ("virtio-user:path=/x,mac=zz", "mac='zz'"),
         ("virtio-user:path=/x,bogus=1", "bogus"),

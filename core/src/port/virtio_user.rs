@@ -70,7 +70,7 @@ pub(super) const KIND: PortKind = PortKind {
         ),
         (
             "in_order",
-            "0 (default); 1 is not implemented by this front end",
+            "1: require VIRTIO_F_IN_ORDER; 0: off; default: use if offered",
         ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
     ],
@@ -96,6 +96,7 @@ struct Config {
     tx_size: u16,
     packed: bool,
     mrg: Want,
+    in_order: Want,
 }
 
 /// See the module documentation.
@@ -142,18 +143,15 @@ impl VirtioUserPort {
                 Some(n as u16)
             }
         };
-        if a.choice("in_order", "0", &["0", "1"])? == "1" {
-            return Err(invalid(
-                "in_order",
-                "1",
-                "0 (this front end does not implement VIRTIO_F_IN_ORDER's batched completions)",
-            ));
-        }
-        let mrg = match a.get("mrg_rxbuf") {
-            None => Want::Auto,
-            Some(_) if a.choice("mrg_rxbuf", "1", &["0", "1"])? == "1" => Want::On,
-            Some(_) => Want::Off,
+        let want = |key: &str| -> Result<Want> {
+            Ok(match a.get(key) {
+                None => Want::Auto,
+                Some(_) if a.choice(key, "1", &["0", "1"])? == "1" => Want::On,
+                Some(_) => Want::Off,
+            })
         };
+        let mrg = want("mrg_rxbuf")?;
+        let in_order = want("in_order")?;
         Ok(VirtioUserPort {
             name: spec.text().to_string(),
             mac: a.mac("mac", super::default_mac(env.port_id))?,
@@ -166,6 +164,7 @@ impl VirtioUserPort {
                 tx_size: 0,
                 packed: a.choice("packed", "0", &["0", "1"])? == "1",
                 mrg,
+                in_order,
             },
             pairs_key,
             size_key,
@@ -192,6 +191,18 @@ impl VirtioUserPort {
         self.ctl
             .as_ref()
             .map_or(0, |c| c.shared.connections.load(Ordering::Relaxed))
+    }
+
+    /// Chains the back ends completed implicitly so far (IN_ORDER batches: one used entry for
+    /// several chains), over all queues, while started.
+    pub fn in_order_implied(&self) -> u64 {
+        self.ctl.as_ref().map_or(0, |c| {
+            c.shared
+                .implied
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum()
+        })
     }
 
     /// The last set-up error with a back end (a missing feature, a refused request), if any.
@@ -371,6 +382,9 @@ struct Shared {
     tx_lost: Vec<AtomicU64>,
     /// Per receive queue: packets a back end delivered that the queue had not reaped when it left.
     rx_late: Vec<AtomicU64>,
+    /// Per vring (2q = rx, 2q + 1 = tx): chains completed by IN_ORDER batches (see
+    /// [`DriverQueue::implied`]), over all back ends. Written by the queue's poller only.
+    implied: Vec<AtomicU64>,
     last_error: Mutex<Option<String>>,
 }
 
@@ -385,8 +399,23 @@ impl Shared {
             connections: AtomicU64::new(0),
             tx_lost: (0..n).map(|_| AtomicU64::new(0)).collect(),
             rx_late: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            implied: (0..2 * n).map(|_| AtomicU64::new(0)).collect(),
             last_error: Mutex::new(None),
         })
+    }
+}
+
+/// Adds the chains `q` completed implicitly since the last report to `total` (single writer:
+/// the queue's poller; one load and a compare per burst, a store only when batches happened).
+#[inline]
+fn report_implied(q: &DriverQueue, seen: &mut u64, total: &AtomicU64) {
+    let now = q.implied();
+    if now != *seen {
+        total.store(
+            total.load(Ordering::Relaxed) + (now - *seen),
+            Ordering::Relaxed,
+        );
+        *seen = now;
     }
 }
 
@@ -407,6 +436,8 @@ struct RxRun {
     /// Buffers still to drop of a merged packet that did not fit one mbuf.
     skip: u16,
     broken: bool,
+    /// `q.implied()` as last reported to [`Shared::implied`].
+    implied_seen: u64,
 }
 
 impl RxRun {
@@ -529,6 +560,8 @@ struct TxRun {
     shared_lo: usize,
     shared_hi: usize,
     broken: bool,
+    /// `q.implied()` as last reported to [`Shared::implied`].
+    implied_seen: u64,
 }
 
 impl TxRun {
@@ -627,8 +660,13 @@ impl RxQueue for VuRx {
     #[inline]
     fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
         let (cache, stats, port, queue) = (&mut self.cache, &self.stats, self.port, self.queue);
+        let implied = &self.shared.implied[2 * self.q];
         self.shared.rx[self.q]
-            .enter(|run| run.burst(pkts, cache, stats, port, queue))
+            .enter(|run| {
+                let n = run.burst(pkts, cache, stats, port, queue);
+                report_implied(&run.q, &mut run.implied_seen, implied);
+                n
+            })
             .unwrap_or(0)
     }
 
@@ -648,9 +686,14 @@ impl TxQueue for VuTx {
     #[inline]
     fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
         let (cache, stats) = (&mut self.cache, &self.stats);
+        let implied = &self.shared.implied[2 * self.q + 1];
         // While no back end is set up nothing is taken: the caller frees and counts the drops.
         self.shared.tx[self.q]
-            .enter(|run| run.burst(pkts, cache, stats))
+            .enter(|run| {
+                let n = run.burst(pkts, cache, stats);
+                report_implied(&run.q, &mut run.implied_seen, implied);
+                n
+            })
             .unwrap_or(0)
     }
 
@@ -735,6 +778,7 @@ impl ControlHandle {
             listener,
             stop: Arc::clone(&stop),
             warned_mrg: false,
+            warned_in_order: false,
         };
         let thread = std::thread::Builder::new()
             .name("virtio-user-ctl".into())
@@ -791,6 +835,7 @@ struct Control {
     listener: Option<UnixListener>,
     stop: Arc<EventFd>,
     warned_mrg: bool,
+    warned_in_order: bool,
 }
 
 impl Control {
@@ -879,18 +924,16 @@ impl Control {
             .last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
+        let on_off = |bit: u64| if neg.features & bit != 0 { "on" } else { "off" };
         tracing::info!(
-            "virtio-user {path}: back end set up: {} rings, mergeable rx buffers {}, {} queue pair(s)",
+            "virtio-user {path}: back end set up: {} rings, mergeable rx buffers {}, in-order {}, {} queue pair(s)",
             if neg.features & vf::RING_PACKED != 0 {
                 "packed"
             } else {
                 "split"
             },
-            if neg.features & vf::NET_MRG_RXBUF != 0 {
-                "on"
-            } else {
-                "off"
-            },
+            on_off(vf::NET_MRG_RXBUF),
+            on_off(vf::IN_ORDER),
             self.cfg.pairs
         );
         // Nothing more to say: wait for the back end to hang up or the port to stop.
@@ -954,6 +997,23 @@ impl Control {
                         self.cfg.path.display()
                     );
                     self.warned_mrg = true;
+                }
+            }
+            Want::Off => {}
+        }
+        match self.cfg.in_order {
+            Want::On if offered & vf::IN_ORDER == 0 => {
+                return Err(missing("VIRTIO_F_IN_ORDER", "in_order=1".into()));
+            }
+            Want::On => want |= vf::IN_ORDER,
+            Want::Auto if offered & vf::IN_ORDER != 0 => want |= vf::IN_ORDER,
+            Want::Auto => {
+                if !self.warned_in_order {
+                    tracing::warn!(
+                        "virtio-user {}: the back end does not offer VIRTIO_F_IN_ORDER; running without",
+                        self.cfg.path.display()
+                    );
+                    self.warned_in_order = true;
                 }
             }
             Want::Off => {}
@@ -1066,6 +1126,7 @@ impl Control {
                     mrg,
                     skip: 0,
                     broken: false,
+                    implied_seen: 0,
                 };
                 // Fill the ring before the back end may look at it: parked buffers first.
                 let parked = &mut self.parked[vring / 2];
@@ -1090,6 +1151,7 @@ impl Control {
                     shared_lo: lo,
                     shared_hi: hi,
                     broken: false,
+                    implied_seen: 0,
                 };
                 fe.set_vring_kick(i, Some(run.kick.as_fd()))?;
                 tx_runs.push(run);

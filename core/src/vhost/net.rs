@@ -111,6 +111,12 @@ impl VqRun {
         })
     }
 
+    /// With IN_ORDER negotiated, returns runs of completely used chains with one used entry
+    /// (see [`DeviceQueue::set_used_batching`]).
+    pub fn set_used_batching(&mut self, on: bool) {
+        self.q.set_used_batching(on);
+    }
+
     /// The ring position, for GET_VRING_BASE.
     pub fn last_avail(&self) -> u16 {
         self.q.last_avail()
