@@ -71,6 +71,8 @@ struct Case {
     vk_mode: &'static str,
     devargs: &'static str,
     queues: u16,
+    /// Extra keys of vdpakit's `vhost-user` port (after the path), e.g. `,in_order=batch`.
+    vk_keys: &'static str,
 }
 
 fn testpmd_cmd(sock: &Path, prefix: &str, devargs: &str, mode: &str, queues: u16) -> Command {
@@ -130,7 +132,7 @@ fn run_case_inner(c: &Case, prefix: &str) -> Result<(), Failed> {
     let json = dir.join("vdpakit.json");
     let q = c.queues.to_string();
     let sock_s = sock.display().to_string();
-    let port = format!("vhost-user:path={sock_s}");
+    let port = format!("vhost-user:path={sock_s}{}", c.vk_keys);
     let vk_tx = c.vk_mode == "txonly";
     let mut vk_cmd = Command::new(vdpakit());
     vk_cmd.args([
@@ -493,44 +495,83 @@ struct VuCase {
     /// virtio-user keys after the path.
     keys: &'static str,
     queues: u16,
+    /// The back end must have returned chains in in-order batches (vdpakit's log says how
+    /// many chains they completed).
+    batches: bool,
 }
 
 const VU_CASES: &[VuCase] = &[
+    VuCase {
+        name: "vu_split_inorder_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=0,in_order=1",
+        queues: 1,
+        batches: false,
+    },
+    VuCase {
+        name: "vu_split_inorder_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=0,in_order=1",
+        queues: 1,
+        batches: false,
+    },
+    VuCase {
+        name: "vu_packed_inorder_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=1,in_order=1",
+        queues: 1,
+        batches: false,
+    },
+    // DPDK's net_vhost returns the chains it reads (what vdpakit transmits) in in-order batches
+    // on packed rings: one used descriptor per run.
+    VuCase {
+        name: "vu_packed_inorder_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=1,in_order=1",
+        queues: 1,
+        batches: true,
+    },
     VuCase {
         name: "vu_split_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         keys: "packed=0",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_split_nomrg_vdpakit_to_testpmd",
         vk_mode: "txonly",
         keys: "packed=0,mrg_rxbuf=0",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_packed_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         keys: "packed=1,mrg_rxbuf=1",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_packed_vdpakit_to_testpmd",
         vk_mode: "txonly",
         keys: "packed=1",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_split_2q_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         keys: "packed=0",
         queues: 2,
+        batches: false,
     },
     VuCase {
         name: "vu_packed_2q_vdpakit_to_testpmd",
         vk_mode: "txonly",
         keys: "packed=1",
         queues: 2,
+        batches: false,
     },
 ];
 
@@ -611,6 +652,7 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
         )
         .into());
     }
+    check_in_order(c.name, c.keys.contains("in_order=1"), c.batches, &vk.log())?;
     every_queue_busy(c.name, c.queues, &p, vk_tx)
 }
 
@@ -618,6 +660,12 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
 /// CPUs. The transmitting one runs for 3 s and lingers; the receiver must count exactly what the
 /// transmitter counted as sent.
 fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
+    vdpakit_pair_with(front_tx, packed, false)
+}
+
+/// [`vdpakit_pair`]; with `batch`, the back end returns completely used chains in in-order
+/// batches (`in_order=batch`) and the front end requires IN_ORDER.
+fn vdpakit_pair_with(front_tx: bool, packed: bool, batch: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-pair").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
     let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
@@ -627,7 +675,11 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
     } else {
         ("txonly", "rxonly")
     };
-    let be_port = format!("vhost-user:path={}", sock.display());
+    let be_port = format!(
+        "vhost-user:path={}{}",
+        sock.display(),
+        if batch { ",in_order=batch" } else { "" }
+    );
     let be_extra: &[&str] = if front_tx { &[] } else { &timed };
     let mut be = vk_fwd(
         dir.path(),
@@ -640,9 +692,10 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
     )?;
     wait_for_socket(&sock)?;
     let fe_port = format!(
-        "virtio-user:path={},packed={}",
+        "virtio-user:path={},packed={}{}",
         sock.display(),
-        packed as u8
+        packed as u8,
+        if batch { ",in_order=1" } else { "" }
     );
     let fe_extra: &[&str] = if front_tx { &timed } else { &[] };
     let mut fe = vk_fwd(
@@ -669,7 +722,9 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
     } else {
         (count(&bp, "tx_packets"), count(&fp, "rx_packets"))
     };
-    eprintln!("vdpakit pair (front tx {front_tx}, packed {packed}): sent {sent}, received {got}");
+    eprintln!(
+        "vdpakit pair (front tx {front_tx}, packed {packed}, batch {batch}): sent {sent}, received {got}"
+    );
     if sent == 0 || sent != got {
         return Err(format!(
             "sent {sent}, received {got}\nback end: {bp}\nfront end: {fp}\nfront log:\n{}\nback log:\n{}",
@@ -678,7 +733,8 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
         )
         .into());
     }
-    Ok(())
+    // The front end's transmitted chains are read-only, so the back end batches all of them.
+    check_in_order("vdpakit pair", batch, batch && front_tx, &fe.log())
 }
 
 /// The back end behind a running `virtio-user` front end (transmitting) is stopped and a new
@@ -798,54 +854,79 @@ const CASES: &[Case] = &[
         vk_mode: "rxonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "split_nomrg_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=0,in_order=0",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "split_inorder_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
         queues: 1,
+        vk_keys: "",
+    },
+    // vdpakit's back end returns DPDK's transmitted chains in in-order batches (one used entry
+    // per run), which DPDK's driver must resolve.
+    Case {
+        name: "split_inorder_batch_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
+        queues: 1,
+        vk_keys: ",in_order=batch",
+    },
+    Case {
+        name: "packed_inorder_batch_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        devargs: "packed_vq=1,mrg_rxbuf=1,in_order=1",
+        queues: 1,
+        vk_keys: ",in_order=batch",
     },
     Case {
         name: "packed_mrg_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "packed_nomrg_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=0,in_order=1",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "split_2q_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
     Case {
         name: "split_2q_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
     Case {
         name: "packed_2q_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
     Case {
         name: "packed_2q_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
 ];
 
@@ -924,6 +1005,32 @@ fn main() -> ExitCode {
     trials.push(Trial::test("vu_vdpakit_pair_back_to_front_packed", || {
         vdpakit_pair(false, true)
     }));
+    for (name, front_tx, packed) in [
+        (
+            "vu_vdpakit_pair_inorder_batch_front_to_back_split",
+            true,
+            false,
+        ),
+        (
+            "vu_vdpakit_pair_inorder_batch_front_to_back_packed",
+            true,
+            true,
+        ),
+        (
+            "vu_vdpakit_pair_inorder_batch_back_to_front_split",
+            false,
+            false,
+        ),
+        (
+            "vu_vdpakit_pair_inorder_batch_back_to_front_packed",
+            false,
+            true,
+        ),
+    ] {
+        trials.push(Trial::test(name, move || {
+            vdpakit_pair_with(front_tx, packed, true)
+        }));
+    }
     trials.push(Trial::test("vu_vdpakit_back_end_restart", || {
         front_end_survives_back_end_restart(false)
     }));
@@ -950,6 +1057,32 @@ fn main() -> ExitCode {
     };
     trials.push(t);
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A `virtio-user` front end's log: IN_ORDER negotiated when `in_order` (it was asked for), and
+/// when `batches`, chains completed by in-order batches (the count the port logs when its rings
+/// stop).
+fn check_in_order(name: &str, in_order: bool, batches: bool, log: &str) -> Result<(), Failed> {
+    if in_order && !log.contains("in-order on") {
+        return Err(format!("{name}: IN_ORDER was not negotiated:\n{}", tail(log, 20)).into());
+    }
+    if batches {
+        let implied: u64 = log
+            .lines()
+            .filter_map(|l| {
+                let i = l.find(" chains completed by in-order batches")?;
+                l[..i].rsplit(' ').next()?.parse().ok()
+            })
+            .max()
+            .unwrap_or(0);
+        eprintln!("{name}: {implied} chains completed by in-order batches");
+        if implied == 0 {
+            return Err(
+                format!("{name}: no in-order batch was resolved:\n{}", tail(log, 20)).into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// With several queues, every one of vdpakit's queues (in its `--json` port report `p`) must

@@ -1194,6 +1194,18 @@ impl Control {
             .iter()
             .map(|h| h.close().state().take())
             .collect();
+        let implied: u64 = self
+            .shared
+            .implied
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum();
+        if implied > 0 {
+            tracing::info!(
+                "virtio-user {}: {implied} chains completed by in-order batches so far",
+                self.cfg.path.display()
+            );
+        }
         if let Some(fe) = fe {
             for i in 0..self.offsets.len() {
                 if let Err(e) = fe.get_vring_base(i as u32) {
