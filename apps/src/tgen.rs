@@ -428,8 +428,9 @@ impl LatRx {
             let ns = (now.saturating_sub(sent) as f64 * self.ns_per_tick) as u64;
             self.hist.saturating_record(ns.max(1));
             self.stamped += 1;
-            self.min_size = self.min_size.min(d.len());
-            self.max_size = self.max_size.max(d.len());
+            // Sizes of whole packets (a chain's stamp is in its head segment).
+            self.min_size = self.min_size.min(m.pkt_len());
+            self.max_size = self.max_size.max(m.pkt_len());
             if let Some(f) = UdpGen::flow_of(d) {
                 self.flows[(f / 64) as usize] |= 1 << (f % 64);
             }

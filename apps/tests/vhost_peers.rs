@@ -368,6 +368,156 @@ fn client_mode_reconnects() -> Result<(), Failed> {
     result
 }
 
+/// vdpakit's `virtio-user` port, in this process, against `dpdk-testpmd --vdev net_vhost0` in
+/// `io` mode (what it receives it sends back). The port posts receive buffers of `rx_buf=256`
+/// bytes with mergeable rx buffers, so DPDK spreads every frame over up to 7 of them: each
+/// echoed frame must come back as one mbuf chain, byte for byte and in order, and testpmd must
+/// count exactly what was sent.
+fn testpmd_echo_into_small_buffers(packed: bool) -> Result<(), Failed> {
+    use vdpakit_core::mem::MemMode;
+    use vdpakit_core::port::{Port, PortConf, PortEnv, PortSpec, RingRegistry, VirtioUserPort};
+    use vdpakit_core::{Burst, Mempool, MempoolConfig};
+
+    let dir = TempDir::new("vk-echo").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let prefix = format!("vke{}", std::process::id());
+    let result = (|| -> Result<(), Failed> {
+        let mut tp = HostProcess::spawn(
+            "testpmd",
+            testpmd_vhost_cmd(&sock, &prefix, "io", 1),
+            &dir.join("testpmd.log"),
+        )
+        .map_err(|e| e.to_string())?;
+        wait_for_socket(&sock)?;
+        let pool = Mempool::new(
+            "echo",
+            MempoolConfig {
+                count: 8192,
+                cache_size: 64,
+                mem: MemMode::Auto,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let env = PortEnv {
+            pool: std::sync::Arc::clone(&pool),
+            rings: RingRegistry::new(),
+            port_id: 0,
+            pkt_size: 64,
+            cache_size: 64,
+        };
+        let spec = format!(
+            "virtio-user:path={},packed={},mrg_rxbuf=1,rx_buf=256,queue_size=1024",
+            sock.display(),
+            packed as u8
+        );
+        let spec = PortSpec::parse(&spec).map_err(|e| e.to_string())?;
+        let mut port = VirtioUserPort::new(&spec, &env).map_err(|e| e.to_string())?;
+        port.configure(&PortConf {
+            rx_queues: 1,
+            tx_queues: 1,
+            rx_desc: 1024,
+            tx_desc: 1024,
+        })
+        .map_err(|e| e.to_string())?;
+        port.start().map_err(|e| e.to_string())?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while !port.link().up {
+            if Instant::now() > end {
+                return Err(
+                    format!("no link: {:?}\n{}", port.last_error(), tp.log_tail(20)).into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tp.write_stdin(b"start\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(1));
+        let mut qs = port.take_queues().map_err(|e| e.to_string())?;
+        let q = &mut qs[0];
+        const N: u32 = 20_000;
+        // Frame i: 60..=1514 bytes, a counter and a pattern of i (Ethernet addresses included:
+        // io mode sends it back untouched).
+        let frame = |i: u32| -> Vec<u8> {
+            let len = 60 + (i as usize * 37) % 1455;
+            let mut v: Vec<u8> = (0..len).map(|k| (k as u32 * 7 + i) as u8).collect();
+            v[0] = 0x02; // a locally administered unicast destination
+            v[12..16].copy_from_slice(&i.to_le_bytes());
+            v
+        };
+        let (mut next, mut expect, mut chains, mut max_segs) = (0u32, 0u32, 0u64, 0u16);
+        let mut out = Burst::new(16);
+        let mut got = Burst::new(32);
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while expect < N {
+            if Instant::now() > give_up {
+                return Err(format!(
+                    "stuck at frame {expect} of {N} (sent {next}): {:?}\n{}",
+                    port.stats(),
+                    tp.log_tail(20)
+                )
+                .into());
+            }
+            // At most 16 frames in flight: the 1024 receive buffers are never all taken.
+            while next < N && next - expect < 16 && out.room() > 0 {
+                let f = frame(next);
+                let Some(mut m) = pool.alloc() else { break };
+                if let Some(d) = m.append(f.len()) {
+                    d.copy_from_slice(&f);
+                }
+                let _ = out.push(m);
+                next += 1;
+            }
+            let tx = q.tx.as_mut().ok_or("no tx queue")?;
+            tx.tx_burst(&mut out);
+            // What did not go out now goes with the next burst (nothing is dropped here).
+            let rx = q.rx.as_mut().ok_or("no rx queue")?;
+            rx.rx_burst(&mut got);
+            let mut bad = None;
+            got.drain_front(got.len(), |m| {
+                if bad.is_none() && m.to_vec() != frame(expect) {
+                    bad = Some(format!(
+                        "frame {expect}: {} bytes in {} segments differ from the {} sent",
+                        m.pkt_len(),
+                        m.nb_segs(),
+                        frame(expect).len()
+                    ));
+                }
+                chains += u64::from(m.nb_segs() > 1);
+                max_segs = max_segs.max(m.nb_segs());
+                expect += 1;
+            });
+            if let Some(b) = bad {
+                return Err(b.into());
+            }
+        }
+        let stats = port.stats();
+        drop(qs);
+        tp.write_stdin(b"stop\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(500));
+        port.stop().map_err(|e| e.to_string())?;
+        tp.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
+        wait_exit(&mut tp, Duration::from_secs(20))?;
+        let (tp_rx, tp_tx) = testpmd_counts(&tp.log())?;
+        eprintln!(
+            "testpmd echo (packed {packed}): {N} frames, {chains} arrived as chains (up to {max_segs} segments); testpmd rx {tp_rx} tx {tp_tx}; vdpakit {stats:?}"
+        );
+        let bytes: u64 = (0..N).map(|i| 60 + (i as u64 * 37) % 1455).sum();
+        if (tp_rx, tp_tx) != (N as u64, N as u64)
+            || (stats.rx.packets, stats.rx.bytes) != (N as u64, bytes)
+            || (stats.tx.packets, stats.tx.bytes) != (N as u64, bytes)
+            || stats.rx.drops + stats.rx.errors + stats.tx.drops + stats.tx.errors != 0
+        {
+            return Err(format!("counts: testpmd rx {tp_rx} tx {tp_tx}; vdpakit {stats:?}").into());
+        }
+        if max_segs < 6 {
+            return Err(format!("frames were not spread over buffers (at most {max_segs})").into());
+        }
+        Ok(())
+    })();
+    cleanup_dpdk(&prefix);
+    result
+}
+
 /// A Linux guest pings through `vdpakit fwd --mode icmpecho` on a vhost-user port: 5/5 replies.
 fn guest_ping_icmpecho() -> Result<(), Failed> {
     let dir = TempDir::new("vk-ping").map_err(|e| e.to_string())?;
@@ -737,6 +887,83 @@ fn vdpakit_pair_with(front_tx: bool, packed: bool, batch: bool) -> Result<(), Fa
     check_in_order("vdpakit pair", batch, batch && front_tx, &fe.log())
 }
 
+/// Two vdpakit processes, the back end transmitting 1500-byte stamped frames (`--latency`) into
+/// a front end whose receive buffers hold 512 bytes (`rx_buf=512`, mergeable rx buffers): every
+/// frame arrives spread over 3 buffers, as one mbuf chain. Exact packet and byte counts, every
+/// packet's stamp read from its chain, sizes seen 1500..=1500; `lost` counts only sequence
+/// numbers the back end dropped (its ring full).
+fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-chains").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let be_port = format!("vhost-user:path={}", sock.display());
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        "txonly",
+        "0",
+        &[
+            "--pkt-size",
+            "1500",
+            "--latency",
+            "--start-delay",
+            "2",
+            "--duration",
+            "3",
+            "--linger",
+            "2",
+        ],
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={},mrg_rxbuf=1,rx_buf=512",
+        sock.display(),
+        packed as u8
+    );
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        "rxonly",
+        "1",
+        &["--latency"],
+        &fe_json,
+    )?;
+    wait_exit(&mut be, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&fe, "-INT");
+    wait_exit(&mut fe, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    let (sent, got) = (count(&bp, "tx_packets"), count(&fp, "rx_packets"));
+    let (sent_b, got_b) = (count(&bp, "tx_bytes"), count(&fp, "rx_bytes"));
+    let l = &fp["latency"];
+    let n = |k: &str| l[k].as_u64().unwrap_or(u64::MAX);
+    eprintln!(
+        "vdpakit pair chains (packed {packed}): sent {sent} ({sent_b} B), received {got} ({got_b} B), stamped {}, lost {}, sizes {}..{}",
+        n("packets"),
+        n("lost"),
+        n("min_size"),
+        n("max_size")
+    );
+    if sent == 0
+        || (sent, sent_b) != (got, got_b)
+        || got_b != 1500 * got
+        || n("packets") != got
+        || n("lost") > count(&bp, "tx_dropped")
+        || (n("min_size"), n("max_size")) != (1500, 1500)
+        || count(&fp, "rx_dropped") != 0
+    {
+        return Err(format!(
+            "back end: {bp}\nfront end: {fp}\nfront log:\n{}",
+            fe.log_tail(20)
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// The back end behind a running `virtio-user` front end (transmitting) is stopped and a new
 /// one started on the same socket: the front end reconnects by itself, traffic resumes, and what
 /// the front end counts as sent equals what the two back ends received (packets offered while
@@ -988,6 +1215,19 @@ fn main() -> ExitCode {
             None => t,
         });
     }
+    for (name, packed) in [
+        ("vu_testpmd_echo_mergeable_chains_split", false),
+        ("vu_testpmd_echo_mergeable_chains_packed", true),
+    ] {
+        let t = Trial::test(name, move || testpmd_echo_into_small_buffers(packed));
+        trials.push(match &skip {
+            Some(why) => {
+                println!("SKIP {name}: {why}");
+                t.with_ignored_flag(true)
+            }
+            None => t,
+        });
+    }
     let t = Trial::test("vu_testpmd_back_end_restart", || {
         front_end_survives_back_end_restart(true)
     });
@@ -1030,6 +1270,12 @@ fn main() -> ExitCode {
         trials.push(Trial::test(name, move || {
             vdpakit_pair_with(front_tx, packed, true)
         }));
+    }
+    for (name, packed) in [
+        ("vu_vdpakit_pair_mergeable_chains_split", false),
+        ("vu_vdpakit_pair_mergeable_chains_packed", true),
+    ] {
+        trials.push(Trial::test(name, move || vdpakit_pair_chains(packed)));
     }
     trials.push(Trial::test("vu_vdpakit_back_end_restart", || {
         front_end_survives_back_end_restart(false)

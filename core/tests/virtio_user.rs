@@ -94,8 +94,26 @@ fn packet(pool: &Mempool, i: u32) -> vdpakit_core::Mbuf {
     m
 }
 
+/// Packet `i` as a chain of segments of 1..=300 bytes (depending on `i`).
+fn chained_packet(pool: &Mempool, i: u32) -> vdpakit_core::Mbuf {
+    let whole = packet(pool, i).to_vec();
+    let step = 1 + (i as usize * 13) % 300;
+    let mut parts = whole.chunks(step);
+    let mut head = pool.alloc().expect("pool exhausted");
+    let first = parts.next().unwrap();
+    head.append(first.len()).unwrap().copy_from_slice(first);
+    for p in parts {
+        let mut m = pool.alloc().expect("pool exhausted");
+        m.append(p.len()).unwrap().copy_from_slice(p);
+        head.chain(m).unwrap();
+    }
+    assert_eq!(head.pkt_len(), whole.len());
+    head
+}
+
 fn check(m: &vdpakit_core::Mbuf, i: u32) {
-    let d = m.data();
+    let whole = m.to_vec();
+    let d = &whole[..];
     assert_eq!(
         d.len(),
         60 + (i as usize * 37) % 1455,
@@ -113,8 +131,21 @@ fn check(m: &vdpakit_core::Mbuf, i: u32) {
 }
 
 /// Sends `n` packets numbered from `first` through `tx` and receives them on `rx`, checking every
-/// one in order. Returns (sent, received).
+/// one in order.
 fn transfer(pool: &Mempool, tx: &mut QueuePair, rx: &mut QueuePair, first: u32, n: u32) {
+    transfer_with(pool, tx, rx, first, n, packet, |_, _| {});
+}
+
+/// [`transfer`] with packets made by `make` and each received one also shown to `seen`.
+fn transfer_with(
+    pool: &Mempool,
+    tx: &mut QueuePair,
+    rx: &mut QueuePair,
+    first: u32,
+    n: u32,
+    make: fn(&Mempool, u32) -> vdpakit_core::Mbuf,
+    mut seen: impl FnMut(&vdpakit_core::Mbuf, u32),
+) {
     let txq = tx.tx.as_mut().unwrap();
     let rxq = rx.rx.as_mut().unwrap();
     let mut pending = Burst::new(32);
@@ -127,13 +158,14 @@ fn transfer(pool: &Mempool, tx: &mut QueuePair, rx: &mut QueuePair, first: u32, 
             "stuck at packet {expect} (sent up to {next})"
         );
         while pending.room() > 0 && next < first + n {
-            pending.push(packet(pool, next)).unwrap();
+            pending.push(make(pool, next)).unwrap();
             next += 1;
         }
         txq.tx_burst(&mut pending);
         rxq.rx_burst(&mut got);
         got.drain_front(got.len(), |m| {
             check(&m, expect);
+            seen(&m, expect);
             expect += 1;
         });
     }
@@ -276,6 +308,122 @@ fn packed_in_order_batched_not_mergeable_both_ways() {
     both_ways_in_order(true, false, InOrder::Batched);
 }
 
+/// Receive buffers of `rx_buf=128` bytes with mergeable rx buffers: the back end spreads every
+/// frame over several buffers and the front end delivers each as one mbuf chain (length and
+/// bytes exact, as many segments as buffers). Chained packets also go out both ways: the front
+/// end posts a chain as one descriptor per segment, the back end gathers one into the guest's
+/// buffers. `batch`: the back end also returns completely filled buffers in in-order batches.
+fn mergeable_chains(packed: bool, batch: bool) {
+    let pool = pool();
+    let sock = sock_path();
+    let be_spec = format!(
+        "vhost-user:path={},in_order={}",
+        sock.display(),
+        if batch { "batch" } else { "1" }
+    );
+    let mut be = back_end(&be_spec, &pool);
+    let mut fe = front_end(
+        &format!(
+            "virtio-user:path={},packed={},mrg_rxbuf=1,rx_buf=128",
+            sock.display(),
+            packed as u8
+        ),
+        &pool,
+    );
+    wait_until("both links", || fe.link().up && be.link().up);
+    assert_ne!(fe.negotiated_features().unwrap() & vf::NET_MRG_RXBUF, 0);
+    let mut fq = fe.take_queues().unwrap();
+    let mut bq = be.take_queues().unwrap();
+    const N: u32 = 2000;
+    let mut multi = 0;
+    // Every 128-byte buffer holds 116 frame bytes after the 12-byte header, then 128 each.
+    let segs_for = |len: usize| 1 + (len.saturating_sub(116)).div_ceil(128);
+    transfer_with(&pool, &mut bq[0], &mut fq[0], 0, N, packet, |m, _| {
+        assert_eq!(
+            m.nb_segs() as usize,
+            segs_for(m.pkt_len()),
+            "{}",
+            m.pkt_len()
+        );
+        multi += usize::from(m.nb_segs() > 1);
+    });
+    // The back end transmits chains (gathered into the front end's small buffers).
+    transfer_with(
+        &pool,
+        &mut bq[0],
+        &mut fq[0],
+        N,
+        N,
+        chained_packet,
+        |m, _| {
+            assert_eq!(m.nb_segs() as usize, segs_for(m.pkt_len()));
+        },
+    );
+    // The front end transmits chains.
+    transfer_with(
+        &pool,
+        &mut fq[0],
+        &mut bq[0],
+        0,
+        N,
+        chained_packet,
+        |m, _| {
+            assert_eq!(m.nb_segs(), 1, "the back end receives into one mbuf");
+        },
+    );
+    assert!(multi > N as usize / 2, "only {multi} packets were spread");
+    let fs = fe.stats();
+    let bs = be.stats();
+    let bytes: u64 = (0..2 * N).map(|i| 60 + (i as u64 * 37) % 1455).sum();
+    assert_eq!(
+        (fs.rx.packets, fs.rx.bytes),
+        (2 * N as u64, bytes),
+        "{fs:?}"
+    );
+    assert_eq!(
+        (bs.tx.packets, bs.tx.bytes),
+        (2 * N as u64, bytes),
+        "{bs:?}"
+    );
+    let out: u64 = (0..N).map(|i| 60 + (i as u64 * 37) % 1455).sum();
+    assert_eq!((fs.tx.packets, fs.tx.bytes), (N as u64, out), "{fs:?}");
+    assert_eq!((bs.rx.packets, bs.rx.bytes), (N as u64, out), "{bs:?}");
+    for c in [fs.tx, fs.rx, bs.tx, bs.rx] {
+        assert_eq!((c.drops, c.errors), (0, 0), "{fs:?} {bs:?}");
+    }
+    if batch {
+        assert!(fe.in_order_implied() > 0);
+    }
+    drop(fq);
+    drop(bq);
+    fe.stop().unwrap();
+    be.stop().unwrap();
+    // Every buffer came back: nothing leaked in chains.
+    drop((fe, be));
+    assert_eq!(pool.available(), pool.count() as usize);
+    let _ = std::fs::remove_dir_all(sock.parent().unwrap());
+}
+
+#[test]
+fn split_mergeable_rx_arrives_as_chains() {
+    mergeable_chains(false, false);
+}
+
+#[test]
+fn packed_mergeable_rx_arrives_as_chains() {
+    mergeable_chains(true, false);
+}
+
+#[test]
+fn split_mergeable_rx_chains_with_in_order_batches() {
+    mergeable_chains(false, true);
+}
+
+#[test]
+fn packed_mergeable_rx_chains_with_in_order_batches() {
+    mergeable_chains(true, true);
+}
+
 #[test]
 fn in_order_falls_back_when_not_offered_unless_required() {
     let pool = pool();
@@ -359,6 +507,8 @@ fn bad_spec_values_name_the_value_and_what_is_accepted() {
         ("virtio-user:path=/x,queue_size=16", "64..=32768"),
         ("virtio-user:path=/x,packed=2", "packed='2'"),
         ("virtio-user:path=/x,in_order=2", "in_order='2'"),
+        ("virtio-user:path=/x,rx_buf=64", "128..=2060"),
+        ("virtio-user:path=/x,rx_buf=4096", "rx_buf='4096'"),
         ("virtio-user:path=/x,queues=0", "1..=128"),
         ("virtio-user:path=/x,mac=zz", "mac='zz'"),
         ("virtio-user:path=/x,bogus=1", "bogus"),

@@ -33,7 +33,7 @@ use super::{
     QueuePair, QueueStats, RxQueue, StatsBlocks, TxQueue,
 };
 use crate::error::{Error, Result};
-use crate::mbuf::{Burst, Mbuf};
+use crate::mbuf::{Burst, MAX_BURST, Mbuf};
 use crate::mem::{MemMode, Segment};
 use crate::mempool::{Mempool, MempoolCache};
 use crate::vhost::VhostError;
@@ -44,7 +44,7 @@ use crate::vhost::msg::{MemRegion, VringAddr, proto};
 use crate::vhost::server::{sleep_or_stop, wait_readable};
 use crate::virtio::features as vf;
 use crate::virtio::net::hdr_len;
-use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, ring_layout};
+use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, QueueError, ring_layout};
 
 pub(super) const KIND: PortKind = PortKind {
     name: "virtio-user",
@@ -72,6 +72,10 @@ pub(super) const KIND: PortKind = PortKind {
             "in_order",
             "1: require VIRTIO_F_IN_ORDER; 0: off; default: use if offered",
         ),
+        (
+            "rx_buf",
+            "bytes of each posted receive buffer, the 12-byte virtio-net header included, 128..=data room + 12 (default: the whole mbuf); with mergeable rx buffers larger frames arrive as mbuf chains",
+        ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
     ],
 };
@@ -97,6 +101,8 @@ struct Config {
     packed: bool,
     mrg: Want,
     in_order: Want,
+    /// Bytes of each posted receive buffer (header included); None: all an mbuf holds.
+    rx_buf: Option<usize>,
 }
 
 /// See the module documentation.
@@ -152,6 +158,11 @@ impl VirtioUserPort {
         };
         let mrg = want("mrg_rxbuf")?;
         let in_order = want("in_order")?;
+        let max_buf = u64::from(env.pool.data_room()) + 12;
+        let rx_buf = match a.get("rx_buf") {
+            None => None,
+            Some(_) => Some(a.u64_in("rx_buf", max_buf, 128..=max_buf)? as usize),
+        };
         Ok(VirtioUserPort {
             name: spec.text().to_string(),
             mac: a.mac("mac", super::default_mac(env.port_id))?,
@@ -165,6 +176,7 @@ impl VirtioUserPort {
                 packed: a.choice("packed", "0", &["0", "1"])? == "1",
                 mrg,
                 in_order,
+                rx_buf,
             },
             pairs_key,
             size_key,
@@ -433,20 +445,40 @@ struct RxRun {
     kick: EventFd,
     hdr_len: usize,
     mrg: bool,
-    /// Buffers still to drop of a merged packet that did not fit one mbuf.
+    /// Bytes of each posted buffer, the virtio-net header included (`rx_buf`, at most what an
+    /// mbuf holds after its headroom).
+    buf_len: Option<usize>,
+    /// A packet spread over several buffers (MRG_RXBUF) being chained, with the number of its
+    /// buffers still to come.
+    pending: Option<(Mbuf, u16)>,
+    /// Buffers still to drop of a merged packet that could not be received.
     skip: u16,
     broken: bool,
     /// `q.implied()` as last reported to [`Shared::implied`].
     implied_seen: u64,
 }
 
+/// What became of one used receive buffer.
+enum RxBuf {
+    /// A complete packet.
+    Packet(Mbuf),
+    /// Part of a packet (kept in `pending`), or a buffer of a dropped one.
+    Nothing,
+    /// A packet dropped whole (counted once).
+    Dropped,
+    /// A malformed buffer (counted as an error).
+    Error,
+}
+
 impl RxRun {
     /// Posts one empty mbuf; gives it back on failure.
     #[inline]
     fn post(&mut self, m: Mbuf) -> std::result::Result<(), Mbuf> {
-        // The device writes the virtio-net header into the headroom, the frame at data_off.
+        // The device writes the virtio-net header into the headroom, the frame at data_off
+        // (a packet's later buffers carry frame bytes from the header's place on).
         let addr = m.data_iova() - self.hdr_len as u64;
-        let len = (self.hdr_len + m.tailroom()) as u32;
+        let room = self.hdr_len + m.tailroom();
+        let len = self.buf_len.map_or(room, |b| b.min(room)) as u32;
         match self.q.add(&[(addr, len, true)]) {
             Ok(id) => {
                 self.slots[id as usize] = Some(m);
@@ -476,6 +508,60 @@ impl RxRun {
         }
     }
 
+    /// Takes one used buffer (`len` bytes written) into a packet.
+    #[inline]
+    fn take(&mut self, mut m: Mbuf, len: usize, cache: &mut MempoolCache) -> RxBuf {
+        let h = self.hdr_len;
+        if self.skip > 0 {
+            self.skip -= 1;
+            cache.free(m);
+            return RxBuf::Nothing;
+        }
+        if let Some((mut head, left)) = self.pending.take() {
+            // A later buffer of a merged packet: frame bytes from the header's place on.
+            let ok = len > 0 && m.prepend(h).is_some() && m.set_data_len(len);
+            if !ok {
+                // Empty or longer than the buffer: the packet is lost, its other buffers too.
+                self.skip = left - 1;
+                cache.free(m);
+                cache.free(head);
+                return RxBuf::Error;
+            }
+            if let Err(m) = head.chain(m) {
+                self.skip = left - 1;
+                cache.free(m);
+                cache.free(head);
+                return RxBuf::Dropped;
+            }
+            if left == 1 {
+                return RxBuf::Packet(head);
+            }
+            self.pending = Some((head, left - 1));
+            return RxBuf::Nothing;
+        }
+        if len <= h || !m.set_data_len(len - h) {
+            // A runt (header only) or a length beyond the buffer we posted.
+            cache.free(m);
+            return RxBuf::Error;
+        }
+        let nbuf = match m.prepend(h) {
+            Some(hdr) if self.mrg => u16::from_le_bytes([hdr[10], hdr[11]]),
+            _ => 1,
+        };
+        m.adj(h);
+        if nbuf <= 1 {
+            return RxBuf::Packet(m);
+        }
+        if nbuf > self.q.size() {
+            // More buffers than the ring holds: the header is garbage; nothing can be trusted
+            // about what follows, so this buffer alone is dropped.
+            cache.free(m);
+            return RxBuf::Error;
+        }
+        self.pending = Some((m, nbuf - 1));
+        RxBuf::Nothing
+    }
+
     #[inline]
     fn burst(
         &mut self,
@@ -489,7 +575,6 @@ impl RxRun {
             return 0;
         }
         let (mut got, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
-        let h = self.hdr_len;
         while pkts.room() > 0 {
             let (id, len) = match self.q.reap() {
                 Ok(Some(x)) => x,
@@ -501,39 +586,22 @@ impl RxRun {
                     break;
                 }
             };
-            let Some(mut m) = self.slots.get_mut(id as usize).and_then(Option::take) else {
+            let Some(m) = self.slots.get_mut(id as usize).and_then(Option::take) else {
                 errors += 1;
                 continue;
             };
-            if self.skip > 0 {
-                self.skip -= 1;
-                cache.free(m);
-                continue;
+            match self.take(m, len as usize, cache) {
+                RxBuf::Packet(mut m) => {
+                    m.set_rx_port(port, queue);
+                    bytes += m.pkt_len() as u64;
+                    // Cannot fail: the loop runs while there is room.
+                    let _ = pkts.push(m);
+                    got += 1;
+                }
+                RxBuf::Nothing => {}
+                RxBuf::Dropped => drops += 1,
+                RxBuf::Error => errors += 1,
             }
-            let len = len as usize;
-            if len <= h || !m.set_data_len(len - h) {
-                // A runt (header only) or a length beyond the buffer we posted.
-                errors += 1;
-                cache.free(m);
-                continue;
-            }
-            let nbuf = match m.prepend(h) {
-                Some(hdr) if h >= 12 => u16::from_le_bytes([hdr[10], hdr[11]]),
-                _ => 1,
-            };
-            m.adj(h);
-            if self.mrg && nbuf > 1 {
-                // Spread over several buffers: not chained into one mbuf; dropped and counted.
-                self.skip = nbuf - 1;
-                drops += 1;
-                cache.free(m);
-                continue;
-            }
-            m.set_rx_port(port, queue);
-            bytes += m.data_len() as u64;
-            // Cannot fail: the loop runs while there is room.
-            let _ = pkts.push(m);
-            got += 1;
         }
         self.refill(cache);
         if got > 0 {
@@ -549,6 +617,22 @@ impl RxRun {
     }
 }
 
+/// Most segments of a transmitted chain posted as they are (one descriptor each); longer chains
+/// are copied into one buffer.
+const TX_MAX_SEGS: usize = 64;
+
+/// What became of one packet offered for transmission.
+enum TxPost {
+    /// Posted under this id (the header prepended in place).
+    Posted(u16),
+    /// Copied into a buffer of ours, which was posted (and stored) under this id.
+    Copied,
+    /// The ring is full: left with the caller, unchanged.
+    Full,
+    /// Cannot be sent (no buffer for a copy, or too large): dropped and counted.
+    Dropped,
+}
+
 /// A running transmit vring.
 struct TxRun {
     q: DriverQueue,
@@ -562,7 +646,12 @@ struct TxRun {
     broken: bool,
     /// `q.implied()` as last reported to [`Shared::implied`].
     implied_seen: u64,
+    /// Per packet of the burst being posted: its id (see `TxPost`).
+    ids: Box<[u32; MAX_BURST]>,
 }
+
+/// `TxRun::ids` entry: the packet was copied (or dropped); free the original.
+const TX_FREE: u32 = u32::MAX;
 
 impl TxRun {
     /// Frees the packets the back end is done with.
@@ -584,10 +673,83 @@ impl TxRun {
         }
     }
 
+    /// Whether a buffer (start address and length in this process) lies in the memory the back
+    /// end can read.
     #[inline]
-    fn shared_mem(&self, m: &Mbuf) -> bool {
-        let start = m.data_ptr() as usize - m.headroom();
-        start >= self.shared_lo && start + m.buf_len() <= self.shared_hi
+    fn shared_span(&self, (start, len): (usize, usize)) -> bool {
+        start >= self.shared_lo && start + len <= self.shared_hi
+    }
+
+    /// Posts one packet: in place when every segment is memory the back end reads and the head
+    /// has room for the header, else as a copy in a buffer of ours.
+    #[inline]
+    fn post(&mut self, m: &mut Mbuf, cache: &mut MempoolCache) -> TxPost {
+        let h = self.hdr_len;
+        let segs = m.nb_segs() as usize;
+        let in_place = m.headroom() >= h
+            && segs <= TX_MAX_SEGS
+            && m.segments().all(|s| self.shared_span(s.buf_span()));
+        if in_place {
+            let len = m.data_len();
+            if let Some(hdr) = m.prepend(h) {
+                hdr.fill(0);
+            }
+            let r = if segs == 1 {
+                self.q.add(&[(m.data_iova(), (len + h) as u32, false)])
+            } else {
+                let mut bufs = [(0u64, 0u32, false); TX_MAX_SEGS];
+                for (b, s) in bufs.iter_mut().zip(m.segments()) {
+                    *b = (s.data_iova(), s.data_len() as u32, false);
+                }
+                self.q.add(&bufs[..segs])
+            };
+            return match r {
+                Ok(id) => TxPost::Posted(id),
+                Err(e) => {
+                    m.adj(h);
+                    if matches!(e, QueueError::QueueFull { .. }) {
+                        TxPost::Full
+                    } else {
+                        TxPost::Dropped
+                    }
+                }
+            };
+        }
+        if self.q.free_count() == 0 {
+            return TxPost::Full;
+        }
+        // Not in memory the back end sees (another pool), no room for the header, or too many
+        // segments: copy into one of ours.
+        let Some(mut c) = cache.alloc() else {
+            return TxPost::Dropped;
+        };
+        let len = m.pkt_len();
+        if c.append(len).map(|d| m.read_at(0, d)) != Some(len) {
+            // Larger than one of our buffers.
+            cache.free(c);
+            return TxPost::Dropped;
+        }
+        match c.prepend(h) {
+            Some(hdr) => hdr.fill(0),
+            None => {
+                cache.free(c);
+                return TxPost::Dropped;
+            }
+        }
+        match self.q.add(&[(c.data_iova(), (len + h) as u32, false)]) {
+            Ok(id) => {
+                self.slots[id as usize] = Some(c);
+                TxPost::Copied
+            }
+            Err(e) => {
+                cache.free(c);
+                if matches!(e, QueueError::QueueFull { .. }) {
+                    TxPost::Full
+                } else {
+                    TxPost::Dropped
+                }
+            }
+        }
     }
 
     #[inline]
@@ -596,43 +758,34 @@ impl TxRun {
             return 0;
         }
         self.reclaim(cache);
-        let n = pkts.len().min(self.q.free_count() as usize);
         let (mut posted, mut bytes, mut drops) = (0u64, 0u64, 0u64);
-        let h = self.hdr_len;
-        pkts.drain_front(n, |m| {
-            let mut m = m;
-            if !self.shared_mem(&m) || m.headroom() < h {
-                // Not in memory the back end sees (another pool) or no room for the header:
-                // copy into one of ours.
-                let copy = cache.alloc().and_then(|mut c| {
-                    let d = c.append(m.data_len())?;
-                    d.copy_from_slice(m.data());
-                    Some(c)
-                });
-                cache.free(m);
-                match copy {
-                    Some(c) => m = c,
-                    None => {
-                        drops += 1;
-                        return;
-                    }
-                }
-            }
-            let len = m.data_len();
-            if let Some(hdr) = m.prepend(h) {
-                hdr.fill(0);
-            }
-            match self.q.add(&[(m.data_iova(), (len + h) as u32, false)]) {
-                Ok(id) => {
-                    self.slots[id as usize] = Some(m);
-                    posted += 1;
-                    bytes += len as u64;
-                }
-                Err(_) => {
+        let mut n = 0;
+        for m in pkts.as_mut_slice() {
+            let len = m.pkt_len() as u64;
+            let id = match self.post(m, cache) {
+                TxPost::Full => break,
+                TxPost::Posted(id) => u32::from(id),
+                TxPost::Copied => TX_FREE,
+                TxPost::Dropped => {
                     drops += 1;
-                    cache.free(m);
+                    self.ids[n] = TX_FREE;
+                    n += 1;
+                    continue;
                 }
+            };
+            self.ids[n] = id;
+            n += 1;
+            posted += 1;
+            bytes += len;
+        }
+        let (ids, slots) = (&self.ids, &mut self.slots);
+        let mut i = 0;
+        pkts.drain_front(n, |m| {
+            match ids[i] {
+                TX_FREE => cache.free(m),
+                id => slots[id as usize] = Some(m),
             }
+            i += 1;
         });
         if posted > 0 && self.q.publish_avail() {
             kick(&self.kick);
@@ -1124,6 +1277,8 @@ impl Control {
                     kick: kick_fd,
                     hdr_len: h,
                     mrg,
+                    buf_len: self.cfg.rx_buf,
+                    pending: None,
                     skip: 0,
                     broken: false,
                     implied_seen: 0,
@@ -1152,6 +1307,7 @@ impl Control {
                     shared_hi: hi,
                     broken: false,
                     implied_seen: 0,
+                    ids: Box::new([0; MAX_BURST]),
                 };
                 fe.set_vring_kick(i, Some(run.kick.as_fd()))?;
                 tx_runs.push(run);
@@ -1229,19 +1385,30 @@ impl Control {
             let lost = slots.iter_mut().filter_map(Option::take).count() as u64;
             self.shared.tx_lost[q].fetch_add(lost, Ordering::Relaxed);
         }
+        let mut cache = self.pool.cache(0);
         for (q, run) in rx.iter_mut().enumerate() {
-            let Some(run) = run.take() else { continue };
-            let RxRun {
-                q: mut dq,
-                mut slots,
-                ..
-            } = run;
+            let Some(mut run) = run.take() else { continue };
+            // Packets delivered that no rx_burst took: received, and dropped here. A merged
+            // packet still missing buffers counts once too.
             let mut late = 0u64;
-            while let Ok(Some((id, _))) = dq.reap() {
-                if slots.get_mut(id as usize).and_then(Option::take).is_some() {
-                    late += 1;
+            while let Ok(Some((id, len))) = run.q.reap() {
+                let Some(m) = run.slots.get_mut(id as usize).and_then(Option::take) else {
+                    continue;
+                };
+                match run.take(m, len as usize, &mut cache) {
+                    RxBuf::Packet(m) => {
+                        late += 1;
+                        cache.free(m);
+                    }
+                    RxBuf::Dropped => late += 1,
+                    RxBuf::Nothing | RxBuf::Error => {}
                 }
             }
+            if let Some((m, _)) = run.pending.take() {
+                late += 1;
+                cache.free(m);
+            }
+            let slots = &mut run.slots;
             self.shared.rx_late[q].fetch_add(late, Ordering::Relaxed);
             self.parked[q].extend(slots.iter_mut().filter_map(Option::take));
         }
