@@ -968,8 +968,10 @@ fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
 /// one started on the same socket: the front end reconnects by itself, traffic resumes, and what
 /// the front end counts as sent equals what the two back ends received (packets offered while
 /// no back end was there, or left unconsumed by the departed one, are counted as drops).
-/// `testpmd`: the back ends are DPDK's; otherwise vdpakit's.
-fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
+/// `testpmd`: the back ends are DPDK's; otherwise vdpakit's. `kill`: the first one is killed
+/// (SIGKILL) instead, so only the second one's count is known. Either way the front end must
+/// see the departed back end's process exit and use the buffers it had again (none withheld).
+fn front_end_survives_back_end_restart(testpmd: bool, kill: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-vureco").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
     let prefix = format!("vkv{}", std::process::id());
@@ -1031,7 +1033,13 @@ fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
             &fe_json,
         )?;
         std::thread::sleep(Duration::from_secs(4));
-        let rx1 = stop_back(&mut b1)?;
+        let rx1 = if kill {
+            signal(&b1.p, "-KILL");
+            wait_exit(&mut b1.p, Duration::from_secs(20))?;
+            None
+        } else {
+            Some(stop_back(&mut b1)?)
+        };
         if testpmd {
             cleanup_dpdk(&format!("{prefix}x1"));
         }
@@ -1045,8 +1053,27 @@ fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
         let log = fe.log();
         let setups = log.matches("back end set up").count();
         eprintln!(
-            "front end sent {sent} (dropped {dropped}) over {setups} back ends | received {rx1} + {rx2}"
+            "front end sent {sent} (dropped {dropped}) over {setups} back ends | received {rx1:?} + {rx2}"
         );
+        let released = log.contains("process has exited");
+        if !released || log.contains("withheld") || log.contains("stay out of the pool") {
+            return Err(format!(
+                "the departed back end's buffers were not used again after its process exited:\n{}",
+                fe.log_tail(20)
+            )
+            .into());
+        }
+        let Some(rx1) = rx1 else {
+            // Killed: what it received is unknown; the second one must have carried traffic.
+            if setups != 2 || rx2 == 0 || sent <= rx2 {
+                return Err(format!(
+                    "{setups} set-ups, sent {sent}, second back end received {rx2}\n{}",
+                    fe.log_tail(20)
+                )
+                .into());
+            }
+            return Ok(());
+        };
         if setups != 2 || rx1 == 0 || rx2 == 0 {
             return Err(format!(
                 "expected traffic through two back ends, got {setups} set-ups, {rx1} and {rx2} packets\n{}",
@@ -1229,7 +1256,7 @@ fn main() -> ExitCode {
         });
     }
     let t = Trial::test("vu_testpmd_back_end_restart", || {
-        front_end_survives_back_end_restart(true)
+        front_end_survives_back_end_restart(true, false)
     });
     trials.push(match &skip {
         Some(why) => {
@@ -1278,7 +1305,10 @@ fn main() -> ExitCode {
         trials.push(Trial::test(name, move || vdpakit_pair_chains(packed)));
     }
     trials.push(Trial::test("vu_vdpakit_back_end_restart", || {
-        front_end_survives_back_end_restart(false)
+        front_end_survives_back_end_restart(false, false)
+    }));
+    trials.push(Trial::test("vu_vdpakit_back_end_killed", || {
+        front_end_survives_back_end_restart(false, true)
     }));
     // Guest artefacts (kernel, busybox, QEMU): a missing prerequisite skips, a broken harness fails.
     let guest = if args.list {

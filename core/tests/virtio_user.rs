@@ -614,3 +614,182 @@ fn server_mode_front_end_takes_a_connecting_back_end() {
     assert!(!sock.exists(), "the socket is removed when the port stops");
     let _ = std::fs::remove_dir_all(sock.parent().unwrap());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Teardown: buffers are used again only once the back end no longer can
+// ---------------------------------------------------------------------------------------------
+
+/// How a scripted back end ([`fake_back_end`]) ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FakeEnd {
+    /// Answers GET_VRING_BASE 300 ms after the first one arrives (having called `at_stop`).
+    SlowStop,
+    /// Never answers GET_VRING_BASE (a hung back end).
+    NeverStop,
+    /// Closes the connection when `hang_up` is raised (its process, this one, keeps running).
+    HangUp,
+}
+
+/// A scripted back end on `sock` that offers VERSION_1 only (no protocol features: no acks, no
+/// per-ring enables; the front end starts its rings after SET_VRING_KICK) and never consumes
+/// anything: every buffer the front end posts stays posted.
+fn fake_back_end(
+    sock: &std::path::Path,
+    end: FakeEnd,
+    at_stop: impl FnOnce() + Send + 'static,
+    hang_up: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use vdpakit_core::vhost::msg::{FLAG_REPLY, FLAG_VERSION, Header, Req};
+    use vdpakit_core::vhost::socket::Conn;
+    let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut conn = Conn::new(stream);
+        let mut at_stop = Some(at_stop);
+        let reply = |conn: &mut Conn, req: Req, payload: &[u8]| {
+            let h = Header {
+                request: req as u32,
+                flags: FLAG_VERSION | FLAG_REPLY,
+                size: payload.len() as u32,
+            };
+            conn.send(h, payload, &[]).unwrap();
+        };
+        loop {
+            if end == FakeEnd::HangUp && hang_up.load(Ordering::Relaxed) {
+                return;
+            }
+            let m = match conn.recv() {
+                Ok(m) => m,
+                Err(vdpakit_core::vhost::socket::ConnError::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    continue;
+                }
+                Err(_) => return,
+            };
+            match Req::from_u32(m.hdr.request) {
+                Some(Req::GetFeatures) => {
+                    reply(&mut conn, Req::GetFeatures, &vf::VERSION_1.to_le_bytes());
+                }
+                Some(Req::GetVringBase) => match end {
+                    FakeEnd::SlowStop => {
+                        if let Some(f) = at_stop.take() {
+                            f();
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                        reply(&mut conn, Req::GetVringBase, &m.payload);
+                    }
+                    FakeEnd::NeverStop | FakeEnd::HangUp => {}
+                },
+                _ => {}
+            }
+        }
+    })
+}
+
+/// Buffers a front end has out in [`front_end_with_posted_buffers`]: 100 packets posted for
+/// transmission, 256 receive buffers.
+const POSTED: usize = 100 + 256;
+
+/// A front end on `sock` with 100 packets posted for transmission that the back end never
+/// consumes, and its 256 receive buffers posted; its queues are dropped (their caches flushed),
+/// so exactly [`POSTED`] buffers are out of the pool.
+fn front_end_with_posted_buffers(pool: &Arc<Mempool>, sock: &std::path::Path) -> VirtioUserPort {
+    let mut fe = front_end(&format!("virtio-user:path={}", sock.display()), pool);
+    wait_until("link", || fe.link().up);
+    let mut fq = fe.take_queues().unwrap();
+    let mut b = Burst::new(100);
+    for i in 0..100 {
+        b.push(packet(pool, i)).unwrap();
+    }
+    assert_eq!(fq[0].tx.as_mut().unwrap().tx_burst(&mut b), 100);
+    drop(fq);
+    assert_eq!(pool.count() as usize - pool.available(), POSTED);
+    fe
+}
+
+/// Stopping the port stops the back end's rings (GET_VRING_BASE) and frees or reuses nothing
+/// before the back end has answered: while it holds its reply, every buffer it was given is
+/// still out; afterwards all are back.
+#[test]
+fn stop_waits_for_the_back_end_to_stop_its_rings_before_freeing() {
+    let pool = pool();
+    let sock = sock_path();
+    let seen = Arc::new(AtomicU32::new(u32::MAX));
+    let (p, s) = (Arc::clone(&pool), Arc::clone(&seen));
+    let fake = fake_back_end(
+        &sock,
+        FakeEnd::SlowStop,
+        move || s.store(p.available() as u32, Ordering::SeqCst),
+        Default::default(),
+    );
+    let mut fe = front_end_with_posted_buffers(&pool, &sock);
+    fe.stop().unwrap();
+    fake.join().unwrap();
+    assert_eq!(
+        seen.load(Ordering::SeqCst) as usize,
+        pool.count() as usize - POSTED,
+        "buffers were freed before the back end confirmed the stop"
+    );
+    drop(fe);
+    assert_eq!(pool.available(), pool.count() as usize);
+    let _ = std::fs::remove_dir_all(sock.parent().unwrap());
+}
+
+/// A back end that never confirms the stop (no GET_VRING_BASE reply within the 5 s reply
+/// timeout) and whose process still runs: none of the buffers it was given is ever reused.
+#[test]
+fn unconfirmed_stop_never_reuses_the_back_ends_buffers() {
+    let pool = pool();
+    let sock = sock_path();
+    let fake = fake_back_end(&sock, FakeEnd::NeverStop, || {}, Default::default());
+    let mut fe = front_end_with_posted_buffers(&pool, &sock);
+    fe.stop().unwrap();
+    drop(fe);
+    assert_eq!(pool.available(), pool.count() as usize - POSTED);
+    fake.join().unwrap();
+    let _ = std::fs::remove_dir_all(sock.parent().unwrap());
+}
+
+/// A back end hangs up while its process (this one) keeps running: its buffers and ring memory
+/// are withheld; the next back end gets fresh ones, traffic flows both ways with exact counts,
+/// and the withheld buffers never return.
+#[test]
+fn hang_up_by_a_running_back_end_withholds_its_buffers() {
+    let pool = pool();
+    let sock = sock_path();
+    let hang_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fake = fake_back_end(&sock, FakeEnd::HangUp, || {}, Arc::clone(&hang_up));
+    // The front end's queues are taken once: the ones it keeps using after the hang-up.
+    let mut fe = front_end(&format!("virtio-user:path={}", sock.display()), &pool);
+    wait_until("link", || fe.link().up);
+    let mut fq = fe.take_queues().unwrap();
+    let mut b = Burst::new(100);
+    for i in 0..100 {
+        b.push(packet(&pool, i)).unwrap();
+    }
+    assert_eq!(fq[0].tx.as_mut().unwrap().tx_burst(&mut b), 100);
+    hang_up.store(true, Ordering::Relaxed);
+    fake.join().unwrap();
+    std::fs::remove_file(&sock).unwrap();
+    wait_until("the front end to see it", || !fe.link().up);
+    let mut be = back_end(&format!("vhost-user:path={}", sock.display()), &pool);
+    wait_until("the reconnect", || fe.link().up && be.link().up);
+    let mut bq = be.take_queues().unwrap();
+    transfer(&pool, &mut fq[0], &mut bq[0], 1000, 1000);
+    transfer(&pool, &mut bq[0], &mut fq[0], 0, 1000);
+    let fs = fe.stats();
+    // The 100 posted to the departed back end are drops: it never consumed them.
+    assert_eq!((fs.tx.packets, fs.tx.drops), (1000, 100), "{fs:?}");
+    assert_eq!(be.stats().rx.packets, 1000);
+    assert_eq!(fs.rx.packets, 1000);
+    drop((fq, bq));
+    fe.stop().unwrap();
+    be.stop().unwrap();
+    drop((fe, be));
+    assert_eq!(pool.available(), pool.count() as usize - POSTED);
+    let _ = std::fs::remove_dir_all(sock.parent().unwrap());
+}

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::{
@@ -890,30 +891,9 @@ impl ControlHandle {
         } else {
             None
         };
-        // Ring memory: one slot per vring, big enough for either layout with EVENT_IDX.
-        let mut offsets = Vec::with_capacity(cfg.pairs as usize * 2);
-        let mut total = 0u64;
-        for _ in 0..cfg.pairs {
-            for size in [cfg.rx_size, cfg.tx_size] {
-                offsets.push(total);
-                let need = ring_layout(size, false, true)
-                    .total
-                    .max(ring_layout(size, true, true).total);
-                total += need.next_multiple_of(4096);
-            }
-        }
-        let rings = Segment::new(
-            &format!("virtio-user{port_id}-rings"),
-            total as usize,
-            MemMode::NoHuge,
-        )
-        .map_err(|e| sock_err(format!("ring memory: {e}")))?;
         let pool_seg = Arc::clone(pool.zone().segment());
-        let mem = GuestMemory::new(vec![
-            GuestRegion::from_segment(&pool_seg),
-            GuestRegion::from_segment(&rings),
-        ])
-        .map_err(|e| sock_err(format!("memory table: {e}")))?;
+        let (rings, offsets, mem) =
+            ring_memory(cfg, port_id, &pool_seg).map_err(|e| sock_err(e))?;
         let stop = Arc::new(
             EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| sock_err(format!("eventfd: {e}")))?,
@@ -921,6 +901,7 @@ impl ControlHandle {
         let shared = Shared::new(cfg.pairs);
         let mut ctl = Control {
             cfg: cfg.clone(),
+            port_id,
             pool: Arc::clone(pool),
             pool_seg,
             rings,
@@ -930,6 +911,7 @@ impl ControlHandle {
             parked: (0..cfg.pairs).map(|_| Vec::new()).collect(),
             listener,
             stop: Arc::clone(&stop),
+            withheld: Vec::new(),
             warned_mrg: false,
             warned_in_order: false,
         };
@@ -959,6 +941,71 @@ impl Drop for ControlHandle {
     }
 }
 
+/// Memory for every vring of the port (one slot per vring, big enough for either layout with
+/// EVENT_IDX), its slot offsets, and the guest memory (pool + rings) the back end is given.
+fn ring_memory(
+    cfg: &Config,
+    port_id: u16,
+    pool_seg: &Arc<Segment>,
+) -> std::result::Result<(Arc<Segment>, Vec<u64>, GuestMemory), String> {
+    let mut offsets = Vec::with_capacity(cfg.pairs as usize * 2);
+    let mut total = 0u64;
+    for _ in 0..cfg.pairs {
+        for size in [cfg.rx_size, cfg.tx_size] {
+            offsets.push(total);
+            let need = ring_layout(size, false, true)
+                .total
+                .max(ring_layout(size, true, true).total);
+            total += need.next_multiple_of(4096);
+        }
+    }
+    let rings = Segment::new(
+        &format!("virtio-user{port_id}-rings"),
+        total as usize,
+        MemMode::NoHuge,
+    )
+    .map_err(|e| format!("ring memory: {e}"))?;
+    let mem = GuestMemory::new(vec![
+        GuestRegion::from_segment(pool_seg),
+        GuestRegion::from_segment(&rings),
+    ])
+    .map_err(|e| format!("memory table: {e}"))?;
+    Ok((rings, offsets, mem))
+}
+
+/// The back end's process, to tell after a hang-up whether it can still touch our memory.
+enum Peer {
+    /// Its pidfd (`SO_PEERPIDFD`, Linux 6.5+): readable once the process has exited.
+    Pidfd(std::os::fd::OwnedFd),
+    /// Not known (an older kernel): it may still run.
+    Unknown,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd) {
+            Ok(fd) => Peer::Pidfd(fd),
+            Err(_) => Peer::Unknown,
+        }
+    }
+
+    /// Whether the process has exited (none of its threads runs), waiting at most `wait`.
+    fn exited(&self, wait: Duration) -> bool {
+        let Peer::Pidfd(fd) = self else { return false };
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let t = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        matches!(poll(&mut fds, t), Ok(n) if n > 0)
+    }
+}
+
+/// Buffers (and ring memory) a back end was given and may still access: its rings were not
+/// confirmed stopped and its process had not exited. Kept out of use until it exits.
+struct Withheld {
+    peer: Peer,
+    bufs: Vec<Mbuf>,
+    _rings: Arc<Segment>,
+}
+
 /// What was negotiated with one back end.
 #[derive(Debug, Clone, Copy)]
 struct Negotiated {
@@ -976,6 +1023,7 @@ enum End {
 
 struct Control {
     cfg: Config,
+    port_id: u16,
     pool: Arc<Mempool>,
     pool_seg: Arc<Segment>,
     rings: Arc<Segment>,
@@ -987,6 +1035,8 @@ struct Control {
     parked: Vec<Vec<Mbuf>>,
     listener: Option<UnixListener>,
     stop: Arc<EventFd>,
+    /// Buffers of back ends that may still access them (see [`Withheld`]).
+    withheld: Vec<Withheld>,
     warned_mrg: bool,
     warned_in_order: bool,
 }
@@ -995,6 +1045,7 @@ impl Control {
     fn run(&mut self) {
         let path = self.cfg.path.display().to_string();
         loop {
+            self.release_withheld();
             let Some(stream) = self.next_back_end(&path) else {
                 break;
             };
@@ -1022,6 +1073,37 @@ impl Control {
                 }
             }
         }
+        self.release_withheld();
+        let mut kept = 0usize;
+        for w in self.withheld.drain(..) {
+            for m in w.bufs {
+                // Given up for good: never back in the pool (its memory stays mapped).
+                let _ = m.into_raw();
+                kept += 1;
+            }
+        }
+        if kept > 0 {
+            // A back end that may still read or write them: they never go back to the pool.
+            tracing::warn!(
+                "virtio-user {path}: {kept} buffers stay out of the pool: a back end whose rings \
+                 were not confirmed stopped still runs"
+            );
+        }
+    }
+
+    /// Returns the buffers of departed back ends whose process has exited since to the pool.
+    fn release_withheld(&mut self) {
+        let path = self.cfg.path.display();
+        self.withheld.retain(|w| {
+            if !w.peer.exited(Duration::ZERO) {
+                return true;
+            }
+            tracing::info!(
+                "virtio-user {path}: the back end's process has exited: its {} withheld buffers are free again",
+                w.bufs.len()
+            );
+            false
+        });
     }
 
     /// Waits for the next back end: accepts (server mode) or connects with a 1 s retry, with one
@@ -1057,16 +1139,19 @@ impl Control {
                     if sleep_or_stop(&self.stop, Duration::from_secs(1)) {
                         return None;
                     }
+                    self.release_withheld();
                 }
             }
         }
     }
 
     fn session(&mut self, stream: UnixStream, path: &str) -> std::result::Result<End, VhostError> {
+        let peer = Peer::of(&stream);
         let mut fe = Frontend::new(stream)?;
         let neg = self.negotiate(&mut fe)?;
         if let Err(e) = self.start_rings(&mut fe, neg) {
-            self.stop_rings(None);
+            // Some rings may run already: stop them before anything is reused.
+            self.stop_rings(Some(&mut fe), peer);
             return Err(e);
         }
         self.shared.features.store(neg.features, Ordering::Relaxed);
@@ -1093,7 +1178,7 @@ impl Control {
         loop {
             if !wait_readable(fe.stream(), &self.stop) {
                 self.shared.link_up.store(false, Ordering::Release);
-                self.stop_rings(Some(&mut fe));
+                self.stop_rings(Some(&mut fe), peer);
                 return Ok(End::Stop);
             }
             let mut probe = [0u8; 1];
@@ -1116,7 +1201,7 @@ impl Control {
             }
         }
         self.shared.link_up.store(false, Ordering::Release);
-        self.stop_rings(None);
+        self.stop_rings(None, peer);
         Ok(End::Gone)
     }
 
@@ -1333,11 +1418,15 @@ impl Control {
         Ok(())
     }
 
-    /// Takes every ring away from the datapath; with a live back end (`fe`), stops its rings
-    /// first (GET_VRING_BASE). Transmitted packets it did not consume are counted as lost and
-    /// freed; received ones no queue reaped are counted late and freed; empty receive buffers
-    /// are parked for the next back end.
-    fn stop_rings(&mut self, fe: Option<&mut Frontend>) {
+    /// Takes every ring away from the datapath and, with a connection (`fe`), stops the back
+    /// end's rings: GET_VRING_BASE for each, whose reply confirms the back end no longer uses
+    /// it (vhost-user: "the back-end must stop the ring"). Only then are the ring's buffers used
+    /// again: transmitted packets it did not consume are counted as lost and freed, received
+    /// ones no queue reaped are counted late, empty receive buffers are parked for the next
+    /// back end. Without confirmation (no reply, or the back end hung up) the buffers are used
+    /// again only if its process has exited (`peer`; after a hang-up it gets a second to do
+    /// so); otherwise they and the ring memory are withheld until it exits ([`Withheld`]).
+    fn stop_rings(&mut self, fe: Option<&mut Frontend>, peer: Peer) {
         let mut rx: Vec<Option<RxRun>> = self
             .shared
             .rx
@@ -1350,6 +1439,7 @@ impl Control {
             .iter()
             .map(|h| h.close().state().take())
             .collect();
+        let path = self.cfg.path.display().to_string();
         let implied: u64 = self
             .shared
             .implied
@@ -1358,18 +1448,39 @@ impl Control {
             .sum();
         if implied > 0 {
             tracing::info!(
-                "virtio-user {}: {implied} chains completed by in-order batches so far",
-                self.cfg.path.display()
+                "virtio-user {path}: {implied} chains completed by in-order batches so far"
             );
         }
+        let mut stopped = vec![false; self.offsets.len()];
+        let hung_up = fe.is_none();
         if let Some(fe) = fe {
-            for i in 0..self.offsets.len() {
-                if let Err(e) = fe.get_vring_base(i as u32) {
-                    tracing::debug!(vring = i, "GET_VRING_BASE: {e}");
-                    break;
+            for (i, s) in stopped.iter_mut().enumerate() {
+                match fe.get_vring_base(i as u32) {
+                    Ok(_) => *s = true,
+                    Err(e) => {
+                        // After a failed exchange the connection's state is unknown: no more.
+                        tracing::warn!(
+                            "virtio-user {path}: stopping vring {i} (GET_VRING_BASE): {e}"
+                        );
+                        break;
+                    }
                 }
             }
         }
+        let confirmed = stopped.iter().all(|&s| s);
+        let exited = !confirmed
+            && peer.exited(if hung_up {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(100)
+            });
+        if exited {
+            tracing::info!(
+                "virtio-user {path}: the back end's process has exited: the buffers it had are used again"
+            );
+        }
+        let safe = |vring: usize| stopped[vring] || exited;
+        let mut withheld = Vec::new();
         for (q, run) in tx.iter_mut().enumerate() {
             let Some(run) = run.take() else { continue };
             let TxRun {
@@ -1377,13 +1488,21 @@ impl Control {
                 mut slots,
                 ..
             } = run;
+            // Completed: the back end is done with these.
             while let Ok(Some((id, _))) = dq.reap() {
                 if let Some(s) = slots.get_mut(id as usize) {
                     s.take();
                 }
             }
-            let lost = slots.iter_mut().filter_map(Option::take).count() as u64;
-            self.shared.tx_lost[q].fetch_add(lost, Ordering::Relaxed);
+            let left = slots.iter_mut().filter_map(Option::take);
+            let lost = if safe(2 * q + 1) {
+                left.count()
+            } else {
+                let n = withheld.len();
+                withheld.extend(left);
+                withheld.len() - n
+            };
+            self.shared.tx_lost[q].fetch_add(lost as u64, Ordering::Relaxed);
         }
         let mut cache = self.pool.cache(0);
         for (q, run) in rx.iter_mut().enumerate() {
@@ -1408,9 +1527,47 @@ impl Control {
                 late += 1;
                 cache.free(m);
             }
-            let slots = &mut run.slots;
             self.shared.rx_late[q].fetch_add(late, Ordering::Relaxed);
-            self.parked[q].extend(slots.iter_mut().filter_map(Option::take));
+            let empty = run.slots.iter_mut().filter_map(Option::take);
+            if safe(2 * q) {
+                self.parked[q].extend(empty);
+            } else {
+                withheld.extend(empty);
+            }
+        }
+        drop(cache);
+        if !stopped.iter().all(|&s| s) && !exited {
+            tracing::warn!(
+                "virtio-user {path}: the back end {}; its process still runs, so {} buffers it \
+                 was given are withheld until it exits",
+                if hung_up {
+                    "hung up without its rings being stopped"
+                } else {
+                    "did not confirm that its rings stopped"
+                },
+                withheld.len()
+            );
+            // The ring memory too: the next back end gets fresh rings.
+            match ring_memory(&self.cfg, self.port_id, &self.pool_seg) {
+                Ok((rings, offsets, mem)) => {
+                    let old = std::mem::replace(&mut self.rings, rings);
+                    self.offsets = offsets;
+                    self.mem = mem;
+                    self.withheld.push(Withheld {
+                        peer,
+                        bufs: withheld,
+                        _rings: old,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!("virtio-user {path}: new ring memory: {e}");
+                    self.withheld.push(Withheld {
+                        peer,
+                        bufs: withheld,
+                        _rings: Arc::clone(&self.rings),
+                    });
+                }
+            }
         }
     }
 }
