@@ -892,8 +892,7 @@ impl ControlHandle {
             None
         };
         let pool_seg = Arc::clone(pool.zone().segment());
-        let (rings, offsets, mem) =
-            ring_memory(cfg, port_id, &pool_seg).map_err(|e| sock_err(e))?;
+        let (rings, offsets, mem) = ring_memory(cfg, port_id, &pool_seg).map_err(&sock_err)?;
         let stop = Arc::new(
             EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| sock_err(format!("eventfd: {e}")))?,
