@@ -890,8 +890,8 @@ fn vdpakit_pair_with(front_tx: bool, packed: bool, batch: bool) -> Result<(), Fa
 /// Two vdpakit processes, the back end transmitting 1500-byte stamped frames (`--latency`) into
 /// a front end whose receive buffers hold 512 bytes (`rx_buf=512`, mergeable rx buffers): every
 /// frame arrives spread over 3 buffers, as one mbuf chain. Exact packet and byte counts, every
-/// packet's stamp read from its chain, sizes seen 1500..=1500; `lost` counts only sequence
-/// numbers the back end dropped (its ring full).
+/// packet's stamp read from its chain, sizes seen 1500..=1500, and the latency accounting
+/// across the two processes exact ([`check_cross_latency`]).
 fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-chains").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
@@ -947,11 +947,15 @@ fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
         n("min_size"),
         n("max_size")
     );
+    // Every received packet is a stamped frame or one of the back end's end markers.
+    let markers = bp["latency_tx"]["end_markers"].as_u64().unwrap_or(0)
+        - bp["latency_tx"]["end_markers_dropped"]
+            .as_u64()
+            .unwrap_or(0);
     if sent == 0
         || (sent, sent_b) != (got, got_b)
         || got_b != 1500 * got
-        || n("packets") != got
-        || n("lost") > count(&bp, "tx_dropped")
+        || n("packets") + markers != got
         || (n("min_size"), n("max_size")) != (1500, 1500)
         || count(&fp, "rx_dropped") != 0
     {
@@ -961,6 +965,155 @@ fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
         )
         .into());
     }
+    check_cross_latency(&bp, &fp)?;
+    Ok(())
+}
+
+/// `--latency` across two processes, from the sender's port report `tx` and the receiver's
+/// `rx`: the receiver got the sender's end marker (one stream), counted as `lost` exactly the
+/// packets the sender dropped (the end markers it dropped aside: they are no data), including
+/// those stamped after the last one that arrived, and stamped + lost is what the sender
+/// stamped. Returns the tail (`lost_tail`).
+fn check_cross_latency(tx: &Value, rx: &Value) -> Result<u64, Failed> {
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+    let (lt, lr) = (&tx["latency_tx"], &rx["latency"]);
+    let dropped = n(tx, "tx_dropped") - n(lt, "end_markers_dropped");
+    eprintln!(
+        "latency across processes: sender stamped {}, dropped {dropped}, end markers {} ({} dropped) | receiver stamped {}, lost {} (tail {}), ended streams {}",
+        n(lt, "stamped"),
+        n(lt, "end_markers"),
+        n(lt, "end_markers_dropped"),
+        n(lr, "packets"),
+        n(lr, "lost"),
+        n(lr, "lost_tail"),
+        n(lr, "ended_streams"),
+    );
+    if n(lr, "ended_streams") != 1
+        || n(lr, "lost") != dropped
+        || n(lr, "packets") + n(lr, "lost") != n(lt, "stamped")
+        || n(lr, "reordered") != 0
+    {
+        return Err(format!("latency accounting:\nsender: {tx}\nreceiver: {rx}").into());
+    }
+    Ok(n(lr, "lost_tail"))
+}
+
+/// `--latency` across two processes with a tail that only the end marker reveals: the receiver
+/// (a `vhost-user` back end) starts polling only after the sender (a `virtio-user` front end)
+/// has stopped generating, so everything after the first ring-full of packets was dropped by
+/// the sender; the end markers get through once the receiver drains the ring. `lost` must
+/// include that tail exactly.
+fn vdpakit_pair_latency_tail(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-tail").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let be_port = format!("vhost-user:path={}", sock.display());
+    // Receiver: polls from 4 s after its port is up. Sender: generates from 1 s to 3.5 s after
+    // its port is up (tens of ms later), then keeps offering end markers for up to 0.9 s: the
+    // receiver starts in that window with about 0.4 s to spare either side.
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        "rxonly",
+        "0",
+        &["--latency", "--start-delay", "4"],
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={}",
+        sock.display(),
+        packed as u8
+    );
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        "txonly",
+        "1",
+        &[
+            "--latency",
+            "--rate",
+            "0.5",
+            "--start-delay",
+            "1",
+            "--duration",
+            "2.5",
+            "--linger",
+            "2",
+        ],
+        &fe_json,
+    )?;
+    wait_exit(&mut fe, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&be, "-INT");
+    wait_exit(&mut be, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    if count(&fp, "tx_packets") != count(&bp, "rx_packets") {
+        return Err(format!("front end: {fp}\nback end: {bp}").into());
+    }
+    let tail = check_cross_latency(&fp, &bp)?;
+    if tail == 0 || tail != bp["latency"]["lost"].as_u64().unwrap_or(0) {
+        return Err(format!(
+            "expected every loss in the tail (the receiver started late): {tail}\nfront end: {fp}\nback end: {bp}"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `--latency` across two processes with a port that drops on purpose: a `virtio-user` front
+/// end transmitting with `drop_every=7` to a `vhost-user` back end: the back end's `lost` is
+/// exactly what the front end dropped (on purpose or with the ring full).
+fn vdpakit_pair_latency_drops(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-lat").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let be_port = format!("vhost-user:path={}", sock.display());
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        "rxonly",
+        "0",
+        &["--latency"],
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={},drop_every=7",
+        sock.display(),
+        packed as u8
+    );
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        "txonly",
+        "1",
+        &[
+            "--latency",
+            "--start-delay",
+            "1",
+            "--duration",
+            "3",
+            "--linger",
+            "2",
+        ],
+        &fe_json,
+    )?;
+    wait_exit(&mut fe, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&be, "-INT");
+    wait_exit(&mut be, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    if count(&fp, "tx_packets") != count(&bp, "rx_packets")
+        || count(&fp, "tx_dropped") < count(&fp, "tx_packets") / 7
+    {
+        return Err(format!("front end: {fp}\nback end: {bp}").into());
+    }
+    check_cross_latency(&fp, &bp)?;
     Ok(())
 }
 
@@ -1303,6 +1456,20 @@ fn main() -> ExitCode {
         ("vu_vdpakit_pair_mergeable_chains_packed", true),
     ] {
         trials.push(Trial::test(name, move || vdpakit_pair_chains(packed)));
+    }
+    for (name, packed) in [
+        ("vu_vdpakit_pair_latency_drops_split", false),
+        ("vu_vdpakit_pair_latency_drops_packed", true),
+    ] {
+        trials.push(Trial::test(name, move || {
+            vdpakit_pair_latency_drops(packed)
+        }));
+    }
+    for (name, packed) in [
+        ("vu_vdpakit_pair_latency_tail_split", false),
+        ("vu_vdpakit_pair_latency_tail_packed", true),
+    ] {
+        trials.push(Trial::test(name, move || vdpakit_pair_latency_tail(packed)));
     }
     trials.push(Trial::test("vu_vdpakit_back_end_restart", || {
         front_end_survives_back_end_restart(false, false)

@@ -78,6 +78,10 @@ pub(super) const KIND: PortKind = PortKind {
             "bytes of each posted receive buffer, the 12-byte virtio-net header included, 128..=data room + 12 (default: the whole mbuf); with mergeable rx buffers larger frames arrive as mbuf chains",
         ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
+        (
+            "drop_every",
+            "for tests: transmit drops (frees and counts) every Nth packet, 0..=1000000 (default 0: never)",
+        ),
     ],
 };
 
@@ -104,6 +108,8 @@ struct Config {
     in_order: Want,
     /// Bytes of each posted receive buffer (header included); None: all an mbuf holds.
     rx_buf: Option<usize>,
+    /// Tests: transmit drops every Nth packet offered (0: never).
+    drop_every: u64,
 }
 
 /// See the module documentation.
@@ -178,6 +184,7 @@ impl VirtioUserPort {
                 mrg,
                 in_order,
                 rx_buf,
+                drop_every: a.u64_in("drop_every", 0, 0..=1_000_000)?,
             },
             pairs_key,
             size_key,
@@ -338,6 +345,8 @@ impl Port for VirtioUserPort {
                     q: q as usize,
                     cache: self.pool.cache(self.cache_size),
                     stats: Arc::clone(&self.stats.tx[q as usize]),
+                    drop_every: self.cfg.drop_every,
+                    offered: 0,
                 }) as Box<dyn TxQueue>),
             })
             .collect())
@@ -834,11 +843,54 @@ struct VuTx {
     q: usize,
     cache: MempoolCache,
     stats: Arc<QueueStats>,
+    /// Drop every Nth packet offered (0: never); `offered` packets were offered so far.
+    drop_every: u64,
+    offered: u64,
 }
 
-impl TxQueue for VuTx {
+impl VuTx {
+    /// The `drop_every` path (tests only): of the packets the ring has room for, every Nth is
+    /// freed and counted as a drop (a packet refused because the ring is full is not counted
+    /// again when it is offered again); the others go to the ring, and what it does not take
+    /// goes back to `pkts` in order.
+    #[cold]
+    fn tx_burst_dropping(&mut self, pkts: &mut Burst) -> usize {
+        let room = self.shared.tx[self.q]
+            .enter(|run| run.q.free_count() as usize)
+            .unwrap_or(0);
+        let mut keep = Burst::new(MAX_BURST);
+        let (every, mut offered, mut dropped) = (self.drop_every, self.offered, 0u64);
+        let cache = &mut self.cache;
+        pkts.drain_front(pkts.len().min(room), |m| {
+            offered += 1;
+            if offered % every == 0 {
+                dropped += 1;
+                cache.free(m);
+            } else {
+                // Cannot fail: `keep` holds MAX_BURST, a burst holds at most that.
+                let _ = keep.push(m);
+            }
+        });
+        self.offered = offered;
+        if dropped > 0 {
+            self.stats.add_drops(dropped);
+        }
+        let sent = self.send(&mut keep);
+        // Unsent ones go back in front of those never considered, in order.
+        let mut rest = Burst::new(MAX_BURST);
+        pkts.drain_front(pkts.len(), |m| {
+            let _ = rest.push(m);
+        });
+        for b in [&mut keep, &mut rest] {
+            b.drain_front(b.len(), |m| {
+                let _ = pkts.push(m);
+            });
+        }
+        sent
+    }
+
     #[inline]
-    fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
+    fn send(&mut self, pkts: &mut Burst) -> usize {
         let (cache, stats) = (&mut self.cache, &self.stats);
         let implied = &self.shared.implied[2 * self.q + 1];
         // While no back end is set up nothing is taken: the caller frees and counts the drops.
@@ -849,6 +901,16 @@ impl TxQueue for VuTx {
                 n
             })
             .unwrap_or(0)
+    }
+}
+
+impl TxQueue for VuTx {
+    #[inline]
+    fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
+        if self.drop_every > 0 {
+            return self.tx_burst_dropping(pkts);
+        }
+        self.send(pkts)
     }
 
     fn stats(&self) -> &Arc<QueueStats> {
