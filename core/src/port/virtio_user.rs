@@ -12,11 +12,19 @@
 //! sits in a [`Handoff`]: the port's queues enter it once per burst; the control thread builds it
 //! when a back end is set up and takes it away when the back end goes.
 //!
+//! Receive with mergeable rx buffers: a frame spread over several buffers (`num_buffers`) is
+//! delivered as one mbuf chain; `rx_buf=` sizes the posted buffers. Transmit posts a chain as
+//! one descriptor per segment. With VIRTIO_F_IN_ORDER the driver queues resolve batched used
+//! entries ([`DriverQueue::reap`] returns every chain).
+//!
 //! Control thread: connects (client mode, retrying every second) or listens (`server=1`),
 //! negotiates, sets the rings up and then waits for the back end to hang up or for the port to
 //! stop. When the back end goes away, packets it had not consumed are counted as transmit drops,
 //! posted receive buffers are kept for the next back end, and the thread reconnects; meanwhile
-//! `tx_burst` takes nothing (the caller counts drops) and `rx_burst` returns nothing.
+//! `tx_burst` takes nothing (the caller counts drops) and `rx_burst` returns nothing. Buffers
+//! are used again only once the back end can no longer touch them: it confirmed each ring
+//! stopped (GET_VRING_BASE reply) or its process exited; otherwise they are withheld
+//! (see `Withheld`).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
