@@ -16,6 +16,12 @@ pub enum Error {
     /// An error from the core layer during set-up (exit status 2: bad input or environment).
     #[error(transparent)]
     Setup(#[from] vdpakit_core::Error),
+    /// A PCI set-up error: bad address, device not bound, no IOMMU, ... (exit status 2).
+    #[error(transparent)]
+    Pci(#[from] vdpakit_core::pci::PciError),
+    /// Bad input found below the command line, e.g. a device spec (exit status 2).
+    #[error("{0}")]
+    Input(String),
     /// A failure while running (exit status 1).
     #[error("{0}")]
     Runtime(String),
@@ -25,8 +31,18 @@ impl Error {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage { .. } | Error::Setup(_) => 2,
+            Error::Usage { .. } | Error::Setup(_) | Error::Pci(_) | Error::Input(_) => 2,
             Error::Runtime(_) => 1,
+        }
+    }
+}
+
+impl From<vdpakit_core::model::ModelError> for Error {
+    fn from(e: vdpakit_core::model::ModelError) -> Error {
+        use vdpakit_core::model::ModelError as M;
+        match e {
+            M::Tap(_) | M::Rep(_) | M::Io(_) => Error::Runtime(e.to_string()),
+            _ => Error::Input(e.to_string()),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `vdpakit`: the command-line front of vdpakit.
 
+mod devices;
 mod error;
 mod fwd;
 mod tgen;
@@ -26,6 +27,8 @@ enum Cmd {
     Ports,
     /// Bind vDPA devices to vhost-user sockets (like DPDK's examples/vdpa).
     Vdpa(vdpa::VdpaArgs),
+    /// PCI functions a PMD can drive: list, bind/unbind to vfio-pci, device models, probe.
+    Devices(devices::DevicesArgs),
 }
 
 fn main() {
@@ -63,6 +66,7 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Fwd(args) => fwd::run(*args),
         Cmd::Vdpa(args) => vdpa::run(args),
+        Cmd::Devices(args) => devices::run(args),
         Cmd::Ports => {
             for k in vdpakit_core::port::KINDS {
                 println!("{:<8} {}", k.name, k.about);

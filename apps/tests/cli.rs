@@ -692,3 +692,38 @@ fn status_line_on_a_terminal_is_rewritten_in_place() {
         "one line in place: {s:?}"
     );
 }
+
+#[test]
+fn vdpa_bad_input_is_one_line_exit_2() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["vdpa", "--iface", "/tmp/x"], "--device"),
+        (
+            &["vdpa", "--device", "nosuchkind:a=1", "--iface", "/tmp/x"],
+            "nosuchkind",
+        ),
+        (&["vdpa", "--device", "sim:name=a"], "--iface"),
+        (
+            &[
+                "vdpa",
+                "--device",
+                "sim:name=a",
+                "--iface",
+                "/tmp/x",
+                "--duration",
+                "0",
+            ],
+            "--duration",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = vdpakit(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "{args:?}: one line, got {err}"
+        );
+        assert!(err.contains(needle), "{args:?}: {err} should name {needle}");
+    }
+}

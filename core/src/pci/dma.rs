@@ -134,7 +134,7 @@ impl DmaDomain {
             )));
         }
         if let Kind::Vfio(c) = &self.inner.kind {
-            c.map_dma(iova, region.host() as u64, len)?;
+            c.map_dma(iova, region)?;
         }
         t.maps.insert(iova, region.rebased(iova, iova));
         self.rebuild(&mut t)

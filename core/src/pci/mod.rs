@@ -13,9 +13,12 @@
 //! - [`model`]: the model back end and the [`DeviceModel`](model::DeviceModel) trait every vendor
 //!   model implements.
 //! - [`vfio`]: the VFIO back end (container, group, device, type1 IOMMU).
+//! - [`sysfs`]: scan of PCI functions, binding to `vfio-pci`.
+//! - [`ids`]: which PMD drives which function.
 
 pub mod addr;
 pub mod dma;
+pub mod ids;
 pub mod mmio;
 pub mod model;
 pub mod sysfs;
@@ -225,6 +228,12 @@ pub trait PciOps: Send + Sync + fmt::Debug {
     fn bar_len(&self, bar: u8) -> u64;
     /// A raw mapping of the BAR, when the back end has one (VFIO: mmappable region).
     fn bar_mapping(&self, bar: u8) -> Option<Arc<Mmio>>;
+    /// A raw mapping covering `[offset, offset + width)` of BAR `bar` and the offset of that
+    /// range inside it, for a BAR that is only partly mapped (VFIO sparse-mmap areas).
+    /// [`PciDevice::doorbell`] uses it when [`PciOps::bar_mapping`] has nothing.
+    fn bar_window(&self, _bar: u8, _offset: u64, _width: usize) -> Option<(Arc<Mmio>, usize)> {
+        None
+    }
     /// Reads `buf.len()` (1, 2, 4 or 8) bytes at `offset` of BAR `bar` (the slow path).
     fn bar_read(&self, bar: u8, offset: u64, buf: &mut [u8]) -> Result<(), PciError>;
     /// Writes `buf.len()` (1, 2, 4 or 8) bytes at `offset` of BAR `bar` (the slow path).
@@ -234,6 +243,17 @@ pub trait PciOps: Send + Sync + fmt::Debug {
     /// Wires MSI-X vector `i` to `fds[i]` (`None`: that vector unused); an empty slice disables
     /// MSI-X.
     fn set_msix(&self, fds: &[Option<Arc<OwnedFd>>]) -> Result<(), PciError>;
+    /// Raises MSI-X vector `vector` from software, as if the device had (a loopback test of the
+    /// wiring: VFIO's `ACTION_TRIGGER`, a model's interrupt line).
+    fn msix_trigger(&self, vector: u16) -> Result<(), PciError> {
+        Err(PciError::Vfio {
+            dev: self.name().to_string(),
+            why: format!(
+                "the {} back end cannot raise MSI-X vector {vector} from software",
+                self.kind()
+            ),
+        })
+    }
     /// Function-level reset.
     fn reset(&self) -> Result<(), PciError>;
     /// A mappable area covering `[offset, offset + len)` of BAR `bar`, when the back end can give
@@ -510,6 +530,20 @@ impl PciDevice {
         self.ops.set_msix(fds)
     }
 
+    /// Raises MSI-X vector `vector` from software (tests and diagnostics: checks that the
+    /// vector reaches the eventfd wired to it).
+    pub fn msix_trigger(&self, vector: u16) -> Result<(), PciError> {
+        let have = self.msix_vectors();
+        if vector >= have {
+            return Err(PciError::MsixVectors {
+                dev: self.name().to_string(),
+                asked: vector as usize + 1,
+                have,
+            });
+        }
+        self.ops.msix_trigger(vector)
+    }
+
     /// Function-level reset.
     pub fn reset(&self) -> Result<(), PciError> {
         self.ops.reset()
@@ -534,11 +568,15 @@ impl PciDevice {
             });
         }
         self.check_bar(bar, offset, width)?;
-        Ok(Doorbell {
-            target: match &self.maps[bar as usize] {
-                Some(m) => DoorbellTarget::Mmio(Arc::clone(m)),
-                None => DoorbellTarget::Ops(Arc::clone(&self.ops)),
+        let (target, offset) = match &self.maps[bar as usize] {
+            Some(m) => (DoorbellTarget::Mmio(Arc::clone(m)), offset),
+            None => match self.ops.bar_window(bar, offset, width) {
+                Some((m, rel)) => (DoorbellTarget::Mmio(m), rel as u64),
+                None => (DoorbellTarget::Ops(Arc::clone(&self.ops)), offset),
             },
+        };
+        Ok(Doorbell {
+            target,
             bar,
             offset,
             width,

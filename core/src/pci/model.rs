@@ -248,6 +248,16 @@ impl PciOps for ModelPci {
         self.bus.irq.set(fds);
         Ok(())
     }
+    fn msix_trigger(&self, vector: u16) -> Result<(), PciError> {
+        if !self.bus.irq.is_wired(vector) {
+            return Err(PciError::Vfio {
+                dev: self.name.clone(),
+                why: format!("MSI-X vector {vector} is not wired to an eventfd"),
+            });
+        }
+        self.bus.irq.signal(vector);
+        Ok(())
+    }
     fn reset(&self) -> Result<(), PciError> {
         self.model.reset();
         Ok(())

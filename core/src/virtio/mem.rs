@@ -191,6 +191,22 @@ impl GuestRegion {
         })
     }
 
+    /// Bytes `[offset, offset + len)` of this region as a region of their own (sharing the
+    /// keep-alive), at guest physical address `gpa + offset`; `None` if `len` is 0 or the range
+    /// is not inside the region. A device model uses it to build the view of a memory key that
+    /// covers only part of a DMA mapping (then [`GuestRegion::rebased`] to the key's addresses).
+    pub fn slice(&self, offset: u64, len: u64) -> Option<GuestRegion> {
+        let end = offset.checked_add(len)?;
+        (len > 0 && end <= self.size).then(|| GuestRegion {
+            gpa: self.gpa + offset,
+            uva: self.uva.wrapping_add(offset),
+            size: len,
+            // `offset < size`, so the address stays inside the mapping `_keep` holds.
+            host: self.host.wrapping_add(offset as usize),
+            _keep: self._keep.clone(),
+        })
+    }
+
     /// Guest physical address of the first byte.
     pub fn gpa(&self) -> u64 {
         self.gpa
