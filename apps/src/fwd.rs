@@ -232,12 +232,26 @@ struct LcoreWork {
     /// Where latency histograms go, and how often (clock ticks).
     exchange: Option<Arc<HistExchange>>,
     publish_ticks: u64,
+    /// How long (clock ticks) a stopped generator keeps trying to send its end markers.
+    end_ticks: u64,
+}
+
+/// What a stamping generator did, for the report.
+#[derive(Debug, Clone, Copy)]
+struct TxSeq {
+    /// Stamp stream id (tx port << 16 | tx queue).
+    id: u32,
+    /// Packets stamped (the next sequence number).
+    next: u32,
+    /// End markers the port took, and of those the ones it dropped.
+    end_sent: u32,
+    end_dropped: u32,
 }
 
 /// What an lcore hands back when it stops.
 struct LcoreResult {
-    /// (stamp stream id, next sequence number) of each stamping generator.
-    tx_seqs: Vec<(u32, u32)>,
+    /// Each stamping generator.
+    tx_seqs: Vec<TxSeq>,
     /// The stamp readers.
     lats: Vec<LatRx>,
 }
@@ -440,6 +454,9 @@ pub fn run(args: FwdArgs) -> Result<()> {
                 }),
                 stamp: args.latency.then_some(((p as u32) << 16) | qi as u32),
                 seq: 0,
+                end_left: 0,
+                end_sent: 0,
+                end_dropped: 0,
             });
             let lat = (args.latency
                 && rx.is_some()
@@ -486,6 +503,9 @@ pub fn run(args: FwdArgs) -> Result<()> {
     } else {
         0.5
     });
+    // Up to 0.9 s (the main thread waits a second for the acknowledgements): a receiver whose
+    // ring is full takes a while to make room.
+    let end_ticks = tsc.ticks(0.9);
     let mut exchanges: Vec<Arc<HistExchange>> = Vec::new();
     let mut live_lat: Vec<(u16, Arc<tgen::LiveLat>)> = Vec::new();
     let mut work: Vec<Option<LcoreWork>> = per_lcore
@@ -509,6 +529,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
                 gen_acks: Arc::clone(&gen_acks),
                 exchange,
                 publish_ticks,
+                end_ticks,
             })
         })
         .collect();
@@ -579,10 +600,19 @@ pub fn run(args: FwdArgs) -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     // Generators stop first; receivers drain what is in flight, so that every packet sent is
     // either received or was dropped (and counted) on the way.
+    // Generators stop (and send their end markers) even when nothing here receives: a receiver
+    // in another process counts what they stamped after its last packet from the markers.
     let drained = gen_lcores > 0
-        && rx_streams > 0
         && !stop.is_stopped()
-        && drain(&stop, &lcores, &ports, &gen_stop, &gen_acks, gen_lcores);
+        && drain(
+            &stop,
+            &lcores,
+            &ports,
+            &gen_stop,
+            &gen_acks,
+            gen_lcores,
+            rx_streams > 0,
+        );
     stop.stop();
     let joined = lcores.join();
     let finals: Vec<PortStats> = ports.iter().map(|p| p.stats()).collect();
@@ -602,29 +632,39 @@ pub fn run(args: FwdArgs) -> Result<()> {
         merge_exchanges(&exchanges, &mut agg);
         let tx_seqs: std::collections::HashMap<u32, u32> = results
             .iter()
-            .flat_map(|r| r.tx_seqs.iter().copied())
+            .flat_map(|r| r.tx_seqs.iter().map(|t| (t.id, t.next)))
             .collect();
         for r in results.iter_mut() {
             for l in r.lats.iter_mut() {
-                if drained {
-                    // Whatever a generator of this process stamped after the last packet that
-                    // arrived was lost too (the receivers drained everything still in flight).
-                    for (i, t) in l.seqs.iter_mut().enumerate().filter(|(_, t)| t.seen) {
-                        let id = (((i / q) as u32) << 16) | (i % q) as u32;
-                        if let Some(&next) = tx_seqs.get(&id) {
-                            let tail = next.wrapping_sub(t.next) as i32;
-                            if tail > 0 {
-                                t.lost += tail as u64;
-                            }
-                        }
+                // Whatever a stream stamped after the last of its packets that arrived was lost
+                // too: how many it stamped comes from its end marker (any process), or, for a
+                // generator of this process, from the generator itself once the receivers
+                // drained everything in flight.
+                let mut tail = 0;
+                for (i, t) in l.seqs.iter_mut().enumerate() {
+                    let id = (((i / q) as u32) << 16) | (i % q) as u32;
+                    let local = tx_seqs.get(&id).copied().filter(|_| drained && t.seen);
+                    if let Some(total) = t.end.or(local) {
+                        tail += t.finish(total);
                     }
                 }
-                agg[l.port as usize].absorb(l);
+                let a = &mut agg[l.port as usize];
+                a.lost_tail += tail;
+                a.absorb(l);
             }
         }
     }
 
     // ---- report ----
+    // Per transmitting port: packets stamped, end markers taken and dropped by the port.
+    let mut tx_lat = vec![(0u64, 0u64, 0u64); nports];
+    for t in results.iter().flat_map(|r| r.tx_seqs.iter()) {
+        if let Some(e) = tx_lat.get_mut((t.id >> 16) as usize) {
+            e.0 += u64::from(t.next);
+            e.1 += u64::from(t.end_sent);
+            e.2 += u64::from(t.end_dropped);
+        }
+    }
     let mut report = summary(
         &args,
         &cpus[..nlcores],
@@ -632,7 +672,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
         &finals,
         elapsed,
         &pool,
-        &agg,
+        (&agg, &tx_lat),
     );
     if !hosted.is_empty() {
         report["devices"] = devices_json(&hosted);
@@ -674,11 +714,29 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
     let mut burst = Burst::new(w.burst);
     let generates = w.streams.iter().any(|s| s.tgen.is_some());
     let mut generating = generates;
+    // After generation stops: the deadline for end markers, until the lcore acknowledges.
+    let mut ending: Option<u64> = None;
     let mut next_publish = tsc::now().wrapping_add(w.publish_ticks);
     while !ctx.should_stop() {
         if generating && w.gen_stop.load(Ordering::Relaxed) {
             generating = false;
-            w.gen_acks.fetch_add(1, Ordering::Release);
+            for g in w.streams.iter_mut().filter_map(|s| s.tgen.as_mut()) {
+                if g.stamp.is_some() {
+                    g.end_left = tgen::END_COPIES;
+                }
+            }
+            ending = Some(tsc::now().wrapping_add(w.end_ticks));
+        }
+        if let Some(deadline) = ending {
+            let left = w
+                .streams
+                .iter()
+                .filter_map(|s| s.tgen.as_ref())
+                .any(|g| g.end_left > 0);
+            if !left || tsc::now() >= deadline {
+                ending = None;
+                w.gen_acks.fetch_add(1, Ordering::Release);
+            }
         }
         if let Some(ex) = w.exchange.as_deref() {
             let now = tsc::now();
@@ -696,6 +754,26 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                         continue;
                     };
                     if !generating {
+                        // One end marker per pass until all are out. One the port does not
+                        // take is not a drop (it is no traffic): it is built again next pass.
+                        if ending.is_some() && g.end_left > 0 && w.cache.alloc_bulk(&mut burst, 1) {
+                            let now = tsc::now();
+                            for m in burst.iter_mut() {
+                                g.build_end(m, now);
+                            }
+                            let drops = tx.stats().read().drops;
+                            if tx.tx_burst(&mut burst) > 0 {
+                                g.end_left -= 1;
+                                g.end_sent += 1;
+                            } else if tx.stats().read().drops > drops {
+                                // Taken and dropped by the port (counted there): like a loss on
+                                // the wire, the next copy may make it.
+                                g.end_left -= 1;
+                                g.end_sent += 1;
+                                g.end_dropped += 1;
+                            }
+                            w.cache.free_burst(&mut burst);
+                        }
                         continue;
                     }
                     let now = if g.bucket.is_some() || g.stamp.is_some() {
@@ -782,8 +860,8 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
             }
         }
     }
-    if generating {
-        // Stopped without a drain (signal, or nothing receives): still acknowledge.
+    if generating || ending.is_some() {
+        // Stopped without a drain (signal): still acknowledge.
         w.gen_acks.fetch_add(1, Ordering::Release);
     }
     // Off the hot path from here: hand back what the main thread reports.
@@ -792,15 +870,22 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
             .streams
             .iter()
             .filter_map(|s| s.tgen.as_ref())
-            .filter_map(|g| g.stamp.map(|id| (id, g.seq)))
+            .filter_map(|g| {
+                g.stamp.map(|id| TxSeq {
+                    id,
+                    next: g.seq,
+                    end_sent: g.end_sent,
+                    end_dropped: g.end_dropped,
+                })
+            })
             .collect(),
         lats: w.streams.iter_mut().filter_map(|s| s.lat.take()).collect(),
     }
 }
 
-/// Stops the generators, waits until each lcore with one has acknowledged, then until the
-/// receive counters stop moving (everything in flight arrived). Returns whether both happened
-/// (within a second each).
+/// Stops the generators, waits until each lcore with one has acknowledged (its end markers
+/// sent), then, if anything here receives, until the receive counters stop moving (everything
+/// in flight arrived). Returns whether both happened (within a second each).
 fn drain(
     stop: &StopFlag,
     lcores: &lcore::Lcores<Option<LcoreResult>>,
@@ -808,6 +893,7 @@ fn drain(
     gen_stop: &AtomicBool,
     gen_acks: &AtomicUsize,
     gen_lcores: usize,
+    receivers: bool,
 ) -> bool {
     gen_stop.store(true, Ordering::Relaxed);
     let give_up = Instant::now() + Duration::from_secs(1);
@@ -816,6 +902,9 @@ fn drain(
             return false;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+    if !receivers {
+        return true;
     }
     let rx_total = || ports.iter().map(|p| p.stats().rx.packets).sum::<u64>();
     let give_up = Instant::now() + Duration::from_secs(1);
@@ -965,7 +1054,7 @@ fn summary(
     stats: &[PortStats],
     secs: f64,
     pool: &Mempool,
-    agg: &[LatAgg],
+    (agg, tx_lat): (&[LatAgg], &[(u64, u64, u64)]),
 ) -> Value {
     let mut tot = (0u64, 0u64, 0u64, 0u64);
     let ports_json: Vec<Value> = ports
@@ -1005,6 +1094,14 @@ fn summary(
             );
             if let Some(a) = agg.get(i).filter(|_| receives) {
                 v["latency"] = latency_json(a);
+            }
+            if args.latency && args.mode.for_port(i) == Mode::TxOnly {
+                let (stamped, sent, dropped) = tx_lat.get(i).copied().unwrap_or_default();
+                v["latency_tx"] = json!({
+                    "stamped": stamped,
+                    "end_markers": sent,
+                    "end_markers_dropped": dropped,
+                });
             }
             v
         })
@@ -1062,6 +1159,8 @@ fn latency_json(a: &LatAgg) -> Value {
         "p999_ns": q(0.999),
         "max_ns": if h.is_empty() { 0 } else { h.max() },
         "lost": a.lost,
+        "lost_tail": a.lost_tail,
+        "ended_streams": a.ended,
         "reordered": a.reordered,
         "foreign": a.foreign,
         "flows": a.flow_count(),

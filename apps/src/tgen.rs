@@ -30,6 +30,13 @@ pub const STAMP_LEN: usize = 20;
 pub const STAMP_MIN_FRAME: usize = STAMP_OFF + STAMP_LEN;
 /// "vdpk" in ASCII, little endian.
 pub const STAMP_MAGIC: u32 = u32::from_le_bytes(*b"vdpk");
+/// "vdpE": an end marker. Same layout as a stamp; the sequence field is the number of packets
+/// the stream stamped (its next sequence number), so a receiver in another process can count
+/// those sent after the last one it got as lost. Not a data packet: no latency, size or flow.
+pub const END_MAGIC: u32 = u32::from_le_bytes(*b"vdpE");
+/// End markers each stamping stream sends when it stops generating (several, in case one is
+/// dropped on the way; receivers count a stream's end once).
+pub const END_COPIES: u8 = 4;
 
 /// Source IPv4 address of flow 0 (198.18.0.1, RFC 2544 range); flow f uses this + f.
 const SRC_IP_BASE: u32 = u32::from_be_bytes([198, 18, 0, 1]);
@@ -270,6 +277,12 @@ pub struct TxGen {
     pub stamp: Option<u32>,
     /// The next sequence number stamped.
     pub seq: u32,
+    /// End markers still to send (set when generation stops, see [`END_MAGIC`]).
+    pub end_left: u8,
+    /// End markers the port took, and of those the ones it dropped (counted in its drops).
+    pub end_sent: u32,
+    /// See `end_sent`.
+    pub end_dropped: u32,
 }
 
 impl TxGen {
@@ -289,6 +302,21 @@ impl TxGen {
             self.seq = self.seq.wrapping_add(1);
         }
     }
+
+    /// Builds an end marker into `m`: a packet of the next size whose stamp has the
+    /// [`END_MAGIC`] and the stream's next sequence number (nothing is consumed from it).
+    pub fn build_end(&mut self, m: &mut Mbuf, now: u64) {
+        let Some(id) = self.stamp else { return };
+        let len = self.sizes.next_size().max(STAMP_MIN_FRAME);
+        m.set_data_len(len);
+        let d = m.data_mut();
+        self.udp.write(d);
+        let s = &mut d[STAMP_OFF..STAMP_OFF + STAMP_LEN];
+        s[0..4].copy_from_slice(&END_MAGIC.to_le_bytes());
+        s[4..8].copy_from_slice(&id.to_le_bytes());
+        s[8..12].copy_from_slice(&self.seq.to_le_bytes());
+        s[12..20].copy_from_slice(&now.to_le_bytes());
+    }
 }
 
 /// Sequence state of one source stream as seen by one receiver.
@@ -302,6 +330,8 @@ pub struct SeqTrack {
     pub lost: u64,
     /// Packets that arrived behind one already seen.
     pub reordered: u64,
+    /// The stream's end as its end marker told (the number of packets it stamped).
+    pub end: Option<u32>,
 }
 
 impl SeqTrack {
@@ -322,6 +352,18 @@ impl SeqTrack {
         } else {
             self.reordered += 1;
         }
+    }
+
+    /// Accounts for the end of the stream: `total` packets were stamped, so those after the
+    /// last one that arrived were lost. Returns how many that adds (call once, at the end).
+    pub fn finish(&mut self, total: u32) -> u64 {
+        let tail = if self.seen {
+            (total.wrapping_sub(self.next) as i32).max(0) as u64
+        } else {
+            u64::from(total)
+        };
+        self.lost += tail;
+        tail
     }
 }
 
@@ -419,17 +461,28 @@ impl LatRx {
                 continue;
             }
             let s = &d[STAMP_OFF..STAMP_OFF + STAMP_LEN];
-            if u32::from_le_bytes([s[0], s[1], s[2], s[3]]) != STAMP_MAGIC {
-                continue;
-            }
+            let magic = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
             let id = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
             let seq = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+            if magic == END_MAGIC {
+                let (sp, sq) = (id >> 16, id & 0xffff);
+                if let Some(t) = self.seqs.get_mut((sp * self.queues + sq) as usize)
+                    && sq < self.queues
+                {
+                    t.end = Some(seq);
+                }
+                continue;
+            }
+            if magic != STAMP_MAGIC {
+                continue;
+            }
             let sent = u64::from_le_bytes([s[12], s[13], s[14], s[15], s[16], s[17], s[18], s[19]]);
             let ns = (now.saturating_sub(sent) as f64 * self.ns_per_tick) as u64;
             self.hist.saturating_record(ns.max(1));
             self.stamped += 1;
-            self.min_size = self.min_size.min(d.len());
-            self.max_size = self.max_size.max(d.len());
+            // Sizes of whole packets (a chain's stamp is in its head segment).
+            self.min_size = self.min_size.min(m.pkt_len());
+            self.max_size = self.max_size.max(m.pkt_len());
             if let Some(f) = UdpGen::flow_of(d) {
                 self.flows[(f / 64) as usize] |= 1 << (f % 64);
             }
@@ -473,6 +526,11 @@ pub struct LatAgg {
     pub hist: Box<Histogram<u64>>,
     /// Lost and reordered over the port's receivers and source streams.
     pub lost: u64,
+    /// Of `lost`: packets stamped after the last one that arrived (known from the streams' end
+    /// markers, or from this process's own generators).
+    pub lost_tail: u64,
+    /// Source streams whose end marker arrived.
+    pub ended: u64,
     /// See `lost`.
     pub reordered: u64,
     /// Stamped packets received.
@@ -492,6 +550,8 @@ impl Default for LatAgg {
         LatAgg {
             hist: new_histogram(),
             lost: 0,
+            lost_tail: 0,
+            ended: 0,
             reordered: 0,
             stamped: 0,
             foreign: 0,
@@ -507,6 +567,7 @@ impl LatAgg {
     pub fn absorb(&mut self, r: &LatRx) {
         let _ = self.hist.add(&*r.hist);
         self.lost += r.lost();
+        self.ended += r.seqs.iter().filter(|t| t.end.is_some()).count() as u64;
         self.reordered += r.seqs.iter().map(|t| t.reordered).sum::<u64>();
         self.stamped += r.stamped;
         self.foreign += r.foreign;
@@ -657,5 +718,75 @@ mod tests {
         t.on_seq(u32::MAX);
         t.on_seq(1);
         assert_eq!((t.lost, t.reordered), (1, 0), "wraps");
+    }
+
+    #[test]
+    fn the_end_counts_the_tail_once_per_stream() {
+        let mut t = SeqTrack::default();
+        for s in [0, 1, 3] {
+            t.on_seq(s);
+        }
+        assert_eq!(t.finish(10), 6, "4..=9 came after the last arrival");
+        assert_eq!(t.lost, 1 + 6);
+        let mut t = SeqTrack::default();
+        assert_eq!(t.finish(5), 5, "nothing arrived: all lost");
+        let mut t = SeqTrack::default();
+        t.on_seq(0);
+        t.on_seq(1);
+        assert_eq!(t.finish(2), 0, "all arrived");
+        assert_eq!(
+            t.finish(1),
+            0,
+            "an end behind the last arrival adds nothing"
+        );
+    }
+
+    /// A generator's end marker, read by a receiver: it names the stream and how many packets
+    /// it stamped, and is neither a latency sample nor a size.
+    #[test]
+    fn end_markers_tell_the_receiver_the_stream_total() {
+        let pool = vdpakit_core::Mempool::new(
+            "tgen-end",
+            vdpakit_core::MempoolConfig {
+                count: 64,
+                cache_size: 0,
+                mem: vdpakit_core::mem::MemMode::NoHuge,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut g = TxGen {
+            sizes: SizeGen::new(SizeSpec::Fixed(100), 1),
+            udp: UdpGen::new([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 1),
+            bucket: None,
+            stamp: Some(1 << 16),
+            seq: 0,
+            end_left: 0,
+            end_sent: 0,
+            end_dropped: 0,
+        };
+        let mut pkts = Vec::new();
+        for _ in 0..5 {
+            let mut m = pool.alloc().unwrap();
+            g.build(&mut m, 10);
+            pkts.push(m);
+        }
+        let mut end = pool.alloc().unwrap();
+        g.build_end(&mut end, 20);
+        assert_eq!(g.seq, 5, "an end marker stamps no sequence number");
+        // Packets 0, 1 and 2 arrive, then the end marker (twice); 3 and 4 were lost.
+        let mut rx = LatRx::new(0, 2, 1, 1.0);
+        let arrived: Vec<Mbuf> = pkts.drain(..3).collect();
+        rx.on_burst(&arrived, 15);
+        rx.on_burst(std::slice::from_ref(&end), 25);
+        rx.on_burst(std::slice::from_ref(&end), 26);
+        let t = &mut rx.seqs[1];
+        assert_eq!((t.end, t.next, t.lost), (Some(5), 3, 0));
+        assert_eq!(t.finish(5), 2);
+        assert_eq!(
+            (rx.stamped, rx.max_size),
+            (3, 100),
+            "the marker is no sample"
+        );
     }
 }

@@ -119,6 +119,7 @@ pub(crate) fn serve(d: &SharedDevice, sock: &str, client: bool) -> Result<Server
         packed: true,
         mrg_rxbuf: true,
         in_order: false,
+        in_order_batch: false,
         mtu,
         host_notifier: true,
     };

@@ -506,7 +506,14 @@ fn txonly_to_rxonly_latency_flows_and_sizes() {
     );
 
     let l = &b["latency"];
-    assert_eq!(n(l, "packets"), tx, "every packet carried a stamp: {l}");
+    // Every packet carried a stamp, but the generator's end markers (no samples).
+    let lt = &a["latency_tx"];
+    assert_eq!(n(lt, "end_markers_dropped"), 0, "{lt}");
+    assert_eq!(n(l, "packets") + n(lt, "end_markers"), tx, "{l} {lt}");
+    assert_eq!(n(l, "packets"), n(lt, "stamped"), "{l} {lt}");
+    assert_eq!(n(lt, "end_markers"), 4, "{lt}");
+    assert_eq!(n(l, "ended_streams"), 1, "{l}");
+    assert_eq!(n(l, "lost_tail"), 0, "{l}");
     let (p50, p99, p999, max) = (
         n(l, "p50_ns"),
         n(l, "p99_ns"),
@@ -559,7 +566,7 @@ fn txonly_rate_is_kept() {
 }
 
 /// Sequence gaps: the wire drops every 7th packet; the receiver's `lost` is exactly what the
-/// transmitting port counted as dropped.
+/// transmitting port counted as dropped (but for the end markers it dropped).
 #[test]
 fn lost_packets_equal_the_drops_on_the_wire() {
     let v = json_run(&[
@@ -582,7 +589,10 @@ fn lost_packets_equal_the_drops_on_the_wire() {
     let dropped = n(a, "tx_dropped");
     assert!(dropped > 1000, "{v}");
     let l = &b["latency"];
-    assert_eq!(n(l, "lost"), dropped, "{v}");
+    // The generator's end markers go through the same wire (and may be dropped): no data.
+    let markers_dropped = n(&a["latency_tx"], "end_markers_dropped");
+    assert_eq!(n(l, "lost"), dropped - markers_dropped, "{v}");
+    assert_eq!(n(l, "ended_streams"), 1, "{v}");
     assert_eq!(n(l, "reordered"), 0);
     // Every 7th packet offered was dropped.
     let offered = n(a, "tx_packets") + dropped;

@@ -71,6 +71,8 @@ struct Case {
     vk_mode: &'static str,
     devargs: &'static str,
     queues: u16,
+    /// Extra keys of vdpakit's `vhost-user` port (after the path), e.g. `,in_order=batch`.
+    vk_keys: &'static str,
 }
 
 fn testpmd_cmd(sock: &Path, prefix: &str, devargs: &str, mode: &str, queues: u16) -> Command {
@@ -130,7 +132,7 @@ fn run_case_inner(c: &Case, prefix: &str) -> Result<(), Failed> {
     let json = dir.join("vdpakit.json");
     let q = c.queues.to_string();
     let sock_s = sock.display().to_string();
-    let port = format!("vhost-user:path={sock_s}");
+    let port = format!("vhost-user:path={sock_s}{}", c.vk_keys);
     let vk_tx = c.vk_mode == "txonly";
     let mut vk_cmd = Command::new(vdpakit());
     vk_cmd.args([
@@ -366,6 +368,156 @@ fn client_mode_reconnects() -> Result<(), Failed> {
     result
 }
 
+/// vdpakit's `virtio-user` port, in this process, against `dpdk-testpmd --vdev net_vhost0` in
+/// `io` mode (what it receives it sends back). The port posts receive buffers of `rx_buf=256`
+/// bytes with mergeable rx buffers, so DPDK spreads every frame over up to 7 of them: each
+/// echoed frame must come back as one mbuf chain, byte for byte and in order, and testpmd must
+/// count exactly what was sent.
+fn testpmd_echo_into_small_buffers(packed: bool) -> Result<(), Failed> {
+    use vdpakit_core::mem::MemMode;
+    use vdpakit_core::port::{Port, PortConf, PortEnv, PortSpec, RingRegistry, VirtioUserPort};
+    use vdpakit_core::{Burst, Mempool, MempoolConfig};
+
+    let dir = TempDir::new("vk-echo").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let prefix = format!("vke{}", std::process::id());
+    let result = (|| -> Result<(), Failed> {
+        let mut tp = HostProcess::spawn(
+            "testpmd",
+            testpmd_vhost_cmd(&sock, &prefix, "io", 1),
+            &dir.join("testpmd.log"),
+        )
+        .map_err(|e| e.to_string())?;
+        wait_for_socket(&sock)?;
+        let pool = Mempool::new(
+            "echo",
+            MempoolConfig {
+                count: 8192,
+                cache_size: 64,
+                mem: MemMode::Auto,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let env = PortEnv {
+            pool: std::sync::Arc::clone(&pool),
+            rings: RingRegistry::new(),
+            port_id: 0,
+            pkt_size: 64,
+            cache_size: 64,
+        };
+        let spec = format!(
+            "virtio-user:path={},packed={},mrg_rxbuf=1,rx_buf=256,queue_size=1024",
+            sock.display(),
+            packed as u8
+        );
+        let spec = PortSpec::parse(&spec).map_err(|e| e.to_string())?;
+        let mut port = VirtioUserPort::new(&spec, &env).map_err(|e| e.to_string())?;
+        port.configure(&PortConf {
+            rx_queues: 1,
+            tx_queues: 1,
+            rx_desc: 1024,
+            tx_desc: 1024,
+        })
+        .map_err(|e| e.to_string())?;
+        port.start().map_err(|e| e.to_string())?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while !port.link().up {
+            if Instant::now() > end {
+                return Err(
+                    format!("no link: {:?}\n{}", port.last_error(), tp.log_tail(20)).into(),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tp.write_stdin(b"start\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_secs(1));
+        let mut qs = port.take_queues().map_err(|e| e.to_string())?;
+        let q = &mut qs[0];
+        const N: u32 = 20_000;
+        // Frame i: 60..=1514 bytes, a counter and a pattern of i (Ethernet addresses included:
+        // io mode sends it back untouched).
+        let frame = |i: u32| -> Vec<u8> {
+            let len = 60 + (i as usize * 37) % 1455;
+            let mut v: Vec<u8> = (0..len).map(|k| (k as u32 * 7 + i) as u8).collect();
+            v[0] = 0x02; // a locally administered unicast destination
+            v[12..16].copy_from_slice(&i.to_le_bytes());
+            v
+        };
+        let (mut next, mut expect, mut chains, mut max_segs) = (0u32, 0u32, 0u64, 0u16);
+        let mut out = Burst::new(16);
+        let mut got = Burst::new(32);
+        let give_up = Instant::now() + Duration::from_secs(60);
+        while expect < N {
+            if Instant::now() > give_up {
+                return Err(format!(
+                    "stuck at frame {expect} of {N} (sent {next}): {:?}\n{}",
+                    port.stats(),
+                    tp.log_tail(20)
+                )
+                .into());
+            }
+            // At most 16 frames in flight: the 1024 receive buffers are never all taken.
+            while next < N && next - expect < 16 && out.room() > 0 {
+                let f = frame(next);
+                let Some(mut m) = pool.alloc() else { break };
+                if let Some(d) = m.append(f.len()) {
+                    d.copy_from_slice(&f);
+                }
+                let _ = out.push(m);
+                next += 1;
+            }
+            let tx = q.tx.as_mut().ok_or("no tx queue")?;
+            tx.tx_burst(&mut out);
+            // What did not go out now goes with the next burst (nothing is dropped here).
+            let rx = q.rx.as_mut().ok_or("no rx queue")?;
+            rx.rx_burst(&mut got);
+            let mut bad = None;
+            got.drain_front(got.len(), |m| {
+                if bad.is_none() && m.to_vec() != frame(expect) {
+                    bad = Some(format!(
+                        "frame {expect}: {} bytes in {} segments differ from the {} sent",
+                        m.pkt_len(),
+                        m.nb_segs(),
+                        frame(expect).len()
+                    ));
+                }
+                chains += u64::from(m.nb_segs() > 1);
+                max_segs = max_segs.max(m.nb_segs());
+                expect += 1;
+            });
+            if let Some(b) = bad {
+                return Err(b.into());
+            }
+        }
+        let stats = port.stats();
+        drop(qs);
+        tp.write_stdin(b"stop\n").map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(500));
+        port.stop().map_err(|e| e.to_string())?;
+        tp.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
+        wait_exit(&mut tp, Duration::from_secs(20))?;
+        let (tp_rx, tp_tx) = testpmd_counts(&tp.log())?;
+        eprintln!(
+            "testpmd echo (packed {packed}): {N} frames, {chains} arrived as chains (up to {max_segs} segments); testpmd rx {tp_rx} tx {tp_tx}; vdpakit {stats:?}"
+        );
+        let bytes: u64 = (0..N).map(|i| 60 + (i as u64 * 37) % 1455).sum();
+        if (tp_rx, tp_tx) != (N as u64, N as u64)
+            || (stats.rx.packets, stats.rx.bytes) != (N as u64, bytes)
+            || (stats.tx.packets, stats.tx.bytes) != (N as u64, bytes)
+            || stats.rx.drops + stats.rx.errors + stats.tx.drops + stats.tx.errors != 0
+        {
+            return Err(format!("counts: testpmd rx {tp_rx} tx {tp_tx}; vdpakit {stats:?}").into());
+        }
+        if max_segs < 6 {
+            return Err(format!("frames were not spread over buffers (at most {max_segs})").into());
+        }
+        Ok(())
+    })();
+    cleanup_dpdk(&prefix);
+    result
+}
+
 /// A Linux guest pings through `vdpakit fwd --mode icmpecho` on a vhost-user port: 5/5 replies.
 fn guest_ping_icmpecho() -> Result<(), Failed> {
     let dir = TempDir::new("vk-ping").map_err(|e| e.to_string())?;
@@ -493,44 +645,83 @@ struct VuCase {
     /// virtio-user keys after the path.
     keys: &'static str,
     queues: u16,
+    /// The back end must have returned chains in in-order batches (vdpakit's log says how
+    /// many chains they completed).
+    batches: bool,
 }
 
 const VU_CASES: &[VuCase] = &[
+    VuCase {
+        name: "vu_split_inorder_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=0,in_order=1",
+        queues: 1,
+        batches: false,
+    },
+    VuCase {
+        name: "vu_split_inorder_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=0,in_order=1",
+        queues: 1,
+        batches: false,
+    },
+    VuCase {
+        name: "vu_packed_inorder_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        keys: "packed=1,in_order=1",
+        queues: 1,
+        batches: false,
+    },
+    // DPDK's net_vhost returns the chains it reads (what vdpakit transmits) in in-order batches
+    // on packed rings: one used descriptor per run.
+    VuCase {
+        name: "vu_packed_inorder_vdpakit_to_testpmd",
+        vk_mode: "txonly",
+        keys: "packed=1,in_order=1",
+        queues: 1,
+        batches: true,
+    },
     VuCase {
         name: "vu_split_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         keys: "packed=0",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_split_nomrg_vdpakit_to_testpmd",
         vk_mode: "txonly",
         keys: "packed=0,mrg_rxbuf=0",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_packed_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         keys: "packed=1,mrg_rxbuf=1",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_packed_vdpakit_to_testpmd",
         vk_mode: "txonly",
         keys: "packed=1",
         queues: 1,
+        batches: false,
     },
     VuCase {
         name: "vu_split_2q_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         keys: "packed=0",
         queues: 2,
+        batches: false,
     },
     VuCase {
         name: "vu_packed_2q_vdpakit_to_testpmd",
         vk_mode: "txonly",
         keys: "packed=1",
         queues: 2,
+        batches: false,
     },
 ];
 
@@ -611,6 +802,7 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
         )
         .into());
     }
+    check_in_order(c.name, c.keys.contains("in_order=1"), c.batches, &vk.log())?;
     every_queue_busy(c.name, c.queues, &p, vk_tx)
 }
 
@@ -618,6 +810,12 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
 /// CPUs. The transmitting one runs for 3 s and lingers; the receiver must count exactly what the
 /// transmitter counted as sent.
 fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
+    vdpakit_pair_with(front_tx, packed, false)
+}
+
+/// [`vdpakit_pair`]; with `batch`, the back end returns completely used chains in in-order
+/// batches (`in_order=batch`) and the front end requires IN_ORDER.
+fn vdpakit_pair_with(front_tx: bool, packed: bool, batch: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-pair").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
     let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
@@ -627,7 +825,11 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
     } else {
         ("txonly", "rxonly")
     };
-    let be_port = format!("vhost-user:path={}", sock.display());
+    let be_port = format!(
+        "vhost-user:path={}{}",
+        sock.display(),
+        if batch { ",in_order=batch" } else { "" }
+    );
     let be_extra: &[&str] = if front_tx { &[] } else { &timed };
     let mut be = vk_fwd(
         dir.path(),
@@ -640,9 +842,10 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
     )?;
     wait_for_socket(&sock)?;
     let fe_port = format!(
-        "virtio-user:path={},packed={}",
+        "virtio-user:path={},packed={}{}",
         sock.display(),
-        packed as u8
+        packed as u8,
+        if batch { ",in_order=1" } else { "" }
     );
     let fe_extra: &[&str] = if front_tx { &timed } else { &[] };
     let mut fe = vk_fwd(
@@ -669,7 +872,9 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
     } else {
         (count(&bp, "tx_packets"), count(&fp, "rx_packets"))
     };
-    eprintln!("vdpakit pair (front tx {front_tx}, packed {packed}): sent {sent}, received {got}");
+    eprintln!(
+        "vdpakit pair (front tx {front_tx}, packed {packed}, batch {batch}): sent {sent}, received {got}"
+    );
     if sent == 0 || sent != got {
         return Err(format!(
             "sent {sent}, received {got}\nback end: {bp}\nfront end: {fp}\nfront log:\n{}\nback log:\n{}",
@@ -678,6 +883,237 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
         )
         .into());
     }
+    // The front end's transmitted chains are read-only, so the back end batches all of them.
+    check_in_order("vdpakit pair", batch, batch && front_tx, &fe.log())
+}
+
+/// Two vdpakit processes, the back end transmitting 1500-byte stamped frames (`--latency`) into
+/// a front end whose receive buffers hold 512 bytes (`rx_buf=512`, mergeable rx buffers): every
+/// frame arrives spread over 3 buffers, as one mbuf chain. Exact packet and byte counts, every
+/// packet's stamp read from its chain, sizes seen 1500..=1500, and the latency accounting
+/// across the two processes exact ([`check_cross_latency`]).
+fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-chains").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let be_port = format!("vhost-user:path={}", sock.display());
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        "txonly",
+        "0",
+        &[
+            "--pkt-size",
+            "1500",
+            "--latency",
+            "--start-delay",
+            "2",
+            "--duration",
+            "3",
+            "--linger",
+            "2",
+        ],
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={},mrg_rxbuf=1,rx_buf=512",
+        sock.display(),
+        packed as u8
+    );
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        "rxonly",
+        "1",
+        &["--latency"],
+        &fe_json,
+    )?;
+    wait_exit(&mut be, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&fe, "-INT");
+    wait_exit(&mut fe, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    let (sent, got) = (count(&bp, "tx_packets"), count(&fp, "rx_packets"));
+    let (sent_b, got_b) = (count(&bp, "tx_bytes"), count(&fp, "rx_bytes"));
+    let l = &fp["latency"];
+    let n = |k: &str| l[k].as_u64().unwrap_or(u64::MAX);
+    eprintln!(
+        "vdpakit pair chains (packed {packed}): sent {sent} ({sent_b} B), received {got} ({got_b} B), stamped {}, lost {}, sizes {}..{}",
+        n("packets"),
+        n("lost"),
+        n("min_size"),
+        n("max_size")
+    );
+    // Every received packet is a stamped frame or one of the back end's end markers.
+    let markers = bp["latency_tx"]["end_markers"].as_u64().unwrap_or(0)
+        - bp["latency_tx"]["end_markers_dropped"]
+            .as_u64()
+            .unwrap_or(0);
+    if sent == 0
+        || (sent, sent_b) != (got, got_b)
+        || got_b != 1500 * got
+        || n("packets") + markers != got
+        || (n("min_size"), n("max_size")) != (1500, 1500)
+        || count(&fp, "rx_dropped") != 0
+    {
+        return Err(format!(
+            "back end: {bp}\nfront end: {fp}\nfront log:\n{}",
+            fe.log_tail(20)
+        )
+        .into());
+    }
+    check_cross_latency(&bp, &fp)?;
+    Ok(())
+}
+
+/// `--latency` across two processes, from the sender's port report `tx` and the receiver's
+/// `rx`: the receiver got the sender's end marker (one stream), counted as `lost` exactly the
+/// packets the sender dropped (the end markers it dropped aside: they are no data), including
+/// those stamped after the last one that arrived, and stamped + lost is what the sender
+/// stamped. Returns the tail (`lost_tail`).
+fn check_cross_latency(tx: &Value, rx: &Value) -> Result<u64, Failed> {
+    let n = |v: &Value, k: &str| v[k].as_u64().unwrap_or(u64::MAX);
+    let (lt, lr) = (&tx["latency_tx"], &rx["latency"]);
+    let dropped = n(tx, "tx_dropped") - n(lt, "end_markers_dropped");
+    eprintln!(
+        "latency across processes: sender stamped {}, dropped {dropped}, end markers {} ({} dropped) | receiver stamped {}, lost {} (tail {}), ended streams {}",
+        n(lt, "stamped"),
+        n(lt, "end_markers"),
+        n(lt, "end_markers_dropped"),
+        n(lr, "packets"),
+        n(lr, "lost"),
+        n(lr, "lost_tail"),
+        n(lr, "ended_streams"),
+    );
+    if n(lr, "ended_streams") != 1
+        || n(lr, "lost") != dropped
+        || n(lr, "packets") + n(lr, "lost") != n(lt, "stamped")
+        || n(lr, "reordered") != 0
+    {
+        return Err(format!("latency accounting:\nsender: {tx}\nreceiver: {rx}").into());
+    }
+    Ok(n(lr, "lost_tail"))
+}
+
+/// `--latency` across two processes with a tail that only the end marker reveals: the receiver
+/// (a `vhost-user` back end) starts polling only after the sender (a `virtio-user` front end)
+/// has stopped generating, so everything after the first ring-full of packets was dropped by
+/// the sender; the end markers get through once the receiver drains the ring. `lost` must
+/// include that tail exactly.
+fn vdpakit_pair_latency_tail(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-tail").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let be_port = format!("vhost-user:path={}", sock.display());
+    // Receiver: polls from 4 s after its port is up. Sender: generates from 1 s to 3.5 s after
+    // its port is up (tens of ms later), then keeps offering end markers for up to 0.9 s: the
+    // receiver starts in that window with about 0.4 s to spare either side.
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        "rxonly",
+        "0",
+        &["--latency", "--start-delay", "4"],
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={}",
+        sock.display(),
+        packed as u8
+    );
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        "txonly",
+        "1",
+        &[
+            "--latency",
+            "--rate",
+            "0.5",
+            "--start-delay",
+            "1",
+            "--duration",
+            "2.5",
+            "--linger",
+            "2",
+        ],
+        &fe_json,
+    )?;
+    wait_exit(&mut fe, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&be, "-INT");
+    wait_exit(&mut be, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    if count(&fp, "tx_packets") != count(&bp, "rx_packets") {
+        return Err(format!("front end: {fp}\nback end: {bp}").into());
+    }
+    let tail = check_cross_latency(&fp, &bp)?;
+    if tail == 0 || tail != bp["latency"]["lost"].as_u64().unwrap_or(0) {
+        return Err(format!(
+            "expected every loss in the tail (the receiver started late): {tail}\nfront end: {fp}\nback end: {bp}"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `--latency` across two processes with a port that drops on purpose: a `virtio-user` front
+/// end transmitting with `drop_every=7` to a `vhost-user` back end: the back end's `lost` is
+/// exactly what the front end dropped (on purpose or with the ring full).
+fn vdpakit_pair_latency_drops(packed: bool) -> Result<(), Failed> {
+    let dir = TempDir::new("vk-lat").map_err(|e| e.to_string())?;
+    let sock = dir.join("vhost.sock");
+    let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
+    let be_port = format!("vhost-user:path={}", sock.display());
+    let mut be = vk_fwd(
+        dir.path(),
+        "back",
+        &be_port,
+        "rxonly",
+        "0",
+        &["--latency"],
+        &be_json,
+    )?;
+    wait_for_socket(&sock)?;
+    let fe_port = format!(
+        "virtio-user:path={},packed={},drop_every=7",
+        sock.display(),
+        packed as u8
+    );
+    let mut fe = vk_fwd(
+        dir.path(),
+        "front",
+        &fe_port,
+        "txonly",
+        "1",
+        &[
+            "--latency",
+            "--start-delay",
+            "1",
+            "--duration",
+            "3",
+            "--linger",
+            "2",
+        ],
+        &fe_json,
+    )?;
+    wait_exit(&mut fe, Duration::from_secs(30))?;
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&be, "-INT");
+    wait_exit(&mut be, Duration::from_secs(20))?;
+    let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
+    if count(&fp, "tx_packets") != count(&bp, "rx_packets")
+        || count(&fp, "tx_dropped") < count(&fp, "tx_packets") / 7
+    {
+        return Err(format!("front end: {fp}\nback end: {bp}").into());
+    }
+    check_cross_latency(&fp, &bp)?;
     Ok(())
 }
 
@@ -685,8 +1121,10 @@ fn vdpakit_pair(front_tx: bool, packed: bool) -> Result<(), Failed> {
 /// one started on the same socket: the front end reconnects by itself, traffic resumes, and what
 /// the front end counts as sent equals what the two back ends received (packets offered while
 /// no back end was there, or left unconsumed by the departed one, are counted as drops).
-/// `testpmd`: the back ends are DPDK's; otherwise vdpakit's.
-fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
+/// `testpmd`: the back ends are DPDK's; otherwise vdpakit's. `kill`: the first one is killed
+/// (SIGKILL) instead, so only the second one's count is known. Either way the front end must
+/// see the departed back end's process exit and use the buffers it had again (none withheld).
+fn front_end_survives_back_end_restart(testpmd: bool, kill: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-vureco").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
     let prefix = format!("vkv{}", std::process::id());
@@ -748,7 +1186,13 @@ fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
             &fe_json,
         )?;
         std::thread::sleep(Duration::from_secs(4));
-        let rx1 = stop_back(&mut b1)?;
+        let rx1 = if kill {
+            signal(&b1.p, "-KILL");
+            wait_exit(&mut b1.p, Duration::from_secs(20))?;
+            None
+        } else {
+            Some(stop_back(&mut b1)?)
+        };
         if testpmd {
             cleanup_dpdk(&format!("{prefix}x1"));
         }
@@ -762,8 +1206,27 @@ fn front_end_survives_back_end_restart(testpmd: bool) -> Result<(), Failed> {
         let log = fe.log();
         let setups = log.matches("back end set up").count();
         eprintln!(
-            "front end sent {sent} (dropped {dropped}) over {setups} back ends | received {rx1} + {rx2}"
+            "front end sent {sent} (dropped {dropped}) over {setups} back ends | received {rx1:?} + {rx2}"
         );
+        let released = log.contains("process has exited");
+        if !released || log.contains("withheld") || log.contains("stay out of the pool") {
+            return Err(format!(
+                "the departed back end's buffers were not used again after its process exited:\n{}",
+                fe.log_tail(20)
+            )
+            .into());
+        }
+        let Some(rx1) = rx1 else {
+            // Killed: what it received is unknown; the second one must have carried traffic.
+            if setups != 2 || rx2 == 0 || sent <= rx2 {
+                return Err(format!(
+                    "{setups} set-ups, sent {sent}, second back end received {rx2}\n{}",
+                    fe.log_tail(20)
+                )
+                .into());
+            }
+            return Ok(());
+        };
         if setups != 2 || rx1 == 0 || rx2 == 0 {
             return Err(format!(
                 "expected traffic through two back ends, got {setups} set-ups, {rx1} and {rx2} packets\n{}",
@@ -798,54 +1261,79 @@ const CASES: &[Case] = &[
         vk_mode: "rxonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "split_nomrg_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=0,in_order=0",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "split_inorder_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
         queues: 1,
+        vk_keys: "",
+    },
+    // vdpakit's back end returns DPDK's transmitted chains in in-order batches (one used entry
+    // per run), which DPDK's driver must resolve.
+    Case {
+        name: "split_inorder_batch_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        devargs: "packed_vq=0,mrg_rxbuf=1,in_order=1",
+        queues: 1,
+        vk_keys: ",in_order=batch",
+    },
+    Case {
+        name: "packed_inorder_batch_testpmd_to_vdpakit",
+        vk_mode: "rxonly",
+        devargs: "packed_vq=1,mrg_rxbuf=1,in_order=1",
+        queues: 1,
+        vk_keys: ",in_order=batch",
     },
     Case {
         name: "packed_mrg_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "packed_nomrg_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=0,in_order=1",
         queues: 1,
+        vk_keys: "",
     },
     Case {
         name: "split_2q_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
     Case {
         name: "split_2q_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=0,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
     Case {
         name: "packed_2q_testpmd_to_vdpakit",
         vk_mode: "rxonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
     Case {
         name: "packed_2q_vdpakit_to_testpmd",
         vk_mode: "txonly",
         devargs: "packed_vq=1,mrg_rxbuf=1,in_order=0",
         queues: 2,
+        vk_keys: "",
     },
 ];
 
@@ -907,8 +1395,21 @@ fn main() -> ExitCode {
             None => t,
         });
     }
+    for (name, packed) in [
+        ("vu_testpmd_echo_mergeable_chains_split", false),
+        ("vu_testpmd_echo_mergeable_chains_packed", true),
+    ] {
+        let t = Trial::test(name, move || testpmd_echo_into_small_buffers(packed));
+        trials.push(match &skip {
+            Some(why) => {
+                println!("SKIP {name}: {why}");
+                t.with_ignored_flag(true)
+            }
+            None => t,
+        });
+    }
     let t = Trial::test("vu_testpmd_back_end_restart", || {
-        front_end_survives_back_end_restart(true)
+        front_end_survives_back_end_restart(true, false)
     });
     trials.push(match &skip {
         Some(why) => {
@@ -924,8 +1425,57 @@ fn main() -> ExitCode {
     trials.push(Trial::test("vu_vdpakit_pair_back_to_front_packed", || {
         vdpakit_pair(false, true)
     }));
+    for (name, front_tx, packed) in [
+        (
+            "vu_vdpakit_pair_inorder_batch_front_to_back_split",
+            true,
+            false,
+        ),
+        (
+            "vu_vdpakit_pair_inorder_batch_front_to_back_packed",
+            true,
+            true,
+        ),
+        (
+            "vu_vdpakit_pair_inorder_batch_back_to_front_split",
+            false,
+            false,
+        ),
+        (
+            "vu_vdpakit_pair_inorder_batch_back_to_front_packed",
+            false,
+            true,
+        ),
+    ] {
+        trials.push(Trial::test(name, move || {
+            vdpakit_pair_with(front_tx, packed, true)
+        }));
+    }
+    for (name, packed) in [
+        ("vu_vdpakit_pair_mergeable_chains_split", false),
+        ("vu_vdpakit_pair_mergeable_chains_packed", true),
+    ] {
+        trials.push(Trial::test(name, move || vdpakit_pair_chains(packed)));
+    }
+    for (name, packed) in [
+        ("vu_vdpakit_pair_latency_drops_split", false),
+        ("vu_vdpakit_pair_latency_drops_packed", true),
+    ] {
+        trials.push(Trial::test(name, move || {
+            vdpakit_pair_latency_drops(packed)
+        }));
+    }
+    for (name, packed) in [
+        ("vu_vdpakit_pair_latency_tail_split", false),
+        ("vu_vdpakit_pair_latency_tail_packed", true),
+    ] {
+        trials.push(Trial::test(name, move || vdpakit_pair_latency_tail(packed)));
+    }
     trials.push(Trial::test("vu_vdpakit_back_end_restart", || {
-        front_end_survives_back_end_restart(false)
+        front_end_survives_back_end_restart(false, false)
+    }));
+    trials.push(Trial::test("vu_vdpakit_back_end_killed", || {
+        front_end_survives_back_end_restart(false, true)
     }));
     // Guest artefacts (kernel, busybox, QEMU): a missing prerequisite skips, a broken harness fails.
     let guest = if args.list {
@@ -950,6 +1500,32 @@ fn main() -> ExitCode {
     };
     trials.push(t);
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A `virtio-user` front end's log: IN_ORDER negotiated when `in_order` (it was asked for), and
+/// when `batches`, chains completed by in-order batches (the count the port logs when its rings
+/// stop).
+fn check_in_order(name: &str, in_order: bool, batches: bool, log: &str) -> Result<(), Failed> {
+    if in_order && !log.contains("in-order on") {
+        return Err(format!("{name}: IN_ORDER was not negotiated:\n{}", tail(log, 20)).into());
+    }
+    if batches {
+        let implied: u64 = log
+            .lines()
+            .filter_map(|l| {
+                let i = l.find(" chains completed by in-order batches")?;
+                l[..i].rsplit(' ').next()?.parse().ok()
+            })
+            .max()
+            .unwrap_or(0);
+        eprintln!("{name}: {implied} chains completed by in-order batches");
+        if implied == 0 {
+            return Err(
+                format!("{name}: no in-order batch was resolved:\n{}", tail(log, 20)).into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// With several queues, every one of vdpakit's queues (in its `--json` port report `p`) must

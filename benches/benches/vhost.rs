@@ -8,7 +8,10 @@
 //!   `VqRun::dequeue` copies them into 32 fresh mbufs (freed again), the driver reaps.
 //!
 //! Reference in the same run: the bare copies (32 × 76 bytes memcpy between two buffers), the
-//! floor any datapath pays.
+//! floor any datapath pays. `*_in_order` variants negotiate VIRTIO_F_IN_ORDER (sequential split
+//! descriptors, in-order reaping); `*_in_order_batch` also let the device return runs of
+//! completely used chains with one used entry (every transmit chain; receive buffers are never
+//! filled completely here, so the enqueue side does not batch).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -89,7 +92,15 @@ fn vhost(c: &mut Criterion) {
     let stats = QueueStats::new();
     let mut g = c.benchmark_group("vhost_datapath");
     g.throughput(Throughput::Elements(BURST as u64));
-    for (ring, extra) in [("split", 0), ("packed", vf::RING_PACKED)] {
+    let io = vf::IN_ORDER;
+    for (ring, extra, batch) in [
+        ("split", 0, false),
+        ("packed", vf::RING_PACKED, false),
+        ("split_in_order", io, false),
+        ("packed_in_order", vf::RING_PACKED | io, false),
+        ("split_in_order_batch", io, true),
+        ("packed_in_order_batch", vf::RING_PACKED | io, true),
+    ] {
         let features = vf::VERSION_1 | vf::NET_MRG_RXBUF | extra;
         let r = rig();
         let rxq = QueueConfig::at(0x1_0000, SIZE, features);
@@ -100,6 +111,8 @@ fn vhost(c: &mut Criterion) {
         tx_drv.set_interrupts(false);
         let mut rx_dev = device(&r, &rxq, 0, features);
         let mut tx_dev = device(&r, &txq, 1, features);
+        rx_dev.set_used_batching(batch);
+        tx_dev.set_used_batching(batch);
         let frame = [0x5au8; FRAME];
         for i in 0..BURST as u64 {
             r.mem

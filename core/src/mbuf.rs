@@ -12,6 +12,15 @@
 //! a single-element enqueue on the pool's shared ring), so a buffer can never be lost; hot paths
 //! free in bulk through a [`MempoolCache`](crate::mempool::MempoolCache) instead.
 //!
+//! # Chains
+//!
+//! A packet larger than one buffer is a chain of segments ([`Mbuf::chain`]): the head's handle
+//! owns every segment, [`Mbuf::nb_segs`] and [`Mbuf::pkt_len`] describe the whole packet, and
+//! freeing the head frees them all. The per-segment accessors (`data`, `data_len`, `prepend`,
+//! `adj`, ...) act on the head segment, `append` and `trim` on the last one; [`Mbuf::segments`]
+//! walks them all. A single buffer is a chain of one: `nb_segs` is 1 and `pkt_len` is its
+//! `data_len`, read from the header's first cache line like every per-packet field.
+//!
 //! This module and `mempool` are the only ones in the crate that touch buffer memory through raw
 //! pointers; every `unsafe` block below says why it is sound.
 
@@ -69,7 +78,8 @@ pub(crate) struct MbufHdr {
     pub(crate) data_off: u16,
     pub(crate) port: u16,
     pub(crate) queue: u16,
-    pub(crate) _pad: u16,
+    /// Head: segments of the packet (1 for a single buffer). Other segments: 1.
+    pub(crate) nb_segs: u16,
     pub(crate) data_len: u32,
     pub(crate) buf_len: u32,
     pub(crate) ol_flags: u64,
@@ -80,9 +90,14 @@ pub(crate) struct MbufHdr {
     pub(crate) packet_type: u32,
     pub(crate) index: u32,
     pub(crate) seqn: u32,
-    pub(crate) _pad1: u32,
+    /// Head of a chain (`nb_segs > 1`): bytes of all segments. Not kept up to date otherwise.
+    pub(crate) pkt_len: u32,
     pub(crate) timestamp: u64,
     pub(crate) userdata: u64,
+    /// The next segment (null for the last one).
+    pub(crate) next: *mut MbufHdr,
+    /// Head of a chain: its last segment.
+    pub(crate) last: *mut MbufHdr,
 }
 
 const _: () = assert!(std::mem::size_of::<MbufHdr>() == HDR_SIZE);
@@ -95,6 +110,8 @@ impl MbufHdr {
     pub(crate) fn reset(&mut self) {
         self.data_off = HEADROOM as u16;
         self.data_len = 0;
+        self.nb_segs = 1;
+        self.next = std::ptr::null_mut();
         self.port = NO_PORT;
         self.queue = 0;
         self.ol_flags = 0;
@@ -184,10 +201,129 @@ impl Mbuf {
         unsafe { self.hdr.as_mut() }
     }
 
-    /// Packet length in bytes.
+    /// Bytes in this (the head) segment: the packet length unless the packet is a chain.
     #[inline(always)]
     pub fn data_len(&self) -> usize {
         self.hdr().data_len as usize
+    }
+
+    /// Packet length: the bytes of every segment.
+    #[inline(always)]
+    pub fn pkt_len(&self) -> usize {
+        let h = self.hdr();
+        if h.nb_segs > 1 {
+            h.pkt_len as usize
+        } else {
+            h.data_len as usize
+        }
+    }
+
+    /// Segments of the packet (1 unless it is a chain).
+    #[inline(always)]
+    pub fn nb_segs(&self) -> u16 {
+        self.hdr().nb_segs
+    }
+
+    /// Adds `delta` bytes to the recorded packet length of a chain (no-op for one segment).
+    #[inline(always)]
+    fn grow_pkt(&mut self, delta: isize) {
+        let h = self.hdr_mut();
+        if h.nb_segs > 1 {
+            h.pkt_len = (h.pkt_len as isize + delta) as u32;
+        }
+    }
+
+    /// Appends `tail` (a single buffer or a chain) after the last segment of this packet. Gives
+    /// `tail` back if the packet would exceed [`MAX_SEGS`] segments or `u32::MAX` bytes.
+    pub fn chain(&mut self, tail: Mbuf) -> std::result::Result<(), Mbuf> {
+        let (segs, len) = (self.nb_segs(), self.pkt_len());
+        let (tsegs, tlen) = (tail.nb_segs(), tail.pkt_len());
+        if usize::from(segs) + usize::from(tsegs) > MAX_SEGS || len + tlen > u32::MAX as usize {
+            return Err(tail);
+        }
+        let tail_last = if tsegs > 1 {
+            tail.hdr().last
+        } else {
+            tail.hdr.as_ptr()
+        };
+        let last = if segs > 1 {
+            self.hdr().last
+        } else {
+            self.hdr.as_ptr()
+        };
+        let tail_head = tail.into_raw().0 as *mut MbufHdr;
+        // SAFETY: `last` is this packet's last segment (the head itself or one linked from it),
+        // owned through this head, which `&mut self` borrows exclusively.
+        let last = unsafe { &mut *last };
+        last.next = tail_head;
+        // SAFETY: the tail's ownership moves into the chain here (`into_raw` gave it up), so
+        // nothing else references its header.
+        let tail_hdr = unsafe { &mut *tail_head };
+        tail_hdr.nb_segs = 1;
+        let h = self.hdr_mut();
+        h.nb_segs = segs + tsegs;
+        h.pkt_len = (len + tlen) as u32;
+        h.last = tail_last;
+        Ok(())
+    }
+
+    /// Splits a chain into its segments, head first, each a single buffer handed to `f`
+    /// (a single buffer is handed over as it is).
+    pub fn for_each_segment(self, mut f: impl FnMut(Mbuf)) {
+        let mut left = self.nb_segs();
+        let mut seg = self.into_raw().0 as *mut MbufHdr;
+        while left > 0 && !seg.is_null() {
+            // SAFETY: `seg` is the head or a segment linked from it; ownership of the whole chain
+            // was given up by `into_raw` above and is handed out segment by segment here, once
+            // each; its link is read before the segment becomes a packet of its own.
+            let hdr = unsafe { &mut *seg };
+            let next = hdr.next;
+            hdr.next = std::ptr::null_mut();
+            hdr.nb_segs = 1;
+            let seg_ptr = NonNull::from(hdr);
+            // SAFETY: an initialised header owned here (see above), handed out once.
+            f(unsafe { Mbuf::from_hdr(seg_ptr) });
+            seg = next;
+            left -= 1;
+        }
+    }
+
+    /// The segments of the packet, head first.
+    #[inline]
+    pub fn segments(&self) -> Segments<'_> {
+        Segments {
+            next: self.hdr.as_ptr(),
+            left: self.nb_segs(),
+            _m: std::marker::PhantomData,
+        }
+    }
+
+    /// Copies the packet's bytes from `offset` on into `dst` (across segments); returns how many
+    /// were copied (fewer than `dst.len()` at the end of the packet).
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> usize {
+        let mut at = 0usize;
+        let mut done = 0usize;
+        for seg in self.segments() {
+            let d = seg.data();
+            let (lo, hi) = (at, at + d.len());
+            at = hi;
+            if hi <= offset + done || done == dst.len() {
+                continue;
+            }
+            let from = offset + done - lo;
+            let n = (d.len() - from).min(dst.len() - done);
+            dst[done..done + n].copy_from_slice(&d[from..from + n]);
+            done += n;
+        }
+        done
+    }
+
+    /// The whole packet in one vector (control paths and tests; allocates).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0u8; self.pkt_len()];
+        let n = self.read_at(0, &mut v);
+        v.truncate(n);
+        v
     }
 
     /// Offset of the packet data from the buffer start (initially [`HEADROOM`]).
@@ -215,25 +351,56 @@ impl Mbuf {
         self.hdr().buf_len as usize
     }
 
-    /// Sets the packet length; fails (returns false) when it exceeds the room after `data_off`.
+    /// Sets the length of the head segment (a chain's packet length follows); fails (returns
+    /// false) when it exceeds the room after `data_off`.
     #[inline(always)]
     pub fn set_data_len(&mut self, len: usize) -> bool {
         let h = self.hdr_mut();
         if len > h.buf_len as usize - h.data_off as usize {
             return false;
         }
+        let old = h.data_len as isize;
         h.data_len = len as u32;
+        self.grow_pkt(len as isize - old);
         true
     }
 
-    /// Grows the packet at its end by `len` bytes and returns the new bytes.
+    /// The last segment's header (the head's own for a single buffer).
+    #[inline(always)]
+    fn last_hdr(&mut self) -> NonNull<MbufHdr> {
+        if self.nb_segs() > 1 {
+            // A chain's `last` is set by `chain` to a segment this head owns (never null).
+            NonNull::new(self.hdr().last).unwrap_or(self.hdr)
+        } else {
+            self.hdr
+        }
+    }
+
+    /// Grows the packet at its end (in the last segment) by `len` bytes and returns them.
     pub fn append(&mut self, len: usize) -> Option<&mut [u8]> {
-        if len > self.tailroom() {
+        let last = self.last_hdr();
+        if last == self.hdr {
+            if len > self.tailroom() {
+                return None;
+            }
+            let old = self.data_len();
+            self.hdr_mut().data_len += len as u32;
+            return Some(&mut self.data_mut()[old..]);
+        }
+        // SAFETY: `last` is a segment of this chain, owned through `&mut self`, distinct from
+        // the head; nothing else references it while the head is borrowed mutably.
+        let l = unsafe { &mut *last.as_ptr() };
+        if len > l.buf_len as usize - l.data_off as usize - l.data_len as usize {
             return None;
         }
-        let old = self.data_len();
-        self.hdr_mut().data_len += len as u32;
-        Some(&mut self.data_mut()[old..])
+        let at = l
+            .buf_addr
+            .wrapping_add(l.data_off as usize + l.data_len as usize);
+        l.data_len += len as u32;
+        self.grow_pkt(len as isize);
+        // SAFETY: [data_off + old data_len, + len) lies inside the last segment's buffer (checked
+        // against its room above), which this chain owns exclusively.
+        Some(unsafe { std::slice::from_raw_parts_mut(at, len) })
     }
 
     /// Grows the packet at its front by `len` bytes (taken from the headroom) and returns them.
@@ -244,10 +411,11 @@ impl Mbuf {
         let h = self.hdr_mut();
         h.data_off -= len as u16;
         h.data_len += len as u32;
+        self.grow_pkt(len as isize);
         Some(&mut self.data_mut()[..len])
     }
 
-    /// Removes `len` bytes from the front of the packet.
+    /// Removes `len` bytes from the front of the head segment.
     pub fn adj(&mut self, len: usize) -> bool {
         if len > self.data_len() {
             return false;
@@ -255,15 +423,27 @@ impl Mbuf {
         let h = self.hdr_mut();
         h.data_off += len as u16;
         h.data_len -= len as u32;
+        self.grow_pkt(-(len as isize));
         true
     }
 
-    /// Removes `len` bytes from the end of the packet.
+    /// Removes `len` bytes from the end of the packet (from its last segment only).
     pub fn trim(&mut self, len: usize) -> bool {
-        if len > self.data_len() {
+        let last = self.last_hdr();
+        if last == self.hdr {
+            if len > self.data_len() {
+                return false;
+            }
+            self.hdr_mut().data_len -= len as u32;
+            return true;
+        }
+        // SAFETY: as in `append`: a segment of this chain, owned through `&mut self`.
+        let l = unsafe { &mut *last.as_ptr() };
+        if len > l.data_len as usize {
             return false;
         }
-        self.hdr_mut().data_len -= len as u32;
+        l.data_len -= len as u32;
+        self.grow_pkt(-(len as isize));
         true
     }
 
@@ -425,12 +605,90 @@ impl Mbuf {
 
 impl Drop for Mbuf {
     fn drop(&mut self) {
-        let pool = self.pool_core();
-        // SAFETY: every mbuf's header links to its pool core, which stays allocated while any of
-        // its buffers is outstanding (this one is).
-        let pool = unsafe { &*pool };
-        // SAFETY: this mbuf belongs to `pool` and is given up here, exactly once.
-        unsafe { pool.put_one(self.hdr) };
+        let mut left = self.nb_segs();
+        let mut seg = self.hdr.as_ptr();
+        while left > 0 && !seg.is_null() {
+            // SAFETY: `seg` is the head or a segment linked from it, owned through this handle
+            // and still initialised (it is given back only below).
+            let hdr = unsafe { &*seg };
+            let (pool, next, seg_ptr) = (hdr.pool, hdr.next, NonNull::from(hdr));
+            // SAFETY: every header links to its pool core, which stays allocated while any of
+            // its buffers is outstanding (this one is).
+            let pool = unsafe { &*pool };
+            // SAFETY: `seg_ptr` belongs to `pool`; it is given up here, exactly once; its `next`
+            // was read before.
+            unsafe { pool.put_one(seg_ptr) };
+            seg = next;
+            left -= 1;
+        }
+    }
+}
+
+/// Most segments in one packet.
+pub const MAX_SEGS: usize = u16::MAX as usize;
+
+/// One segment of a packet (see [`Mbuf::segments`]).
+#[derive(Debug, Clone, Copy)]
+pub struct MbufSeg<'a> {
+    hdr: &'a MbufHdr,
+}
+
+impl<'a> MbufSeg<'a> {
+    /// Bytes in this segment.
+    #[inline(always)]
+    pub fn data_len(&self) -> usize {
+        self.hdr.data_len as usize
+    }
+
+    /// Address of the segment's first data byte in this process.
+    #[inline(always)]
+    pub fn data_ptr(&self) -> *mut u8 {
+        self.hdr.buf_addr.wrapping_add(self.hdr.data_off as usize)
+    }
+
+    /// IOVA of the segment's first data byte.
+    #[inline(always)]
+    pub fn data_iova(&self) -> u64 {
+        self.hdr.buf_iova + self.hdr.data_off as u64
+    }
+
+    /// Start of the segment's whole buffer in this process, and its length (headroom included).
+    #[inline(always)]
+    pub fn buf_span(&self) -> (usize, usize) {
+        (self.hdr.buf_addr as usize, self.hdr.buf_len as usize)
+    }
+
+    /// The segment's bytes.
+    #[inline(always)]
+    pub fn data(&self) -> &'a [u8] {
+        // SAFETY: data_off + data_len <= buf_len holds for every segment, the buffer is mapped
+        // while the packet is owned, and the packet is borrowed for 'a.
+        unsafe { std::slice::from_raw_parts(self.data_ptr(), self.hdr.data_len as usize) }
+    }
+}
+
+/// The segments of a packet, head first ([`Mbuf::segments`]).
+#[derive(Debug)]
+pub struct Segments<'a> {
+    next: *mut MbufHdr,
+    left: u16,
+    _m: std::marker::PhantomData<&'a Mbuf>,
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = MbufSeg<'a>;
+
+    #[inline]
+    fn next(&mut self) -> Option<MbufSeg<'a>> {
+        if self.left == 0 || self.next.is_null() {
+            return None;
+        }
+        // SAFETY: `next` is the head or a segment linked from it; the packet is borrowed for
+        // 'a, so the segment stays owned, initialised and unmodified meanwhile.
+        let hdr = unsafe { &*self.next };
+        self.next = hdr.next;
+        self.left -= 1;
+        Some(MbufSeg { hdr })
     }
 }
 
@@ -532,22 +790,39 @@ impl Burst {
         self.as_mut_slice().iter_mut()
     }
 
-    /// Total bytes of the packets held.
+    /// Total bytes of the packets held (every segment).
     #[inline(always)]
     pub fn bytes(&self) -> u64 {
-        self.iter().map(|m| m.data_len() as u64).sum()
+        self.iter().map(|m| m.pkt_len() as u64).sum()
     }
 
-    /// Moves the first `n` packets out (in order) through `f`, then closes the gap.
+    /// Moves the first `n` packets out (in order) through `f`, then closes the gap. If `f`
+    /// panics, the packets already moved out are not dropped again.
     #[inline]
     pub fn drain_front(&mut self, n: usize, mut f: impl FnMut(Mbuf)) {
-        let n = n.min(self.len);
-        for i in 0..n {
-            // SAFETY: slot i < len is initialised; it is moved out once and then overwritten
-            // or left outside the initialised range by the shift below.
-            f(unsafe { self.pkts[i].assume_init_read() });
+        /// Closes the gap of the packets moved out so far, also when `f` unwinds.
+        struct Gap<'a> {
+            burst: &'a mut Burst,
+            moved: usize,
         }
-        self.shift_front(n);
+        impl Drop for Gap<'_> {
+            fn drop(&mut self) {
+                self.burst.shift_front(self.moved);
+            }
+        }
+        let n = n.min(self.len);
+        let mut gap = Gap {
+            burst: self,
+            moved: 0,
+        };
+        for i in 0..n {
+            // SAFETY: slot i < len is initialised; it is moved out once (counted in `moved`
+            // before `f` runs) and then overwritten or left outside the initialised range by the
+            // shift when `gap` goes.
+            let m = unsafe { gap.burst.pkts[i].assume_init_read() };
+            gap.moved = i + 1;
+            f(m);
+        }
     }
 
     /// Forgets the first `n` packets, whose ownership moved elsewhere as raw values.
@@ -757,6 +1032,93 @@ mod tests {
         );
         drop(b);
         assert_eq!(p.available(), 16, "dropping a burst frees what it holds");
+    }
+
+    /// A buffer holding `bytes`.
+    fn buf(p: &Mempool, bytes: &[u8]) -> Mbuf {
+        let mut m = p.alloc().unwrap();
+        m.append(bytes.len()).unwrap().copy_from_slice(bytes);
+        m
+    }
+
+    #[test]
+    fn chains_describe_and_free_the_whole_packet() {
+        let p = pool(16);
+        let mut head = buf(&p, b"hello ");
+        assert_eq!((head.nb_segs(), head.pkt_len()), (1, 6));
+        head.chain(buf(&p, b"segmented")).unwrap();
+        // A chain of two appended to a chain of two.
+        let mut tail = buf(&p, b" wor");
+        tail.chain(buf(&p, b"ld")).unwrap();
+        head.chain(tail).unwrap();
+        assert_eq!(head.nb_segs(), 4);
+        assert_eq!(head.pkt_len(), 21);
+        assert_eq!(head.data_len(), 6, "data_len is the head segment's");
+        assert_eq!(head.to_vec(), b"hello segmented world");
+        let lens: Vec<usize> = head.segments().map(|s| s.data_len()).collect();
+        assert_eq!(lens, [6, 9, 4, 2]);
+        let mut mid = [0u8; 8];
+        assert_eq!(head.read_at(4, &mut mid), 8);
+        assert_eq!(&mid, b"o segmen");
+        let mut end = [0u8; 8];
+        assert_eq!(head.read_at(17, &mut end), 4, "short read at the end");
+        assert_eq!(&end[..4], b"orld");
+        // Front edits act on the head, back edits on the last segment; pkt_len follows.
+        head.prepend(2).unwrap().copy_from_slice(b">>");
+        head.append(1).unwrap().copy_from_slice(b"!");
+        assert_eq!(head.to_vec(), b">>hello segmented world!");
+        assert!(head.adj(2) && head.trim(1));
+        assert!(!head.trim(3), "the last segment holds only 2 bytes");
+        assert!(head.set_data_len(5));
+        assert_eq!(head.to_vec(), b"hellosegmented world");
+        assert_eq!(head.pkt_len(), 20);
+        // Through a raw handle and back, then freed: every segment returns.
+        let raw = head.into_raw();
+        // SAFETY: `raw` comes from `into_raw` and is taken back once.
+        let head = unsafe { Mbuf::from_raw(raw) };
+        assert_eq!(head.pkt_len(), 20);
+        assert_eq!(p.available(), 12);
+        drop(head);
+        assert_eq!(p.available(), 16);
+    }
+
+    #[test]
+    fn chains_free_into_a_cache_and_split_into_segments() {
+        let p = pool(8);
+        let mut c = p.cache(4);
+        let mut head = buf(&p, b"a");
+        for b in [b"b", b"c", b"d"] {
+            head.chain(buf(&p, b)).unwrap();
+        }
+        c.free(head);
+        assert_eq!(c.len() + p.available(), 8, "all four segments are free");
+        let mut head = c.alloc().unwrap();
+        head.append(1).unwrap()[0] = b'x';
+        let mut second = c.alloc().unwrap();
+        second.append(1).unwrap()[0] = b'y';
+        head.chain(second).unwrap();
+        let mut segs = vec![];
+        head.for_each_segment(|m| {
+            assert_eq!((m.nb_segs(), m.pkt_len()), (1, 1));
+            segs.push(m.data()[0]);
+            c.free(m);
+        });
+        assert_eq!(segs, b"xy");
+        drop(c);
+        assert_eq!(p.available(), 8);
+    }
+
+    #[test]
+    fn fresh_buffers_are_single_segments() {
+        let p = pool(4);
+        let mut a = buf(&p, b"12");
+        a.chain(buf(&p, b"34")).unwrap();
+        drop(a);
+        // Reused buffers come back unchained.
+        let all: Vec<Mbuf> = (0..4).map(|_| p.alloc().unwrap()).collect();
+        for m in &all {
+            assert_eq!((m.nb_segs(), m.pkt_len(), m.segments().count()), (1, 0, 1));
+        }
     }
 
     #[test]

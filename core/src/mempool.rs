@@ -159,7 +159,7 @@ impl Mempool {
                 data_off: HEADROOM as u16,
                 port: NO_PORT,
                 queue: 0,
-                _pad: 0,
+                nb_segs: 1,
                 data_len: 0,
                 buf_len: HEADROOM as u32 + core.data_room,
                 ol_flags: 0,
@@ -169,9 +169,11 @@ impl Mempool {
                 packet_type: 0,
                 index: i as u32,
                 seqn: 0,
-                _pad1: 0,
+                pkt_len: 0,
                 timestamp: 0,
                 userdata: 0,
+                next: std::ptr::null_mut(),
+                last: std::ptr::null_mut(),
             };
             // SAFETY: element i lies inside the zone (count * elt_size bytes), is 64-byte aligned
             // (zone aligned to 64, elt_size a multiple of 64) and nobody else references it yet.
@@ -382,9 +384,14 @@ impl MempoolCache {
         Some(unsafe { take_fresh(self.objs[self.len]) })
     }
 
-    /// Frees one buffer (to this cache when it belongs to this pool, else to its own pool).
+    /// Frees one packet (to this cache when it belongs to this pool, else to its own pool);
+    /// every segment of a chain.
     #[inline]
     pub fn free(&mut self, m: Mbuf) {
+        if m.nb_segs() > 1 {
+            m.for_each_segment(|seg| self.free(seg));
+            return;
+        }
         if m.pool_core() != self.core.as_ptr().cast_const() {
             drop(m);
             return;

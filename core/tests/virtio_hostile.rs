@@ -4,7 +4,8 @@
 mod virtio_common;
 
 use vdpakit_core::virtio::features::{
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+    VIRTIO_F_IN_ORDER, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
 };
 use vdpakit_core::virtio::vring::{
     VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_USED,
@@ -728,6 +729,98 @@ fn driver_rejects_bad_used_entries() {
         drv.reap(),
         Err(QueueError::BadUsedId { id: 5, size: 8 })
     ));
+}
+
+/// IN_ORDER driver side against a broken device: a used entry naming a chain that is not in
+/// flight (or one added but not yet published), and a split batch larger than the used index
+/// moved, are errors that consume nothing; a valid batch afterwards is still resolved.
+#[test]
+fn in_order_driver_rejects_bad_batches() {
+    let mem = mem2();
+    let f = F | VIRTIO_F_IN_ORDER;
+    let cfg = QueueConfig::at(RING_GPA, 8, f);
+    let used = cfg.used;
+    // Three chains published, a fourth added but not published; a fresh ring each time.
+    let fresh = || {
+        let mut drv = DriverQueue::new(&cfg, &mem).unwrap();
+        let heads: Vec<u16> = (0..3)
+            .map(|i| drv.add(&[(BUF + 0x100 * i, 64, true)]).unwrap())
+            .collect();
+        assert_eq!(
+            heads,
+            [0, 1, 2],
+            "in-order descriptors are handed out sequentially"
+        );
+        drv.publish_avail();
+        let unpublished = drv.add(&[(BUF + 0x400, 64, true)]).unwrap();
+        (drv, unpublished)
+    };
+    let entry = |id: u32, len: u32, idx: u16| {
+        mem.write(used + 4, &id.to_le_bytes()).unwrap();
+        mem.write(used + 8, &len.to_le_bytes()).unwrap();
+        mem.write(used + 2, &idx.to_le_bytes()).unwrap();
+    };
+    let (_, unpublished) = fresh();
+    for id in [5u32, u32::from(unpublished)] {
+        let (mut drv, _) = fresh();
+        entry(id, 10, 3);
+        assert!(
+            matches!(drv.reap(), Err(QueueError::BadUsedId { id: i, size: 8 }) if i == id),
+            "id {id}"
+        );
+        assert_eq!(drv.free_count(), 4);
+    }
+    // Names the third chain (a batch of 3) but moves used.idx by 2.
+    let (mut drv, _) = fresh();
+    entry(2, 10, 2);
+    let e = drv.reap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            QueueError::InOrderBatchBeyondUsedIdx {
+                id: 2,
+                batch: 3,
+                moved: 2
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("id 2"), "{e}");
+    assert_eq!(drv.free_count(), 4);
+    // The device gets it right: three chains, the first two implied (whole length).
+    let (mut drv, _) = fresh();
+    entry(2, 10, 3);
+    assert_eq!(drv.reap().unwrap(), Some((0, 64)));
+    assert_eq!(drv.reap().unwrap(), Some((1, 64)));
+    assert_eq!(drv.reap().unwrap(), Some((2, 10)));
+    assert_eq!(drv.reap().unwrap(), None);
+    assert_eq!((drv.free_count(), drv.implied()), (7, 2));
+
+    // Packed: the id of a chain added but not published, then one never made available.
+    let pcfg = QueueConfig::at(RING_GPA, 8, f | VIRTIO_F_RING_PACKED);
+    let mut drv = DriverQueue::new(&pcfg, &mem).unwrap();
+    let a = drv.add(&[(BUF, 64, true)]).unwrap();
+    let b = drv
+        .add(&[(BUF + 0x100, 32, true), (BUF + 0x200, 32, true)])
+        .unwrap();
+    drv.publish_avail();
+    let c = drv.add(&[(BUF + 0x300, 64, true)]).unwrap();
+    for id in [c, 7] {
+        let d = desc_bytes(0, 5, id, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+        mem.write(pcfg.desc, &d).unwrap();
+        assert!(
+            matches!(drv.reap(), Err(QueueError::BadUsedId { id: i, size: 8 }) if i == u32::from(id)),
+            "id {id}"
+        );
+        assert_eq!(drv.free_count(), 4);
+    }
+    // One used descriptor at slot 0 naming `b`: `a` is implied, the next used slot is 3.
+    let d = desc_bytes(0, 5, b, VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+    mem.write(pcfg.desc, &d).unwrap();
+    assert_eq!(drv.reap().unwrap(), Some((a, 64)));
+    assert_eq!(drv.reap().unwrap(), Some((b, 5)));
+    assert_eq!(drv.reap().unwrap(), None);
+    assert_eq!((drv.free_count(), drv.implied()), (7, 1));
 }
 
 /// Random garbage everywhere the driver writes: the device returns chains or errors, never

@@ -1,12 +1,14 @@
 //! Split and packed rings, driver against device: chain shapes, data, ids and lengths, burst
-//! publish semantics, wrap-around, out-of-order completion, restore, rewind.
+//! publish semantics, wrap-around, out-of-order completion, restore, rewind, and IN_ORDER
+//! (sequential split descriptors, batched used entries resolved by the driver).
 
 mod virtio_common;
 
 use std::collections::VecDeque;
 
 use vdpakit_core::virtio::features::{
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
+    VIRTIO_F_IN_ORDER, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
 };
 use vdpakit_core::virtio::{
     AddrKind, Chain, DeviceQueue, DriverQueue, GuestMemory, QueueConfig, QueueError, Segs,
@@ -44,6 +46,10 @@ struct Harness {
     avail: VecDeque<Posted>,
     used: VecDeque<(Posted, u32)>,
     completed: u64,
+    /// IN_ORDER negotiated (the device then batches its used entries).
+    in_order: bool,
+    /// Chains the device's used batching must have left without an entry of their own.
+    expect_implied: u64,
 }
 
 impl Harness {
@@ -52,7 +58,9 @@ impl Harness {
         let buf_base = ring_end(size, packed);
         let total = buf_base + u64::from(size) * BLOCK;
         let mem = memory(&[(0, total as usize)]);
-        let (drv, dev) = pair(&mem, size, features);
+        let (drv, mut dev) = pair(&mem, size, features);
+        let in_order = features & VIRTIO_F_IN_ORDER != 0;
+        dev.set_used_batching(in_order);
         Harness {
             mem,
             drv,
@@ -66,6 +74,23 @@ impl Harness {
             avail: VecDeque::new(),
             used: VecDeque::new(),
             completed: 0,
+            in_order,
+            expect_implied: 0,
+        }
+    }
+
+    /// Split + IN_ORDER: a chain's descriptors are consecutive in the table (x, x + 1, ...),
+    /// as the spec requires of drivers.
+    fn check_sequential(&self, head: u16, n: usize) {
+        for i in 0..n.saturating_sub(1) {
+            let idx = head as u64 + i as u64;
+            let d = read(&self.mem, RING_GPA + 16 * idx, 16);
+            let next = u16::from_le_bytes([d[14], d[15]]);
+            assert_eq!(
+                u64::from(next),
+                idx + 1,
+                "descriptor {idx} of the chain at {head} links {next}"
+            );
         }
     }
 
@@ -113,8 +138,16 @@ impl Harness {
                 let table = self.buf_base + (seq % u64::from(self.size)) * BLOCK + 512;
                 self.drv.add_indirect(&self.mem, &bufs, table).unwrap()
             } else {
-                self.drv.add(&bufs).unwrap()
+                // With IN_ORDER a split chain may have to start over at descriptor 0.
+                match self.drv.add(&bufs) {
+                    Ok(id) => id,
+                    Err(QueueError::QueueFull { .. }) if self.in_order => break,
+                    Err(e) => panic!("add: {e}"),
+                }
             };
+            if self.in_order && !indirect && !self.dev.is_packed() {
+                self.check_sequential(id, bufs.len());
+            }
             self.seq += 1;
             added.push(Posted {
                 id,
@@ -191,11 +224,30 @@ impl Harness {
                 .unwrap()
                 .expect("a chain");
             self.check_chain(&p, &c);
-            let written = self.rng.below(u64::from(c.writable) + 1) as u32;
+            // In order, half the chains are filled completely: those the device may batch.
+            let written = if self.in_order && self.rng.below(2) == 0 {
+                c.writable
+            } else {
+                self.rng.below(u64::from(c.writable) + 1) as u32
+            };
             let data: Vec<u8> = (0..written as usize).map(|i| wbyte(p.seq, i)).collect();
             assert_eq!(self.segs.write(0, &data), written as usize);
             self.dev.push_used(&c, written);
             self.used.push_back((p, written));
+        }
+        if self.in_order {
+            // The device writes its used entries in groups of 64 (its shadow) and at publish;
+            // in each group, a completely used chain followed by another gets no entry.
+            let staged: Vec<bool> = self
+                .used
+                .iter()
+                .skip(self.used.len() - k)
+                .map(|(p, w)| *w == p.bufs.iter().filter(|b| b.2).map(|b| b.1).sum::<u32>())
+                .collect();
+            for group in staged.chunks(64) {
+                let n = group.len();
+                self.expect_implied += group[..n - 1].iter().filter(|&&f| f).count() as u64;
+            }
         }
         if self.avail.is_empty() {
             assert!(self.dev.pop(&self.mem, &mut self.segs).unwrap().is_none());
@@ -242,6 +294,10 @@ impl Harness {
             self.driver_step();
         }
         assert_eq!(self.drv.free_count(), self.size);
+        assert_eq!(self.drv.implied(), self.expect_implied, "implied chains");
+        if self.in_order && self.size > 1 {
+            assert!(self.expect_implied > 0, "the device never batched");
+        }
     }
 
     fn device_step_all(&mut self) {
@@ -282,6 +338,48 @@ fn split_roundtrip_size_256() {
 #[test]
 fn split_roundtrip_size_32768() {
     roundtrip(32768, EV_IND);
+}
+
+const IN_ORDER: u64 = EV_IND | VIRTIO_F_IN_ORDER;
+
+#[test]
+fn split_in_order_batched_roundtrip_size_1() {
+    roundtrip(1, IN_ORDER);
+}
+
+#[test]
+fn split_in_order_batched_roundtrip_size_8() {
+    roundtrip(8, IN_ORDER);
+}
+
+#[test]
+fn split_in_order_batched_roundtrip_size_256() {
+    roundtrip(256, IN_ORDER);
+}
+
+#[test]
+fn split_in_order_batched_roundtrip_size_4_plain() {
+    roundtrip(4, VIRTIO_F_VERSION_1 | VIRTIO_F_IN_ORDER);
+}
+
+#[test]
+fn packed_in_order_batched_roundtrip_size_1() {
+    roundtrip(1, IN_ORDER | VIRTIO_F_RING_PACKED);
+}
+
+#[test]
+fn packed_in_order_batched_roundtrip_size_3() {
+    roundtrip(3, IN_ORDER | VIRTIO_F_RING_PACKED);
+}
+
+#[test]
+fn packed_in_order_batched_roundtrip_size_100() {
+    roundtrip(100, IN_ORDER | VIRTIO_F_RING_PACKED);
+}
+
+#[test]
+fn packed_in_order_batched_roundtrip_size_256() {
+    roundtrip(256, IN_ORDER | VIRTIO_F_RING_PACKED);
 }
 
 #[test]

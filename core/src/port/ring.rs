@@ -346,7 +346,7 @@ impl RxQueue for RingRx {
             let mut bytes = 0u64;
             for m in &mut pkts.as_mut_slice()[start..] {
                 m.set_rx_port(self.port, self.queue);
-                bytes += m.data_len() as u64;
+                bytes += m.pkt_len() as u64;
             }
             self.stats.add(n as u64, bytes);
         }

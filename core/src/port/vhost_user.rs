@@ -34,7 +34,10 @@ pub(super) const KIND: PortKind = PortKind {
             "mrg_rxbuf",
             "1 (default): offer mergeable receive buffers; 0: not",
         ),
-        ("in_order", "1 (default): offer IN_ORDER; 0: not"),
+        (
+            "in_order",
+            "1 (default): offer IN_ORDER; 0: not; batch: offer it and, when negotiated, return each run of completely used buffers with one used entry (front ends must resolve in-order batches)",
+        ),
         ("mtu", "MTU offered, 68..=65535 (default 1500)"),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
     ],
@@ -75,11 +78,13 @@ impl VhostUserPort {
             None => None,
             Some(_) => Some(a.u64_in("queues", 1, 1..=MAX_QUEUE_PAIRS as u64)? as u16),
         };
+        let in_order = a.choice("in_order", "1", &["0", "1", "batch"])?;
         let net = NetConfig {
             queue_pairs: pairs_key.unwrap_or(1),
             packed: bool_key("packed", "1")?,
             mrg_rxbuf: bool_key("mrg_rxbuf", "1")?,
-            in_order: bool_key("in_order", "1")?,
+            in_order: in_order != "0",
+            in_order_batch: in_order == "batch",
             mtu: a.u64_in("mtu", 1500, 68..=65535)? as u16,
             host_notifier: false,
         };
@@ -234,7 +239,7 @@ impl RxQueue for VhostRx {
         let mut bytes = 0u64;
         for m in &mut pkts.as_mut_slice()[start..] {
             m.set_rx_port(self.port, self.queue);
-            bytes += m.data_len() as u64;
+            bytes += m.pkt_len() as u64;
         }
         let got = pkts.len() - start;
         if got > 0 {

@@ -12,11 +12,19 @@
 //! sits in a [`Handoff`]: the port's queues enter it once per burst; the control thread builds it
 //! when a back end is set up and takes it away when the back end goes.
 //!
+//! Receive with mergeable rx buffers: a frame spread over several buffers (`num_buffers`) is
+//! delivered as one mbuf chain; `rx_buf=` sizes the posted buffers. Transmit posts a chain as
+//! one descriptor per segment. With VIRTIO_F_IN_ORDER the driver queues resolve batched used
+//! entries ([`DriverQueue::reap`] returns every chain).
+//!
 //! Control thread: connects (client mode, retrying every second) or listens (`server=1`),
 //! negotiates, sets the rings up and then waits for the back end to hang up or for the port to
 //! stop. When the back end goes away, packets it had not consumed are counted as transmit drops,
 //! posted receive buffers are kept for the next back end, and the thread reconnects; meanwhile
-//! `tx_burst` takes nothing (the caller counts drops) and `rx_burst` returns nothing.
+//! `tx_burst` takes nothing (the caller counts drops) and `rx_burst` returns nothing. Buffers
+//! are used again only once the back end can no longer touch them: it confirmed each ring
+//! stopped (GET_VRING_BASE reply) or its process exited; otherwise they are withheld
+//! (see `Withheld`).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -26,6 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::{
@@ -33,7 +42,7 @@ use super::{
     QueuePair, QueueStats, RxQueue, StatsBlocks, TxQueue,
 };
 use crate::error::{Error, Result};
-use crate::mbuf::{Burst, Mbuf};
+use crate::mbuf::{Burst, MAX_BURST, Mbuf};
 use crate::mem::{MemMode, Segment};
 use crate::mempool::{Mempool, MempoolCache};
 use crate::vhost::VhostError;
@@ -44,7 +53,7 @@ use crate::vhost::msg::{MemRegion, VringAddr, proto};
 use crate::vhost::server::{sleep_or_stop, wait_readable};
 use crate::virtio::features as vf;
 use crate::virtio::net::hdr_len;
-use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, ring_layout};
+use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, QueueError, ring_layout};
 
 pub(super) const KIND: PortKind = PortKind {
     name: "virtio-user",
@@ -70,9 +79,17 @@ pub(super) const KIND: PortKind = PortKind {
         ),
         (
             "in_order",
-            "0 (default); 1 is not implemented by this front end",
+            "1: require VIRTIO_F_IN_ORDER; 0: off; default: use if offered",
+        ),
+        (
+            "rx_buf",
+            "bytes of each posted receive buffer, the 12-byte virtio-net header included, 128..=data room + 12 (default: the whole mbuf); with mergeable rx buffers larger frames arrive as mbuf chains",
         ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
+        (
+            "drop_every",
+            "for tests: transmit drops (frees and counts) every Nth packet, 0..=1000000 (default 0: never)",
+        ),
     ],
 };
 
@@ -96,6 +113,11 @@ struct Config {
     tx_size: u16,
     packed: bool,
     mrg: Want,
+    in_order: Want,
+    /// Bytes of each posted receive buffer (header included); None: all an mbuf holds.
+    rx_buf: Option<usize>,
+    /// Tests: transmit drops every Nth packet offered (0: never).
+    drop_every: u64,
 }
 
 /// See the module documentation.
@@ -142,17 +164,19 @@ impl VirtioUserPort {
                 Some(n as u16)
             }
         };
-        if a.choice("in_order", "0", &["0", "1"])? == "1" {
-            return Err(invalid(
-                "in_order",
-                "1",
-                "0 (this front end does not implement VIRTIO_F_IN_ORDER's batched completions)",
-            ));
-        }
-        let mrg = match a.get("mrg_rxbuf") {
-            None => Want::Auto,
-            Some(_) if a.choice("mrg_rxbuf", "1", &["0", "1"])? == "1" => Want::On,
-            Some(_) => Want::Off,
+        let want = |key: &str| -> Result<Want> {
+            Ok(match a.get(key) {
+                None => Want::Auto,
+                Some(_) if a.choice(key, "1", &["0", "1"])? == "1" => Want::On,
+                Some(_) => Want::Off,
+            })
+        };
+        let mrg = want("mrg_rxbuf")?;
+        let in_order = want("in_order")?;
+        let max_buf = u64::from(env.pool.data_room()) + 12;
+        let rx_buf = match a.get("rx_buf") {
+            None => None,
+            Some(_) => Some(a.u64_in("rx_buf", max_buf, 128..=max_buf)? as usize),
         };
         Ok(VirtioUserPort {
             name: spec.text().to_string(),
@@ -166,6 +190,9 @@ impl VirtioUserPort {
                 tx_size: 0,
                 packed: a.choice("packed", "0", &["0", "1"])? == "1",
                 mrg,
+                in_order,
+                rx_buf,
+                drop_every: a.u64_in("drop_every", 0, 0..=1_000_000)?,
             },
             pairs_key,
             size_key,
@@ -192,6 +219,18 @@ impl VirtioUserPort {
         self.ctl
             .as_ref()
             .map_or(0, |c| c.shared.connections.load(Ordering::Relaxed))
+    }
+
+    /// Chains the back ends completed implicitly so far (IN_ORDER batches: one used entry for
+    /// several chains), over all queues, while started.
+    pub fn in_order_implied(&self) -> u64 {
+        self.ctl.as_ref().map_or(0, |c| {
+            c.shared
+                .implied
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .sum()
+        })
     }
 
     /// The last set-up error with a back end (a missing feature, a refused request), if any.
@@ -314,6 +353,8 @@ impl Port for VirtioUserPort {
                     q: q as usize,
                     cache: self.pool.cache(self.cache_size),
                     stats: Arc::clone(&self.stats.tx[q as usize]),
+                    drop_every: self.cfg.drop_every,
+                    offered: 0,
                 }) as Box<dyn TxQueue>),
             })
             .collect())
@@ -371,6 +412,9 @@ struct Shared {
     tx_lost: Vec<AtomicU64>,
     /// Per receive queue: packets a back end delivered that the queue had not reaped when it left.
     rx_late: Vec<AtomicU64>,
+    /// Per vring (2q = rx, 2q + 1 = tx): chains completed by IN_ORDER batches (see
+    /// [`DriverQueue::implied`]), over all back ends. Written by the queue's poller only.
+    implied: Vec<AtomicU64>,
     last_error: Mutex<Option<String>>,
 }
 
@@ -385,8 +429,23 @@ impl Shared {
             connections: AtomicU64::new(0),
             tx_lost: (0..n).map(|_| AtomicU64::new(0)).collect(),
             rx_late: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            implied: (0..2 * n).map(|_| AtomicU64::new(0)).collect(),
             last_error: Mutex::new(None),
         })
+    }
+}
+
+/// Adds the chains `q` completed implicitly since the last report to `total` (single writer:
+/// the queue's poller; one load and a compare per burst, a store only when batches happened).
+#[inline]
+fn report_implied(q: &DriverQueue, seen: &mut u64, total: &AtomicU64) {
+    let now = q.implied();
+    if now != *seen {
+        total.store(
+            total.load(Ordering::Relaxed) + (now - *seen),
+            Ordering::Relaxed,
+        );
+        *seen = now;
     }
 }
 
@@ -404,18 +463,40 @@ struct RxRun {
     kick: EventFd,
     hdr_len: usize,
     mrg: bool,
-    /// Buffers still to drop of a merged packet that did not fit one mbuf.
+    /// Bytes of each posted buffer, the virtio-net header included (`rx_buf`, at most what an
+    /// mbuf holds after its headroom).
+    buf_len: Option<usize>,
+    /// A packet spread over several buffers (MRG_RXBUF) being chained, with the number of its
+    /// buffers still to come.
+    pending: Option<(Mbuf, u16)>,
+    /// Buffers still to drop of a merged packet that could not be received.
     skip: u16,
     broken: bool,
+    /// `q.implied()` as last reported to [`Shared::implied`].
+    implied_seen: u64,
+}
+
+/// What became of one used receive buffer.
+enum RxBuf {
+    /// A complete packet.
+    Packet(Mbuf),
+    /// Part of a packet (kept in `pending`), or a buffer of a dropped one.
+    Nothing,
+    /// A packet dropped whole (counted once).
+    Dropped,
+    /// A malformed buffer (counted as an error).
+    Error,
 }
 
 impl RxRun {
     /// Posts one empty mbuf; gives it back on failure.
     #[inline]
     fn post(&mut self, m: Mbuf) -> std::result::Result<(), Mbuf> {
-        // The device writes the virtio-net header into the headroom, the frame at data_off.
+        // The device writes the virtio-net header into the headroom, the frame at data_off
+        // (a packet's later buffers carry frame bytes from the header's place on).
         let addr = m.data_iova() - self.hdr_len as u64;
-        let len = (self.hdr_len + m.tailroom()) as u32;
+        let room = self.hdr_len + m.tailroom();
+        let len = self.buf_len.map_or(room, |b| b.min(room)) as u32;
         match self.q.add(&[(addr, len, true)]) {
             Ok(id) => {
                 self.slots[id as usize] = Some(m);
@@ -445,6 +526,60 @@ impl RxRun {
         }
     }
 
+    /// Takes one used buffer (`len` bytes written) into a packet.
+    #[inline]
+    fn take(&mut self, mut m: Mbuf, len: usize, cache: &mut MempoolCache) -> RxBuf {
+        let h = self.hdr_len;
+        if self.skip > 0 {
+            self.skip -= 1;
+            cache.free(m);
+            return RxBuf::Nothing;
+        }
+        if let Some((mut head, left)) = self.pending.take() {
+            // A later buffer of a merged packet: frame bytes from the header's place on.
+            let ok = len > 0 && m.prepend(h).is_some() && m.set_data_len(len);
+            if !ok {
+                // Empty or longer than the buffer: the packet is lost, its other buffers too.
+                self.skip = left - 1;
+                cache.free(m);
+                cache.free(head);
+                return RxBuf::Error;
+            }
+            if let Err(m) = head.chain(m) {
+                self.skip = left - 1;
+                cache.free(m);
+                cache.free(head);
+                return RxBuf::Dropped;
+            }
+            if left == 1 {
+                return RxBuf::Packet(head);
+            }
+            self.pending = Some((head, left - 1));
+            return RxBuf::Nothing;
+        }
+        if len <= h || !m.set_data_len(len - h) {
+            // A runt (header only) or a length beyond the buffer we posted.
+            cache.free(m);
+            return RxBuf::Error;
+        }
+        let nbuf = match m.prepend(h) {
+            Some(hdr) if self.mrg => u16::from_le_bytes([hdr[10], hdr[11]]),
+            _ => 1,
+        };
+        m.adj(h);
+        if nbuf <= 1 {
+            return RxBuf::Packet(m);
+        }
+        if nbuf > self.q.size() {
+            // More buffers than the ring holds: the header is garbage; nothing can be trusted
+            // about what follows, so this buffer alone is dropped.
+            cache.free(m);
+            return RxBuf::Error;
+        }
+        self.pending = Some((m, nbuf - 1));
+        RxBuf::Nothing
+    }
+
     #[inline]
     fn burst(
         &mut self,
@@ -458,7 +593,6 @@ impl RxRun {
             return 0;
         }
         let (mut got, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
-        let h = self.hdr_len;
         while pkts.room() > 0 {
             let (id, len) = match self.q.reap() {
                 Ok(Some(x)) => x,
@@ -470,39 +604,22 @@ impl RxRun {
                     break;
                 }
             };
-            let Some(mut m) = self.slots.get_mut(id as usize).and_then(Option::take) else {
+            let Some(m) = self.slots.get_mut(id as usize).and_then(Option::take) else {
                 errors += 1;
                 continue;
             };
-            if self.skip > 0 {
-                self.skip -= 1;
-                cache.free(m);
-                continue;
+            match self.take(m, len as usize, cache) {
+                RxBuf::Packet(mut m) => {
+                    m.set_rx_port(port, queue);
+                    bytes += m.pkt_len() as u64;
+                    // Cannot fail: the loop runs while there is room.
+                    let _ = pkts.push(m);
+                    got += 1;
+                }
+                RxBuf::Nothing => {}
+                RxBuf::Dropped => drops += 1,
+                RxBuf::Error => errors += 1,
             }
-            let len = len as usize;
-            if len <= h || !m.set_data_len(len - h) {
-                // A runt (header only) or a length beyond the buffer we posted.
-                errors += 1;
-                cache.free(m);
-                continue;
-            }
-            let nbuf = match m.prepend(h) {
-                Some(hdr) if h >= 12 => u16::from_le_bytes([hdr[10], hdr[11]]),
-                _ => 1,
-            };
-            m.adj(h);
-            if self.mrg && nbuf > 1 {
-                // Spread over several buffers: not chained into one mbuf; dropped and counted.
-                self.skip = nbuf - 1;
-                drops += 1;
-                cache.free(m);
-                continue;
-            }
-            m.set_rx_port(port, queue);
-            bytes += m.data_len() as u64;
-            // Cannot fail: the loop runs while there is room.
-            let _ = pkts.push(m);
-            got += 1;
         }
         self.refill(cache);
         if got > 0 {
@@ -518,6 +635,22 @@ impl RxRun {
     }
 }
 
+/// Most segments of a transmitted chain posted as they are (one descriptor each); longer chains
+/// are copied into one buffer.
+const TX_MAX_SEGS: usize = 64;
+
+/// What became of one packet offered for transmission.
+enum TxPost {
+    /// Posted under this id (the header prepended in place).
+    Posted(u16),
+    /// Copied into a buffer of ours, which was posted (and stored) under this id.
+    Copied,
+    /// The ring is full: left with the caller, unchanged.
+    Full,
+    /// Cannot be sent (no buffer for a copy, or too large): dropped and counted.
+    Dropped,
+}
+
 /// A running transmit vring.
 struct TxRun {
     q: DriverQueue,
@@ -529,7 +662,14 @@ struct TxRun {
     shared_lo: usize,
     shared_hi: usize,
     broken: bool,
+    /// `q.implied()` as last reported to [`Shared::implied`].
+    implied_seen: u64,
+    /// Per packet of the burst being posted: its id (see `TxPost`).
+    ids: Box<[u32; MAX_BURST]>,
 }
+
+/// `TxRun::ids` entry: the packet was copied (or dropped); free the original.
+const TX_FREE: u32 = u32::MAX;
 
 impl TxRun {
     /// Frees the packets the back end is done with.
@@ -551,10 +691,83 @@ impl TxRun {
         }
     }
 
+    /// Whether a buffer (start address and length in this process) lies in the memory the back
+    /// end can read.
     #[inline]
-    fn shared_mem(&self, m: &Mbuf) -> bool {
-        let start = m.data_ptr() as usize - m.headroom();
-        start >= self.shared_lo && start + m.buf_len() <= self.shared_hi
+    fn shared_span(&self, (start, len): (usize, usize)) -> bool {
+        start >= self.shared_lo && start + len <= self.shared_hi
+    }
+
+    /// Posts one packet: in place when every segment is memory the back end reads and the head
+    /// has room for the header, else as a copy in a buffer of ours.
+    #[inline]
+    fn post(&mut self, m: &mut Mbuf, cache: &mut MempoolCache) -> TxPost {
+        let h = self.hdr_len;
+        let segs = m.nb_segs() as usize;
+        let in_place = m.headroom() >= h
+            && segs <= TX_MAX_SEGS
+            && m.segments().all(|s| self.shared_span(s.buf_span()));
+        if in_place {
+            let len = m.data_len();
+            if let Some(hdr) = m.prepend(h) {
+                hdr.fill(0);
+            }
+            let r = if segs == 1 {
+                self.q.add(&[(m.data_iova(), (len + h) as u32, false)])
+            } else {
+                let mut bufs = [(0u64, 0u32, false); TX_MAX_SEGS];
+                for (b, s) in bufs.iter_mut().zip(m.segments()) {
+                    *b = (s.data_iova(), s.data_len() as u32, false);
+                }
+                self.q.add(&bufs[..segs])
+            };
+            return match r {
+                Ok(id) => TxPost::Posted(id),
+                Err(e) => {
+                    m.adj(h);
+                    if matches!(e, QueueError::QueueFull { .. }) {
+                        TxPost::Full
+                    } else {
+                        TxPost::Dropped
+                    }
+                }
+            };
+        }
+        if self.q.free_count() == 0 {
+            return TxPost::Full;
+        }
+        // Not in memory the back end sees (another pool), no room for the header, or too many
+        // segments: copy into one of ours.
+        let Some(mut c) = cache.alloc() else {
+            return TxPost::Dropped;
+        };
+        let len = m.pkt_len();
+        if c.append(len).map(|d| m.read_at(0, d)) != Some(len) {
+            // Larger than one of our buffers.
+            cache.free(c);
+            return TxPost::Dropped;
+        }
+        match c.prepend(h) {
+            Some(hdr) => hdr.fill(0),
+            None => {
+                cache.free(c);
+                return TxPost::Dropped;
+            }
+        }
+        match self.q.add(&[(c.data_iova(), (len + h) as u32, false)]) {
+            Ok(id) => {
+                self.slots[id as usize] = Some(c);
+                TxPost::Copied
+            }
+            Err(e) => {
+                cache.free(c);
+                if matches!(e, QueueError::QueueFull { .. }) {
+                    TxPost::Full
+                } else {
+                    TxPost::Dropped
+                }
+            }
+        }
     }
 
     #[inline]
@@ -563,43 +776,34 @@ impl TxRun {
             return 0;
         }
         self.reclaim(cache);
-        let n = pkts.len().min(self.q.free_count() as usize);
         let (mut posted, mut bytes, mut drops) = (0u64, 0u64, 0u64);
-        let h = self.hdr_len;
-        pkts.drain_front(n, |m| {
-            let mut m = m;
-            if !self.shared_mem(&m) || m.headroom() < h {
-                // Not in memory the back end sees (another pool) or no room for the header:
-                // copy into one of ours.
-                let copy = cache.alloc().and_then(|mut c| {
-                    let d = c.append(m.data_len())?;
-                    d.copy_from_slice(m.data());
-                    Some(c)
-                });
-                cache.free(m);
-                match copy {
-                    Some(c) => m = c,
-                    None => {
-                        drops += 1;
-                        return;
-                    }
-                }
-            }
-            let len = m.data_len();
-            if let Some(hdr) = m.prepend(h) {
-                hdr.fill(0);
-            }
-            match self.q.add(&[(m.data_iova(), (len + h) as u32, false)]) {
-                Ok(id) => {
-                    self.slots[id as usize] = Some(m);
-                    posted += 1;
-                    bytes += len as u64;
-                }
-                Err(_) => {
+        let mut n = 0;
+        for m in pkts.as_mut_slice() {
+            let len = m.pkt_len() as u64;
+            let id = match self.post(m, cache) {
+                TxPost::Full => break,
+                TxPost::Posted(id) => u32::from(id),
+                TxPost::Copied => TX_FREE,
+                TxPost::Dropped => {
                     drops += 1;
-                    cache.free(m);
+                    self.ids[n] = TX_FREE;
+                    n += 1;
+                    continue;
                 }
+            };
+            self.ids[n] = id;
+            n += 1;
+            posted += 1;
+            bytes += len;
+        }
+        let (ids, slots) = (&self.ids, &mut self.slots);
+        let mut i = 0;
+        pkts.drain_front(n, |m| {
+            match ids[i] {
+                TX_FREE => cache.free(m),
+                id => slots[id as usize] = Some(m),
             }
+            i += 1;
         });
         if posted > 0 && self.q.publish_avail() {
             kick(&self.kick);
@@ -627,8 +831,13 @@ impl RxQueue for VuRx {
     #[inline]
     fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
         let (cache, stats, port, queue) = (&mut self.cache, &self.stats, self.port, self.queue);
+        let implied = &self.shared.implied[2 * self.q];
         self.shared.rx[self.q]
-            .enter(|run| run.burst(pkts, cache, stats, port, queue))
+            .enter(|run| {
+                let n = run.burst(pkts, cache, stats, port, queue);
+                report_implied(&run.q, &mut run.implied_seen, implied);
+                n
+            })
             .unwrap_or(0)
     }
 
@@ -642,16 +851,74 @@ struct VuTx {
     q: usize,
     cache: MempoolCache,
     stats: Arc<QueueStats>,
+    /// Drop every Nth packet offered (0: never); `offered` packets were offered so far.
+    drop_every: u64,
+    offered: u64,
+}
+
+impl VuTx {
+    /// The `drop_every` path (tests only): of the packets the ring has room for, every Nth is
+    /// freed and counted as a drop (a packet refused because the ring is full is not counted
+    /// again when it is offered again); the others go to the ring, and what it does not take
+    /// goes back to `pkts` in order.
+    #[cold]
+    fn tx_burst_dropping(&mut self, pkts: &mut Burst) -> usize {
+        let room = self.shared.tx[self.q]
+            .enter(|run| run.q.free_count() as usize)
+            .unwrap_or(0);
+        let mut keep = Burst::new(MAX_BURST);
+        let (every, mut offered, mut dropped) = (self.drop_every, self.offered, 0u64);
+        let cache = &mut self.cache;
+        pkts.drain_front(pkts.len().min(room), |m| {
+            offered += 1;
+            if offered % every == 0 {
+                dropped += 1;
+                cache.free(m);
+            } else {
+                // Cannot fail: `keep` holds MAX_BURST, a burst holds at most that.
+                let _ = keep.push(m);
+            }
+        });
+        self.offered = offered;
+        if dropped > 0 {
+            self.stats.add_drops(dropped);
+        }
+        let sent = self.send(&mut keep);
+        // Unsent ones go back in front of those never considered, in order.
+        let mut rest = Burst::new(MAX_BURST);
+        pkts.drain_front(pkts.len(), |m| {
+            let _ = rest.push(m);
+        });
+        for b in [&mut keep, &mut rest] {
+            b.drain_front(b.len(), |m| {
+                let _ = pkts.push(m);
+            });
+        }
+        sent
+    }
+
+    #[inline]
+    fn send(&mut self, pkts: &mut Burst) -> usize {
+        let (cache, stats) = (&mut self.cache, &self.stats);
+        let implied = &self.shared.implied[2 * self.q + 1];
+        // While no back end is set up nothing is taken: the caller frees and counts the drops.
+        self.shared.tx[self.q]
+            .enter(|run| {
+                let n = run.burst(pkts, cache, stats);
+                report_implied(&run.q, &mut run.implied_seen, implied);
+                n
+            })
+            .unwrap_or(0)
+    }
 }
 
 impl TxQueue for VuTx {
     #[inline]
     fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
-        let (cache, stats) = (&mut self.cache, &self.stats);
-        // While no back end is set up nothing is taken: the caller frees and counts the drops.
-        self.shared.tx[self.q]
-            .enter(|run| run.burst(pkts, cache, stats))
-            .unwrap_or(0)
+        if self.drop_every > 0 {
+            return self.tx_burst_dropping(pkts);
+        }
+        self.send(pkts)
     }
 
     fn stats(&self) -> &Arc<QueueStats> {
@@ -694,30 +961,8 @@ impl ControlHandle {
         } else {
             None
         };
-        // Ring memory: one slot per vring, big enough for either layout with EVENT_IDX.
-        let mut offsets = Vec::with_capacity(cfg.pairs as usize * 2);
-        let mut total = 0u64;
-        for _ in 0..cfg.pairs {
-            for size in [cfg.rx_size, cfg.tx_size] {
-                offsets.push(total);
-                let need = ring_layout(size, false, true)
-                    .total
-                    .max(ring_layout(size, true, true).total);
-                total += need.next_multiple_of(4096);
-            }
-        }
-        let rings = Segment::new(
-            &format!("virtio-user{port_id}-rings"),
-            total as usize,
-            MemMode::NoHuge,
-        )
-        .map_err(|e| sock_err(format!("ring memory: {e}")))?;
         let pool_seg = Arc::clone(pool.zone().segment());
-        let mem = GuestMemory::new(vec![
-            GuestRegion::from_segment(&pool_seg),
-            GuestRegion::from_segment(&rings),
-        ])
-        .map_err(|e| sock_err(format!("memory table: {e}")))?;
+        let (rings, offsets, mem) = ring_memory(cfg, port_id, &pool_seg).map_err(&sock_err)?;
         let stop = Arc::new(
             EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
                 .map_err(|e| sock_err(format!("eventfd: {e}")))?,
@@ -725,6 +970,7 @@ impl ControlHandle {
         let shared = Shared::new(cfg.pairs);
         let mut ctl = Control {
             cfg: cfg.clone(),
+            port_id,
             pool: Arc::clone(pool),
             pool_seg,
             rings,
@@ -734,7 +980,9 @@ impl ControlHandle {
             parked: (0..cfg.pairs).map(|_| Vec::new()).collect(),
             listener,
             stop: Arc::clone(&stop),
+            withheld: Vec::new(),
             warned_mrg: false,
+            warned_in_order: false,
         };
         let thread = std::thread::Builder::new()
             .name("virtio-user-ctl".into())
@@ -762,6 +1010,71 @@ impl Drop for ControlHandle {
     }
 }
 
+/// Memory for every vring of the port (one slot per vring, big enough for either layout with
+/// EVENT_IDX), its slot offsets, and the guest memory (pool + rings) the back end is given.
+fn ring_memory(
+    cfg: &Config,
+    port_id: u16,
+    pool_seg: &Arc<Segment>,
+) -> std::result::Result<(Arc<Segment>, Vec<u64>, GuestMemory), String> {
+    let mut offsets = Vec::with_capacity(cfg.pairs as usize * 2);
+    let mut total = 0u64;
+    for _ in 0..cfg.pairs {
+        for size in [cfg.rx_size, cfg.tx_size] {
+            offsets.push(total);
+            let need = ring_layout(size, false, true)
+                .total
+                .max(ring_layout(size, true, true).total);
+            total += need.next_multiple_of(4096);
+        }
+    }
+    let rings = Segment::new(
+        &format!("virtio-user{port_id}-rings"),
+        total as usize,
+        MemMode::NoHuge,
+    )
+    .map_err(|e| format!("ring memory: {e}"))?;
+    let mem = GuestMemory::new(vec![
+        GuestRegion::from_segment(pool_seg),
+        GuestRegion::from_segment(&rings),
+    ])
+    .map_err(|e| format!("memory table: {e}"))?;
+    Ok((rings, offsets, mem))
+}
+
+/// The back end's process, to tell after a hang-up whether it can still touch our memory.
+enum Peer {
+    /// Its pidfd (`SO_PEERPIDFD`, Linux 6.5+): readable once the process has exited.
+    Pidfd(std::os::fd::OwnedFd),
+    /// Not known (an older kernel): it may still run.
+    Unknown,
+}
+
+impl Peer {
+    fn of(stream: &UnixStream) -> Peer {
+        match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd) {
+            Ok(fd) => Peer::Pidfd(fd),
+            Err(_) => Peer::Unknown,
+        }
+    }
+
+    /// Whether the process has exited (none of its threads runs), waiting at most `wait`.
+    fn exited(&self, wait: Duration) -> bool {
+        let Peer::Pidfd(fd) = self else { return false };
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        let t = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+        matches!(poll(&mut fds, t), Ok(n) if n > 0)
+    }
+}
+
+/// Buffers (and ring memory) a back end was given and may still access: its rings were not
+/// confirmed stopped and its process had not exited. Kept out of use until it exits.
+struct Withheld {
+    peer: Peer,
+    bufs: Vec<Mbuf>,
+    _rings: Arc<Segment>,
+}
+
 /// What was negotiated with one back end.
 #[derive(Debug, Clone, Copy)]
 struct Negotiated {
@@ -779,6 +1092,7 @@ enum End {
 
 struct Control {
     cfg: Config,
+    port_id: u16,
     pool: Arc<Mempool>,
     pool_seg: Arc<Segment>,
     rings: Arc<Segment>,
@@ -790,13 +1104,17 @@ struct Control {
     parked: Vec<Vec<Mbuf>>,
     listener: Option<UnixListener>,
     stop: Arc<EventFd>,
+    /// Buffers of back ends that may still access them (see [`Withheld`]).
+    withheld: Vec<Withheld>,
     warned_mrg: bool,
+    warned_in_order: bool,
 }
 
 impl Control {
     fn run(&mut self) {
         let path = self.cfg.path.display().to_string();
         loop {
+            self.release_withheld();
             let Some(stream) = self.next_back_end(&path) else {
                 break;
             };
@@ -824,6 +1142,37 @@ impl Control {
                 }
             }
         }
+        self.release_withheld();
+        let mut kept = 0usize;
+        for w in self.withheld.drain(..) {
+            for m in w.bufs {
+                // Given up for good: never back in the pool (its memory stays mapped).
+                let _ = m.into_raw();
+                kept += 1;
+            }
+        }
+        if kept > 0 {
+            // A back end that may still read or write them: they never go back to the pool.
+            tracing::warn!(
+                "virtio-user {path}: {kept} buffers stay out of the pool: a back end whose rings \
+                 were not confirmed stopped still runs"
+            );
+        }
+    }
+
+    /// Returns the buffers of departed back ends whose process has exited since to the pool.
+    fn release_withheld(&mut self) {
+        let path = self.cfg.path.display();
+        self.withheld.retain(|w| {
+            if !w.peer.exited(Duration::ZERO) {
+                return true;
+            }
+            tracing::info!(
+                "virtio-user {path}: the back end's process has exited: its {} withheld buffers are free again",
+                w.bufs.len()
+            );
+            false
+        });
     }
 
     /// Waits for the next back end: accepts (server mode) or connects with a 1 s retry, with one
@@ -859,16 +1208,19 @@ impl Control {
                     if sleep_or_stop(&self.stop, Duration::from_secs(1)) {
                         return None;
                     }
+                    self.release_withheld();
                 }
             }
         }
     }
 
     fn session(&mut self, stream: UnixStream, path: &str) -> std::result::Result<End, VhostError> {
+        let peer = Peer::of(&stream);
         let mut fe = Frontend::new(stream)?;
         let neg = self.negotiate(&mut fe)?;
         if let Err(e) = self.start_rings(&mut fe, neg) {
-            self.stop_rings(None);
+            // Some rings may run already: stop them before anything is reused.
+            self.stop_rings(Some(&mut fe), peer);
             return Err(e);
         }
         self.shared.features.store(neg.features, Ordering::Relaxed);
@@ -879,25 +1231,23 @@ impl Control {
             .last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
+        let on_off = |bit: u64| if neg.features & bit != 0 { "on" } else { "off" };
         tracing::info!(
-            "virtio-user {path}: back end set up: {} rings, mergeable rx buffers {}, {} queue pair(s)",
+            "virtio-user {path}: back end set up: {} rings, mergeable rx buffers {}, in-order {}, {} queue pair(s)",
             if neg.features & vf::RING_PACKED != 0 {
                 "packed"
             } else {
                 "split"
             },
-            if neg.features & vf::NET_MRG_RXBUF != 0 {
-                "on"
-            } else {
-                "off"
-            },
+            on_off(vf::NET_MRG_RXBUF),
+            on_off(vf::IN_ORDER),
             self.cfg.pairs
         );
         // Nothing more to say: wait for the back end to hang up or the port to stop.
         loop {
             if !wait_readable(fe.stream(), &self.stop) {
                 self.shared.link_up.store(false, Ordering::Release);
-                self.stop_rings(Some(&mut fe));
+                self.stop_rings(Some(&mut fe), peer);
                 return Ok(End::Stop);
             }
             let mut probe = [0u8; 1];
@@ -920,7 +1270,7 @@ impl Control {
             }
         }
         self.shared.link_up.store(false, Ordering::Release);
-        self.stop_rings(None);
+        self.stop_rings(None, peer);
         Ok(End::Gone)
     }
 
@@ -954,6 +1304,23 @@ impl Control {
                         self.cfg.path.display()
                     );
                     self.warned_mrg = true;
+                }
+            }
+            Want::Off => {}
+        }
+        match self.cfg.in_order {
+            Want::On if offered & vf::IN_ORDER == 0 => {
+                return Err(missing("VIRTIO_F_IN_ORDER", "in_order=1".into()));
+            }
+            Want::On => want |= vf::IN_ORDER,
+            Want::Auto if offered & vf::IN_ORDER != 0 => want |= vf::IN_ORDER,
+            Want::Auto => {
+                if !self.warned_in_order {
+                    tracing::warn!(
+                        "virtio-user {}: the back end does not offer VIRTIO_F_IN_ORDER; running without",
+                        self.cfg.path.display()
+                    );
+                    self.warned_in_order = true;
                 }
             }
             Want::Off => {}
@@ -1064,8 +1431,11 @@ impl Control {
                     kick: kick_fd,
                     hdr_len: h,
                     mrg,
+                    buf_len: self.cfg.rx_buf,
+                    pending: None,
                     skip: 0,
                     broken: false,
+                    implied_seen: 0,
                 };
                 // Fill the ring before the back end may look at it: parked buffers first.
                 let parked = &mut self.parked[vring / 2];
@@ -1090,6 +1460,8 @@ impl Control {
                     shared_lo: lo,
                     shared_hi: hi,
                     broken: false,
+                    implied_seen: 0,
+                    ids: Box::new([0; MAX_BURST]),
                 };
                 fe.set_vring_kick(i, Some(run.kick.as_fd()))?;
                 tx_runs.push(run);
@@ -1115,11 +1487,15 @@ impl Control {
         Ok(())
     }
 
-    /// Takes every ring away from the datapath; with a live back end (`fe`), stops its rings
-    /// first (GET_VRING_BASE). Transmitted packets it did not consume are counted as lost and
-    /// freed; received ones no queue reaped are counted late and freed; empty receive buffers
-    /// are parked for the next back end.
-    fn stop_rings(&mut self, fe: Option<&mut Frontend>) {
+    /// Takes every ring away from the datapath and, with a connection (`fe`), stops the back
+    /// end's rings: GET_VRING_BASE for each, whose reply confirms the back end no longer uses
+    /// it (vhost-user: "the back-end must stop the ring"). Only then are the ring's buffers used
+    /// again: transmitted packets it did not consume are counted as lost and freed, received
+    /// ones no queue reaped are counted late, empty receive buffers are parked for the next
+    /// back end. Without confirmation (no reply, or the back end hung up) the buffers are used
+    /// again only if its process has exited (`peer`; after a hang-up it gets a second to do
+    /// so); otherwise they and the ring memory are withheld until it exits ([`Withheld`]).
+    fn stop_rings(&mut self, fe: Option<&mut Frontend>, peer: Peer) {
         let mut rx: Vec<Option<RxRun>> = self
             .shared
             .rx
@@ -1132,14 +1508,48 @@ impl Control {
             .iter()
             .map(|h| h.close().state().take())
             .collect();
+        let path = self.cfg.path.display().to_string();
+        let implied: u64 = self
+            .shared
+            .implied
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum();
+        if implied > 0 {
+            tracing::info!(
+                "virtio-user {path}: {implied} chains completed by in-order batches so far"
+            );
+        }
+        let mut stopped = vec![false; self.offsets.len()];
+        let hung_up = fe.is_none();
         if let Some(fe) = fe {
-            for i in 0..self.offsets.len() {
-                if let Err(e) = fe.get_vring_base(i as u32) {
-                    tracing::debug!(vring = i, "GET_VRING_BASE: {e}");
-                    break;
+            for (i, s) in stopped.iter_mut().enumerate() {
+                match fe.get_vring_base(i as u32) {
+                    Ok(_) => *s = true,
+                    Err(e) => {
+                        // After a failed exchange the connection's state is unknown: no more.
+                        tracing::warn!(
+                            "virtio-user {path}: stopping vring {i} (GET_VRING_BASE): {e}"
+                        );
+                        break;
+                    }
                 }
             }
         }
+        let confirmed = stopped.iter().all(|&s| s);
+        let exited = !confirmed
+            && peer.exited(if hung_up {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_millis(100)
+            });
+        if exited {
+            tracing::info!(
+                "virtio-user {path}: the back end's process has exited: the buffers it had are used again"
+            );
+        }
+        let safe = |vring: usize| stopped[vring] || exited;
+        let mut withheld = Vec::new();
         for (q, run) in tx.iter_mut().enumerate() {
             let Some(run) = run.take() else { continue };
             let TxRun {
@@ -1147,29 +1557,86 @@ impl Control {
                 mut slots,
                 ..
             } = run;
+            // Completed: the back end is done with these.
             while let Ok(Some((id, _))) = dq.reap() {
                 if let Some(s) = slots.get_mut(id as usize) {
                     s.take();
                 }
             }
-            let lost = slots.iter_mut().filter_map(Option::take).count() as u64;
-            self.shared.tx_lost[q].fetch_add(lost, Ordering::Relaxed);
+            let left = slots.iter_mut().filter_map(Option::take);
+            let lost = if safe(2 * q + 1) {
+                left.count()
+            } else {
+                let n = withheld.len();
+                withheld.extend(left);
+                withheld.len() - n
+            };
+            self.shared.tx_lost[q].fetch_add(lost as u64, Ordering::Relaxed);
         }
+        let mut cache = self.pool.cache(0);
         for (q, run) in rx.iter_mut().enumerate() {
-            let Some(run) = run.take() else { continue };
-            let RxRun {
-                q: mut dq,
-                mut slots,
-                ..
-            } = run;
+            let Some(mut run) = run.take() else { continue };
+            // Packets delivered that no rx_burst took: received, and dropped here. A merged
+            // packet still missing buffers counts once too.
             let mut late = 0u64;
-            while let Ok(Some((id, _))) = dq.reap() {
-                if slots.get_mut(id as usize).and_then(Option::take).is_some() {
-                    late += 1;
+            while let Ok(Some((id, len))) = run.q.reap() {
+                let Some(m) = run.slots.get_mut(id as usize).and_then(Option::take) else {
+                    continue;
+                };
+                match run.take(m, len as usize, &mut cache) {
+                    RxBuf::Packet(m) => {
+                        late += 1;
+                        cache.free(m);
+                    }
+                    RxBuf::Dropped => late += 1,
+                    RxBuf::Nothing | RxBuf::Error => {}
                 }
             }
+            if let Some((m, _)) = run.pending.take() {
+                late += 1;
+                cache.free(m);
+            }
             self.shared.rx_late[q].fetch_add(late, Ordering::Relaxed);
-            self.parked[q].extend(slots.iter_mut().filter_map(Option::take));
+            let empty = run.slots.iter_mut().filter_map(Option::take);
+            if safe(2 * q) {
+                self.parked[q].extend(empty);
+            } else {
+                withheld.extend(empty);
+            }
+        }
+        drop(cache);
+        if !stopped.iter().all(|&s| s) && !exited {
+            tracing::warn!(
+                "virtio-user {path}: the back end {}; its process still runs, so {} buffers it \
+                 was given are withheld until it exits",
+                if hung_up {
+                    "hung up without its rings being stopped"
+                } else {
+                    "did not confirm that its rings stopped"
+                },
+                withheld.len()
+            );
+            // The ring memory too: the next back end gets fresh rings.
+            match ring_memory(&self.cfg, self.port_id, &self.pool_seg) {
+                Ok((rings, offsets, mem)) => {
+                    let old = std::mem::replace(&mut self.rings, rings);
+                    self.offsets = offsets;
+                    self.mem = mem;
+                    self.withheld.push(Withheld {
+                        peer,
+                        bufs: withheld,
+                        _rings: old,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!("virtio-user {path}: new ring memory: {e}");
+                    self.withheld.push(Withheld {
+                        peer,
+                        bufs: withheld,
+                        _rings: Arc::clone(&self.rings),
+                    });
+                }
+            }
         }
     }
 }

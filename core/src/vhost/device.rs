@@ -36,6 +36,9 @@ pub struct NetConfig {
     pub mrg_rxbuf: bool,
     /// Offer IN_ORDER.
     pub in_order: bool,
+    /// With IN_ORDER negotiated, return runs of completely used chains with one used entry
+    /// ([`DeviceQueue::set_used_batching`](crate::virtio::DeviceQueue::set_used_batching)).
+    pub in_order_batch: bool,
     /// MTU offered with VIRTIO_NET_F_MTU (68..=65535).
     pub mtu: u16,
     /// Offer HOST_NOTIFIER (vDPA passthrough: the front end maps a doorbell page the back end
@@ -50,6 +53,7 @@ impl Default for NetConfig {
             packed: true,
             mrg_rxbuf: true,
             in_order: true,
+            in_order_batch: false,
             mtu: 1500,
             host_notifier: false,
         }
@@ -695,7 +699,8 @@ impl Device {
             },
         };
         match VqRun::build(&setup, &self.mem) {
-            Ok(run) => {
+            Ok(mut run) => {
+                run.set_used_batching(self.cfg.in_order_batch);
                 let mut g = self.shared.vqs[i].close();
                 *g.state() = Some(run);
                 g.open();

@@ -111,6 +111,12 @@ impl VqRun {
         })
     }
 
+    /// With IN_ORDER negotiated, returns runs of completely used chains with one used entry
+    /// (see [`DeviceQueue::set_used_batching`]).
+    pub fn set_used_batching(&mut self, on: bool) {
+        self.q.set_used_batching(on);
+    }
+
     /// The ring position, for GET_VRING_BASE.
     pub fn last_avail(&self) -> u16 {
         self.q.last_avail()
@@ -198,8 +204,7 @@ impl VqRun {
         let mut dropped = 0u64;
         'pkts: for m in &pkts.as_slice()[consumed..] {
             let hdr = self.rx_hdr(m);
-            let data = m.data();
-            let total = self.hdr_len + data.len();
+            let total = self.hdr_len + m.pkt_len();
             let mut n = 0usize; // chains used by this packet
             let mut done = 0usize; // bytes of header + data written
             let mut first_hdr_gpa = None;
@@ -251,7 +256,7 @@ impl VqRun {
                 if w < take {
                     let ds = done + w - self.hdr_len;
                     let de = done + take - self.hdr_len;
-                    w += self.segs.write(w, &data[ds..de]);
+                    w += write_packet_range(&mut self.segs, w, m, ds, de);
                 }
                 if let Some(l) = &self.log {
                     self.segs.log_written(l, w as u32);
@@ -371,6 +376,11 @@ impl VqRun {
             self.staged.clear(&self.mem);
             let mut fallback = false;
             for m in batch {
+                if m.nb_segs() > 1 {
+                    // A chain: the general path gathers its segments.
+                    fallback = true;
+                    break;
+                }
                 let need = self.hdr_len + m.data().len();
                 let chain = match self.q.pop(&self.mem, &mut self.segs) {
                     Ok(Some(c)) => c,
@@ -448,6 +458,34 @@ impl VqRun {
         }
         h.to_bytes()
     }
+}
+
+/// Writes bytes `from..to` of packet `m` (across its segments) into `segs` at offset `at`;
+/// returns how many were written.
+#[inline]
+fn write_packet_range(segs: &mut Segs, at: usize, m: &Mbuf, from: usize, to: usize) -> usize {
+    if m.nb_segs() == 1 {
+        return segs.write(at, &m.data()[from..to]);
+    }
+    let (mut pos, mut w) = (0usize, 0usize);
+    for seg in m.segments() {
+        let d = seg.data();
+        let (lo, hi) = (pos, pos + d.len());
+        pos = hi;
+        if hi <= from {
+            continue;
+        }
+        if lo >= to {
+            break;
+        }
+        let (a, b) = (from.max(lo) - lo, to.min(hi) - lo);
+        let n = segs.write(at + w, &d[a..b]);
+        w += n;
+        if n < b - a {
+            break;
+        }
+    }
+    w
 }
 
 /// Takes a guest transmit header (its `hdr_len` wire bytes) into the mbuf's offload metadata.

@@ -190,8 +190,12 @@ fn control_loop(
         };
         shared.connections.fetch_add(1, Ordering::Relaxed);
         tracing::info!("{}: front end connected", cfg.path.display());
-        serve(&mut dev, Conn::new(stream), stop, &cfg.path);
+        let mut conn = Conn::new(stream);
+        serve(&mut dev, &mut conn, stop, &cfg.path);
+        // Rings stop (every poller out of them) before the connection closes: a front end that
+        // sees the hang-up may reuse its buffers at once.
         dev.reset();
+        drop(conn);
         tracing::info!("{}: front end gone; device reset", cfg.path.display());
     }
     dev.reset();
@@ -204,7 +208,7 @@ pub(crate) fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
     matches!(poll(&mut fds, t), Ok(n) if n > 0)
 }
 
-fn serve(dev: &mut Device, mut conn: Conn, stop: &EventFd, path: &Path) {
+fn serve(dev: &mut Device, conn: &mut Conn, stop: &EventFd, path: &Path) {
     loop {
         if !wait_readable(conn.stream(), stop) {
             return;
@@ -217,7 +221,7 @@ fn serve(dev: &mut Device, mut conn: Conn, stop: &EventFd, path: &Path) {
                 return;
             }
         };
-        match dev.handle(&mut conn, m) {
+        match dev.handle(conn, m) {
             Ok(Outcome::Continue) => {}
             Ok(Outcome::Close) => return,
             Err(e) => {

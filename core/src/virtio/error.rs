@@ -302,4 +302,19 @@ pub enum QueueError {
         /// Queue size.
         size: u16,
     },
+
+    /// With `VIRTIO_F_IN_ORDER`, a used entry that completes a batch of `batch` chains (its id is
+    /// the batch's last chain) while the split ring's used index moved only `moved` entries.
+    #[error(
+        "in-order used entry names id {id}, the last of {batch} chains, but used idx moved only \
+         {moved} entries"
+    )]
+    InOrderBatchBeyondUsedIdx {
+        /// The id read.
+        id: u32,
+        /// Chains the entry completes (the named one and every earlier one in flight).
+        batch: u16,
+        /// How far `used.idx` is ahead of the driver.
+        moved: u16,
+    },
 }

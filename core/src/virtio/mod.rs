@@ -39,7 +39,17 @@
 //!
 //! # `VIRTIO_F_IN_ORDER`
 //!
-//! Accepted but not exploited: the device writes one used entry per chain, which is always valid.
+//! Device side: by default one used entry per chain (always valid). With
+//! [`DeviceQueue::set_used_batching`], a run of chains that were used completely (every writable
+//! byte written; read-only chains always are) is returned with one used entry, the one of the
+//! run's last chain, as the spec allows: split rings write it at the run's first used slot and
+//! advance `used.idx` by the run's length; packed rings write one used descriptor at the run's
+//! first slot and skip the run's descriptors.
+//!
+//! Driver side: the driver queues resolve such batches (see [`SplitDriver`] and
+//! [`PackedDriver`]): `reap` returns every chain in order, the implied ones with their whole
+//! writable length; split drivers also hand descriptors out sequentially, as the spec requires
+//! when IN_ORDER is negotiated.
 
 mod chain;
 pub mod error;
@@ -539,6 +549,12 @@ impl DeviceQueue {
         dispatch!(self, q => q.set_log(log))
     }
 
+    /// With IN_ORDER negotiated, returns runs of completely used chains with one used entry;
+    /// see [`SplitDevice::set_used_batching`] and [`PackedDevice::set_used_batching`].
+    pub fn set_used_batching(&mut self, on: bool) {
+        dispatch!(self, q => q.set_used_batching(on))
+    }
+
     /// Whether the owner marked the queue broken.
     #[inline]
     pub fn is_broken(&self) -> bool {
@@ -614,6 +630,12 @@ impl DriverQueue {
     #[inline]
     pub fn set_interrupts(&mut self, enable: bool) {
         dispatch!(self, q => q.set_interrupts(enable))
+    }
+
+    /// Chains completed by a later chain's used entry (IN_ORDER batches), not by their own.
+    #[inline]
+    pub fn implied(&self) -> u64 {
+        dispatch!(self, q => q.implied())
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::atomic::{Ordering, fence};
 
 use super::chain::{Acc, indirect_table};
 use super::error::QueueError;
-use super::features::{VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC};
+use super::features::{VIRTIO_F_IN_ORDER, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC};
 use super::log::DirtyLog;
 use super::mem::{GuestMemory, RingArea, Segs};
 use super::vring::{
@@ -174,6 +174,10 @@ pub struct PackedDevice {
     /// polls those lines; writing them one by one bounces them between the cores).
     shadow: Box<[(u16, u16, u32, u16); SHADOW]>,
     shadow_len: usize,
+    /// Bit i: staged descriptor i was used completely (every writable byte written).
+    shadow_full: u64,
+    /// IN_ORDER negotiated and batching asked for: see [`PackedDevice::set_used_batching`].
+    batch_used: bool,
     /// Whether part of the current batch was already written (its head's flags excepted).
     batch_flushed: bool,
     broken: bool,
@@ -219,12 +223,22 @@ impl PackedDevice {
             batch: None,
             shadow: Box::new([(0, 0, 0, 0); SHADOW]),
             shadow_len: 0,
+            shadow_full: 0,
+            batch_used: false,
             batch_flushed: false,
             broken: false,
             features: cfg.features,
             desc_gpa,
             log: None,
         })
+    }
+
+    /// With IN_ORDER negotiated (otherwise this does nothing): `true` returns each run of
+    /// completely used chains (all writable bytes written; read-only chains always are) with a
+    /// single used descriptor at the run's first slot carrying the buffer id of the run's last
+    /// chain (virtio 1.x §2.8.20, in-order use of descriptors). Off by default.
+    pub fn set_used_batching(&mut self, on: bool) {
+        self.batch_used = on && self.features & VIRTIO_F_IN_ORDER != 0;
     }
 
     /// Queue size.
@@ -254,6 +268,7 @@ impl PackedDevice {
         self.used = p;
         self.batch = None;
         self.shadow_len = 0;
+        self.shadow_full = 0;
         self.batch_flushed = false;
         Ok(())
     }
@@ -382,20 +397,33 @@ impl PackedDevice {
         if self.shadow_len == SHADOW {
             self.flush_shadow();
         }
+        if written >= chain.writable {
+            self.shadow_full |= 1 << self.shadow_len;
+        }
         self.shadow[self.shadow_len] = (slot, chain.id, written, flags);
         self.shadow_len += 1;
         self.used = self.used.advance(chain.descs, self.size);
     }
 
     /// Writes the staged used descriptors into the ring, all but the batch head's flags (which
-    /// publish the batch).
+    /// publish the batch). With used batching, a completely used chain followed by another is
+    /// implied by it: the descriptor ending a run goes to the run's first slot, with that
+    /// slot's flags.
     #[inline]
     fn flush_shadow(&mut self) {
-        for (k, &(slot, id, len, flags)) in self.shadow[..self.shadow_len].iter().enumerate() {
+        let n = self.shadow_len;
+        let mut run: Option<(usize, u16, u16)> = None;
+        for (k, &(slot, id, len, flags)) in self.shadow[..n].iter().enumerate() {
+            let (k0, slot, flags) = run.unwrap_or((k, slot, flags));
+            if self.batch_used && k + 1 < n && self.shadow_full & (1 << k) != 0 {
+                run = Some((k0, slot, flags));
+                continue;
+            }
+            run = None;
             let off = 16 * usize::from(slot);
             self.desc.store_u32(off + 8, len);
             self.desc.store_u16(off + 12, id);
-            if k > 0 || self.batch_flushed {
+            if k0 > 0 || self.batch_flushed {
                 self.desc.store_u16(off + 14, flags);
             }
             if let (Some((log, _)), Some(gpa)) = (&self.log, self.desc_gpa) {
@@ -403,6 +431,7 @@ impl PackedDevice {
             }
         }
         self.shadow_len = 0;
+        self.shadow_full = 0;
         self.batch_flushed = true;
     }
 
@@ -494,6 +523,13 @@ fn walk_indirect(
 
 /// The driver side of a packed virtqueue: buffer ids from a free stack, ring slots tracked with
 /// wrap counters.
+///
+/// With `VIRTIO_F_IN_ORDER` negotiated, one used descriptor may complete a batch: written at the
+/// batch's first slot, it carries the buffer id of the batch's last chain, every chain made
+/// available before that one is implied used, and the next used descriptor follows the whole
+/// batch. The driver keeps the ids in the order it made them available to resolve this;
+/// [`PackedDriver::reap`] still returns the chains one by one, in order, an implied chain with
+/// its whole writable length.
 pub struct PackedDriver {
     desc: RingArea,
     driver: RingArea,
@@ -511,6 +547,22 @@ pub struct PackedDriver {
     id_descs: Box<[u16]>,
     /// First descriptor of the staged burst: (slot, flags to publish, position before it).
     batch: Option<(u16, u16, Pos)>,
+    /// IN_ORDER negotiated.
+    in_order: bool,
+    /// IN_ORDER: ids in flight in the order they were made available (a ring of `size`):
+    /// the oldest at `order_head`, `order_len` in all, of which the first `order_pub` are
+    /// published (the device can only name those).
+    order: Box<[u16]>,
+    order_head: u16,
+    order_len: u16,
+    order_pub: u16,
+    /// IN_ORDER: per id, the chain's device-writable bytes (the length of an implied chain).
+    writable: Box<[u32]>,
+    /// IN_ORDER: chains of the current batch still to return, and the batch entry's length.
+    batch_left: u16,
+    batch_len: u32,
+    /// IN_ORDER: chains completed by a later chain's used descriptor (none of their own).
+    implied: u64,
 }
 
 impl std::fmt::Debug for PackedDriver {
@@ -549,7 +601,42 @@ impl PackedDriver {
             n_free_ids: usize::from(size),
             id_descs: vec![0; usize::from(size)].into_boxed_slice(),
             batch: None,
+            in_order: cfg.features & VIRTIO_F_IN_ORDER != 0,
+            order: vec![0; usize::from(size)].into_boxed_slice(),
+            order_head: 0,
+            order_len: 0,
+            order_pub: 0,
+            writable: vec![0; usize::from(size)].into_boxed_slice(),
+            batch_left: 0,
+            batch_len: 0,
+            implied: 0,
         })
+    }
+
+    /// Chains completed so far by a later chain's used descriptor (IN_ORDER batches), not by
+    /// their own.
+    #[inline]
+    pub fn implied(&self) -> u64 {
+        self.implied
+    }
+
+    /// Position `k` of the in-order record, from its oldest entry.
+    #[inline(always)]
+    fn order_slot(&self, k: u16) -> usize {
+        let i = u32::from(self.order_head) + u32::from(k);
+        let s = u32::from(self.size);
+        (if i >= s { i - s } else { i }) as usize
+    }
+
+    /// IN_ORDER: records a chain made available (there are at most `size` ids in flight).
+    #[inline(always)]
+    fn record(&mut self, id: u16, writable: u32) {
+        if self.in_order {
+            let at = self.order_slot(self.order_len);
+            self.order[at] = id;
+            self.order_len += 1;
+            self.writable[usize::from(id)] = writable;
+        }
     }
 
     /// Queue size.
@@ -607,13 +694,18 @@ impl PackedDriver {
     /// [`PackedDriver::publish_avail`].
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
         let id = self.alloc(bufs.len())?;
+        let mut writable = 0u32;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
             let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            if w {
+                writable = writable.saturating_add(len);
+            }
             if i + 1 != bufs.len() {
                 flags |= VIRTQ_DESC_F_NEXT;
             }
             self.put(addr, len, id, flags, i == 0);
         }
+        self.record(id, writable);
         Ok(id)
     }
 
@@ -629,8 +721,12 @@ impl PackedDriver {
             return Err(QueueError::IndirectUnsupported { len: bufs.len() });
         }
         let mut table = Vec::with_capacity(16 * bufs.len());
+        let mut writable = 0u32;
         for &(addr, len, w) in bufs {
             let flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            if w {
+                writable = writable.saturating_add(len);
+            }
             table.extend_from_slice(&addr.to_le_bytes());
             table.extend_from_slice(&len.to_le_bytes());
             table.extend_from_slice(&0u16.to_le_bytes());
@@ -645,6 +741,7 @@ impl PackedDriver {
             VIRTQ_DESC_F_INDIRECT,
             true,
         );
+        self.record(id, writable);
         Ok(id)
     }
 
@@ -656,6 +753,7 @@ impl PackedDriver {
         let Some((slot, flags, old)) = self.batch.take() else {
             return false;
         };
+        self.order_pub = self.order_len;
         self.desc.store_u16_release(flags_off(slot), flags);
         fence(Ordering::SeqCst);
         match self.device.load_u16(EV_FLAGS) & 3 {
@@ -668,9 +766,13 @@ impl PackedDriver {
     }
 
     /// Takes the next used descriptor: `(id, len)`; `Ok(None)` when there is none. Fails
-    /// (without consuming anything) if the device names an id that is not in flight.
+    /// (without consuming anything) if the device names an id that is not in flight. With
+    /// IN_ORDER, see the type's documentation.
     #[inline]
     pub fn reap(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        if self.in_order {
+            return self.reap_in_order();
+        }
         let off = 16 * usize::from(self.used.idx);
         let flags = self.desc.load_u16_acquire(off + 14);
         if !is_used(flags, self.used.wrap) {
@@ -690,6 +792,54 @@ impl PackedDriver {
         self.n_free_ids += 1;
         self.num_free += n;
         self.used = self.used.advance(n, self.size);
+        if self.event_idx && self.interrupts {
+            self.driver.store_u16(OFF_WRAP, self.used.encode());
+        }
+        Ok(Some((id, len)))
+    }
+
+    /// IN_ORDER reaping: a used descriptor at the used position names the last chain of a
+    /// batch; the chains made available before it are returned first (with their writable
+    /// length), then the named one (with the descriptor's length).
+    #[inline]
+    fn reap_in_order(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        if self.batch_left == 0 {
+            let off = 16 * usize::from(self.used.idx);
+            let flags = self.desc.load_u16_acquire(off + 14);
+            if !is_used(flags, self.used.wrap) {
+                return Ok(None);
+            }
+            let len = self.desc.load_u32(off + 8);
+            let id = self.desc.load_u16(off + 12);
+            let batch = (0..self.order_pub)
+                .find(|&k| self.order[self.order_slot(k)] == id)
+                .map(|k| k + 1);
+            let Some(batch) = batch else {
+                return Err(QueueError::BadUsedId {
+                    id: u32::from(id),
+                    size: self.size,
+                });
+            };
+            self.batch_left = batch;
+            self.batch_len = len;
+        }
+        let id = self.order[usize::from(self.order_head)];
+        self.order_head = self.order_slot(1) as u16;
+        self.order_len -= 1;
+        self.order_pub -= 1;
+        let n = self.id_descs[usize::from(id)];
+        self.id_descs[usize::from(id)] = 0;
+        self.free_ids[self.n_free_ids] = id;
+        self.n_free_ids += 1;
+        self.num_free += n;
+        self.used = self.used.advance(n, self.size);
+        self.batch_left -= 1;
+        let len = if self.batch_left == 0 {
+            self.batch_len
+        } else {
+            self.implied += 1;
+            self.writable[usize::from(id)]
+        };
         if self.event_idx && self.interrupts {
             self.driver.store_u16(OFF_WRAP, self.used.encode());
         }

@@ -18,7 +18,8 @@ use std::sync::atomic::{Ordering, fence};
 use super::chain::{Acc, indirect_table};
 use super::error::QueueError;
 use super::features::{
-    VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_RING_INDIRECT_DESC,
+    VIRTIO_F_IN_ORDER, VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_RING_INDIRECT_DESC,
 };
 use super::log::DirtyLog;
 use super::mem::{GuestMemory, RingArea, Segs};
@@ -94,6 +95,10 @@ pub struct SplitDevice {
     /// element while copying packets would bounce that line between the cores once per packet.
     shadow: Box<[(u32, u32); SHADOW]>,
     shadow_len: usize,
+    /// Bit i: staged element i was used completely (every writable byte written).
+    shadow_full: u64,
+    /// IN_ORDER negotiated and batching asked for: see [`SplitDevice::set_used_batching`].
+    batch_used: bool,
     broken: bool,
     features: u64,
     log: Option<(DirtyLog, u64)>,
@@ -133,10 +138,21 @@ impl SplitDevice {
             used_published: 0,
             shadow: Box::new([(0, 0); SHADOW]),
             shadow_len: 0,
+            shadow_full: 0,
+            batch_used: false,
             broken: false,
             features: cfg.features,
             log: None,
         })
+    }
+
+    /// With IN_ORDER negotiated (otherwise this does nothing): `true` returns each run of
+    /// completely used chains (all writable bytes written; read-only chains always are) with a
+    /// single used element, the one of the run's last chain, written at the run's first used
+    /// slot (virtio 1.x §2.7.9); `used.idx` still moves by one per chain. Drivers that read
+    /// every used element instead of resolving batches cannot use this. Off by default.
+    pub fn set_used_batching(&mut self, on: bool) {
+        self.batch_used = on && self.features & VIRTIO_F_IN_ORDER != 0;
     }
 
     /// Queue size.
@@ -159,6 +175,7 @@ impl SplitDevice {
         self.used_staged = value;
         self.used_published = value;
         self.shadow_len = 0;
+        self.shadow_full = 0;
         Ok(())
     }
 
@@ -296,25 +313,36 @@ impl SplitDevice {
         if self.shadow_len == SHADOW {
             self.flush_shadow();
         }
+        if written >= chain.writable {
+            self.shadow_full |= 1 << self.shadow_len;
+        }
         self.shadow[self.shadow_len] = (u32::from(chain.id), written);
         self.shadow_len += 1;
         self.used_staged = self.used_staged.wrapping_add(1);
     }
 
-    /// Writes the staged used elements into the ring (not yet published).
+    /// Writes the staged used elements into the ring (not yet published). With used batching,
+    /// a completely used element followed by another is implied by it and not written; the
+    /// element ending a run goes to the run's first slot.
     #[inline]
     fn flush_shadow(&mut self) {
         let n = self.shadow_len;
         let first = self.used_staged.wrapping_sub(n as u16);
+        let mut run_start = first;
         for (i, &(id, len)) in self.shadow[..n].iter().enumerate() {
-            let off = used_slot(first.wrapping_add(i as u16) & self.mask);
+            if self.batch_used && i + 1 < n && self.shadow_full & (1 << i) != 0 {
+                continue;
+            }
+            let off = used_slot(run_start & self.mask);
             self.used.store_u32(off, id);
             self.used.store_u32(off + 4, len);
             if let Some((log, gpa)) = &self.log {
                 log.mark(gpa.wrapping_add(off as u64), 8);
             }
+            run_start = first.wrapping_add(i as u16 + 1);
         }
         self.shadow_len = 0;
+        self.shadow_full = 0;
     }
 
     /// Publishes every staged used element with one Release store of `used.idx` and returns
@@ -436,6 +464,14 @@ fn walk_indirect(
 
 /// The driver side of a split virtqueue: posts chains, reaps used entries. Keeps its own shadow
 /// of the free descriptor list (never trusts ring memory for it).
+///
+/// With `VIRTIO_F_IN_ORDER` negotiated, descriptors are handed out sequentially (a chain at
+/// table offset x links x + 1, x + 2, ..., as the spec requires of drivers; a chain that would
+/// cross the end of the table starts at 0 and the skipped tail returns with it), and one used
+/// entry may complete a batch: its id names the batch's last chain, every chain made available
+/// before it is implied used, and `used.idx` moves by the batch size. [`SplitDriver::reap`]
+/// still returns the chains one by one, in order; an implied chain reports its whole writable
+/// length (the spec says such buffers were used completely).
 pub struct SplitDriver {
     desc: RingArea,
     avail: RingArea,
@@ -451,12 +487,26 @@ pub struct SplitDriver {
     next: Box<[u16]>,
     /// Per head in flight: its last descriptor.
     tail: Box<[u16]>,
-    /// Per head: descriptors in flight (0 = not a head in flight).
+    /// Per head: descriptors in flight (0 = not a head in flight); with IN_ORDER, including the
+    /// table tail skipped to place the chain at 0.
     in_flight: Box<[u16]>,
     avail_idx: u16,
     avail_published: u16,
     last_used: u16,
     used_cached: u16,
+    /// IN_ORDER negotiated.
+    in_order: bool,
+    /// IN_ORDER: the next descriptor to hand out.
+    seq_next: u16,
+    /// IN_ORDER: per avail ring slot, the head posted there (our record, not ring memory).
+    heads: Box<[u16]>,
+    /// IN_ORDER: per head, the chain's device-writable bytes (the length of an implied chain).
+    writable: Box<[u32]>,
+    /// IN_ORDER: chains of the current batch still to return, and the batch entry's length.
+    batch_left: u16,
+    batch_len: u32,
+    /// IN_ORDER: chains completed by a later chain's used entry (no entry of their own).
+    implied: u64,
 }
 
 impl std::fmt::Debug for SplitDriver {
@@ -497,7 +547,21 @@ impl SplitDriver {
             avail_published: 0,
             last_used: 0,
             used_cached: 0,
+            in_order: cfg.features & VIRTIO_F_IN_ORDER != 0,
+            seq_next: 0,
+            heads: vec![0; usize::from(size)].into_boxed_slice(),
+            writable: vec![0; usize::from(size)].into_boxed_slice(),
+            batch_left: 0,
+            batch_len: 0,
+            implied: 0,
         })
+    }
+
+    /// Chains completed so far by a later chain's used entry (IN_ORDER batches), not by their
+    /// own.
+    #[inline]
+    pub fn implied(&self) -> u64 {
+        self.implied
     }
 
     /// Queue size.
@@ -523,6 +587,9 @@ impl SplitDriver {
                 free: usize::from(self.num_free),
             });
         }
+        if self.in_order {
+            return self.alloc_seq(n);
+        }
         let head = self.free_head;
         let mut tail = head;
         for _ in 1..n {
@@ -535,6 +602,39 @@ impl SplitDriver {
         Ok((head, tail))
     }
 
+    /// IN_ORDER allocation: `n` descriptors from `seq_next` on, or from 0 when the chain would
+    /// cross the end of the table (the skipped tail is charged to the chain). Completions come
+    /// back in order, so the free descriptors are always the ones from `seq_next` on.
+    fn alloc_seq(&mut self, n: usize) -> Result<(u16, u16), QueueError> {
+        let size = usize::from(self.size);
+        let start = usize::from(self.seq_next);
+        let skip = if start + n > size { size - start } else { 0 };
+        if n + skip > usize::from(self.num_free) {
+            return Err(QueueError::QueueFull {
+                needed: n + skip,
+                free: usize::from(self.num_free),
+            });
+        }
+        let head = if skip > 0 { 0 } else { start };
+        // `n <= num_free <= size`, so head + n <= size.
+        self.seq_next = ((head + n) & usize::from(self.mask)) as u16;
+        self.num_free -= (n + skip) as u16;
+        let (head, tail) = (head as u16, (head + n - 1) as u16);
+        self.tail[usize::from(head)] = tail;
+        self.in_flight[usize::from(head)] = (n + skip) as u16;
+        Ok((head, tail))
+    }
+
+    /// The descriptor after `idx` in a chain being written.
+    #[inline(always)]
+    fn link(&self, idx: u16) -> u16 {
+        if self.in_order {
+            idx.wrapping_add(1)
+        } else {
+            self.next[usize::from(idx)]
+        }
+    }
+
     #[inline(always)]
     fn write_desc(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let off = 16 * usize::from(idx);
@@ -545,9 +645,13 @@ impl SplitDriver {
     }
 
     #[inline(always)]
-    fn stage_avail(&mut self, head: u16) {
-        self.avail
-            .store_u16(avail_slot(self.avail_idx & self.mask), head);
+    fn stage_avail(&mut self, head: u16, writable: u32) {
+        let slot = self.avail_idx & self.mask;
+        self.avail.store_u16(avail_slot(slot), head);
+        if self.in_order {
+            self.heads[usize::from(slot)] = head;
+            self.writable[usize::from(head)] = writable;
+        }
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
 
@@ -557,17 +661,21 @@ impl SplitDriver {
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
         let (head, _) = self.alloc(bufs.len())?;
         let mut idx = head;
+        let mut writable = 0u32;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
-            let next = self.next[usize::from(idx)];
+            let next = self.link(idx);
             let last = i + 1 == bufs.len();
             let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
+            if w {
+                writable = writable.saturating_add(len);
+            }
             if !last {
                 flags |= VIRTQ_DESC_F_NEXT;
             }
             self.write_desc(idx, addr, len, flags, if last { 0 } else { next });
             idx = next;
         }
-        self.stage_avail(head);
+        self.stage_avail(head, writable);
         Ok(head)
     }
 
@@ -583,8 +691,12 @@ impl SplitDriver {
             return Err(QueueError::IndirectUnsupported { len: bufs.len() });
         }
         let mut table = Vec::with_capacity(16 * bufs.len());
+        let mut writable = 0u32;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
+            if w {
+                writable = writable.saturating_add(len);
+            }
             let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
             if !last {
                 flags |= VIRTQ_DESC_F_NEXT;
@@ -604,7 +716,7 @@ impl SplitDriver {
             VIRTQ_DESC_F_INDIRECT,
             0,
         );
-        self.stage_avail(head);
+        self.stage_avail(head, writable);
         Ok(head)
     }
 
@@ -629,9 +741,13 @@ impl SplitDriver {
 
     /// Takes the next used entry: `(id, len)`; `Ok(None)` when there is none. Fails (without
     /// consuming anything) if the device moved `used.idx` more than the queue size ahead or
-    /// named an id that is not in flight.
+    /// named an id that is not in flight. With IN_ORDER, see the type's documentation: chains
+    /// come back in the order they were made available, implied ones with their writable length.
     #[inline]
     pub fn reap(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        if self.in_order {
+            return self.reap_in_order();
+        }
         if self.used_cached == self.last_used {
             let idx = self.used.load_u16_acquire(IDX);
             if idx == self.last_used {
@@ -663,6 +779,68 @@ impl SplitDriver {
         self.free_head = head;
         self.num_free += n;
         self.last_used = self.last_used.wrapping_add(1);
+        if self.event_idx && self.interrupts {
+            self.avail.store_u16(avail_slot(self.size), self.last_used);
+        }
+        Ok(Some((head, len)))
+    }
+
+    /// IN_ORDER reaping: the chain made available at `last_used` is the next to complete. A used
+    /// entry there names the last chain of a batch; the chains before it are returned first
+    /// (with their writable length), then the named one (with the entry's length).
+    #[inline]
+    fn reap_in_order(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
+        if self.batch_left == 0 {
+            if self.used_cached == self.last_used {
+                let idx = self.used.load_u16_acquire(IDX);
+                if idx == self.last_used {
+                    return Ok(None);
+                }
+                if idx.wrapping_sub(self.last_used) > self.size {
+                    return Err(QueueError::UsedIdxJump {
+                        used_idx: idx,
+                        last_used: self.last_used,
+                        size: self.size,
+                    });
+                }
+                self.used_cached = idx;
+            }
+            let off = used_slot(self.last_used & self.mask);
+            let id = self.used.load_u32(off);
+            let len = self.used.load_u32(off + 4);
+            // Chains the device has seen, oldest first: which one ends the batch?
+            let published = self.avail_published.wrapping_sub(self.last_used);
+            let batch = (0..published)
+                .find(|&k| {
+                    let slot = self.last_used.wrapping_add(k) & self.mask;
+                    u32::from(self.heads[usize::from(slot)]) == id
+                })
+                .map(|k| k + 1);
+            let Some(batch) = batch else {
+                return Err(QueueError::BadUsedId {
+                    id,
+                    size: self.size,
+                });
+            };
+            let moved = self.used_cached.wrapping_sub(self.last_used);
+            if batch > moved {
+                return Err(QueueError::InOrderBatchBeyondUsedIdx { id, batch, moved });
+            }
+            self.batch_left = batch;
+            self.batch_len = len;
+        }
+        let head = self.heads[usize::from(self.last_used & self.mask)];
+        let n = self.in_flight[usize::from(head)];
+        self.in_flight[usize::from(head)] = 0;
+        self.num_free += n;
+        self.last_used = self.last_used.wrapping_add(1);
+        self.batch_left -= 1;
+        let len = if self.batch_left == 0 {
+            self.batch_len
+        } else {
+            self.implied += 1;
+            self.writable[usize::from(head)]
+        };
         if self.event_idx && self.interrupts {
             self.avail.store_u16(avail_slot(self.size), self.last_used);
         }
