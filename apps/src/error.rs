@@ -19,6 +19,10 @@ pub enum Error {
     /// A PCI set-up error: bad address, device not bound, no IOMMU, ... (exit status 2).
     #[error(transparent)]
     Pci(#[from] vdpakit_core::pci::PciError),
+    /// A PMD refused a device spec or the device it names: bad key or value, a function that is
+    /// not what the PMD drives, a device that fails its probe (exit status 2).
+    #[error("{0}")]
+    Device(String),
     /// A failure while running (exit status 1).
     #[error("{0}")]
     Runtime(String),
@@ -28,8 +32,17 @@ impl Error {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage { .. } | Error::Setup(_) | Error::Pci(_) => 2,
+            Error::Usage { .. } | Error::Setup(_) | Error::Pci(_) | Error::Device(_) => 2,
             Error::Runtime(_) => 1,
+        }
+    }
+}
+
+impl From<vdpakit_pmd_virtio::PmdError> for Error {
+    fn from(e: vdpakit_pmd_virtio::PmdError) -> Error {
+        match e {
+            vdpakit_pmd_virtio::PmdError::Pci(p) => Error::Pci(p),
+            other => Error::Device(other.to_string()),
         }
     }
 }

@@ -67,7 +67,23 @@ pub struct DeviceKind {
 
 /// The device kinds this build knows.
 pub fn kinds() -> Vec<DeviceKind> {
-    Vec::new()
+    vec![
+        DeviceKind {
+            name: "ifc",
+            about: vdpakit_pmd_ifc::DEVICE_ABOUT,
+            create: |p| Ok(vdpakit_pmd_ifc::create_devices(p)?),
+        },
+        DeviceKind {
+            name: "virtio",
+            about: vdpakit_pmd_virtio::DEVICE_ABOUT,
+            create: |p| Ok(vdpakit_pmd_virtio::create_devices(p)?),
+        },
+        DeviceKind {
+            name: "eni",
+            about: vdpakit_pmd_eni::DEVICE_ABOUT,
+            create: |p| Ok(vdpakit_pmd_eni::create_devices(p)?),
+        },
+    ]
 }
 
 fn create(spec: &str) -> Result<Devices> {

@@ -191,6 +191,20 @@ impl GuestRegion {
         })
     }
 
+    /// `len` bytes of this region from byte `offset` (`None` if empty or not inside), at the
+    /// matching guest physical and front-end virtual addresses: a DMA mapping of one page of a
+    /// segment whose pages are not contiguous in IOVA space.
+    pub fn slice(&self, offset: u64, len: u64) -> Option<GuestRegion> {
+        (len > 0 && offset < self.size && len <= self.size - offset).then(|| GuestRegion {
+            gpa: self.gpa.wrapping_add(offset),
+            uva: self.uva.wrapping_add(offset),
+            size: len,
+            // `offset < size`: still inside the mapping the keep-alive holds.
+            host: self.host.wrapping_add(offset as usize),
+            _keep: self._keep.clone(),
+        })
+    }
+
     /// Guest physical address of the first byte.
     pub fn gpa(&self) -> u64 {
         self.gpa
