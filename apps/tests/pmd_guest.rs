@@ -199,8 +199,8 @@ a=$1; b=$2
 c=$(find 0x1af4 0x1000)
 [ -n "$c" ] || vmtest_fail "no legacy virtio-net function"
 # QEMU numbers the devices in -device order; map each to its MAC to know which is which.
-for f in $a $b $c; do vmtest_report "mac_$f" "$(cat /sys/bus/pci/devices/$f/net/*/address 2>/dev/null)"; done
-macof() { cat /sys/bus/pci/devices/$1/net/*/address; }
+for f in $a $b $c; do vmtest_report "mac_$f" "$(cat /sys/bus/pci/devices/$f/virtio*/net/*/address 2>/dev/null)"; done
+macof() { cat /sys/bus/pci/devices/$1/virtio*/net/*/address; }
 for f in $a $b $c; do
   case "$(macof $f)" in
     *:a1) A=$f ;; *:b2) B=$f ;; *:c3) C=$f ;;

@@ -92,10 +92,13 @@ impl Transport {
         })
     }
 
-    /// Reset, ACKNOWLEDGE | DRIVER, features = device's AND `wanted` (`required` must all be
-    /// offered), FEATURES_OK checked (modern only: legacy has no such step). Returns the
-    /// negotiated features.
+    /// Bus mastering on, reset, ACKNOWLEDGE | DRIVER, features = device's AND `wanted`
+    /// (`required` must all be offered), FEATURES_OK checked (modern only: legacy has no such
+    /// step). Returns the negotiated features.
     pub fn negotiate(&self, wanted: u64, required: u64) -> Result<u64> {
+        // DMA needs bus mastering (VFIO leaves the command register as the kernel found it;
+        // QEMU's modern virtio device DMAs through the bus-master address space).
+        self.pci().enable_bus_master()?;
         match self {
             Transport::Modern(t) => Ok(t.negotiate(wanted, required)?),
             Transport::Legacy(t) => {
