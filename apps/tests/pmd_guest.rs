@@ -37,7 +37,6 @@ const LEGACY: &str = "disable-legacy=off,disable-modern=on";
 
 /// One guest NIC's host side: the UDP socket its dgram netdev talks to.
 struct Peer {
-    name: &'static str,
     sock: UdpSocket,
     /// Where the netdev listens (its `local` address): datagrams sent there enter the guest.
     nic: SocketAddr,
@@ -45,7 +44,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn new(name: &'static str, mac_last: u8) -> Result<Peer, String> {
+    fn new(mac_last: u8) -> Result<Peer, String> {
         let sock = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
         sock.set_read_timeout(Some(Duration::from_millis(20)))
             .map_err(|e| e.to_string())?;
@@ -53,7 +52,6 @@ impl Peer {
             .and_then(|s| s.local_addr())
             .map_err(|e| format!("bind: {e}"))?;
         Ok(Peer {
-            name,
             sock,
             nic,
             mac: [0x52, 0x54, 0x00, 0x12, 0x34, mac_last],
@@ -111,7 +109,19 @@ struct RouteResult {
     mismatched: Vec<String>,
 }
 
-fn run_traffic(peers: Arc<Vec<Peer>>, t: Traffic, stop: Arc<AtomicBool>) -> Vec<RouteResult> {
+/// Frames from `mac` (IPv4, as vdpakit's generator builds them) that reached a peer: count and
+/// bytes.
+#[derive(Debug, Default, Clone, Copy)]
+struct Generated {
+    frames: u64,
+    bytes: u64,
+}
+
+fn run_traffic(
+    peers: Arc<Vec<Peer>>,
+    t: Traffic,
+    stop: Arc<AtomicBool>,
+) -> (Vec<RouteResult>, Generated) {
     let mut res: Vec<RouteResult> = t.routes.iter().map(|_| RouteResult::default()).collect();
     let mut seen: Vec<HashMap<u32, bool>> = t.routes.iter().map(|_| HashMap::new()).collect();
     let mut sent: Vec<HashMap<u32, Vec<u8>>> = t.routes.iter().map(|_| HashMap::new()).collect();
@@ -184,7 +194,18 @@ fn run_traffic(peers: Arc<Vec<Peer>>, t: Traffic, stop: Arc<AtomicBool>) -> Vec<
         }
         thread::sleep(Duration::from_millis(2));
     }
-    res
+    // Then count what vdpakit's generator sends out of port A (the txonly run).
+    let mut gen_a = Generated::default();
+    while !stop.load(Ordering::SeqCst) {
+        while let Ok(n) = peers[0].sock.recv(&mut buf) {
+            let f = &buf[..n];
+            if n >= 14 && f[6..12] == peers[0].mac && f[12..14] == [0x08, 0x00] {
+                gen_a.frames += 1;
+                gen_a.bytes += n as u64;
+            }
+        }
+    }
+    (res, gen_a)
 }
 
 const FWD_SCRIPT: &str = r#"
@@ -244,9 +265,9 @@ fn json_u64(v: &serde_json::Value, path: &[&str]) -> Option<u64> {
 
 fn guest_pmd_fwd() -> Result<(), Failed> {
     let peers = Arc::new(vec![
-        Peer::new("A virtio", 0xa1)?,
-        Peer::new("B ifc", 0xb2)?,
-        Peer::new("C eni", 0xc3)?,
+        Peer::new(0xa1)?,
+        Peer::new(0xb2)?,
+        Peer::new(0xc3)?,
     ]);
     let mut qemu: Vec<String> = Vec::new();
     for (i, (p, opts)) in peers.iter().zip([MODERN, MODERN, LEGACY]).enumerate() {
@@ -297,7 +318,7 @@ fn guest_pmd_fwd() -> Result<(), Failed> {
         .run_unchecked();
     // The tx run's frames: count what reached A's peer from A's MAC.
     stop.store(true, Ordering::SeqCst);
-    let results = traffic.join().unwrap_or_default();
+    let (results, gen_a) = traffic.join().unwrap_or_default();
     let run = run.map_err(|e| e.to_string())?;
     let fail = |why: String| -> Failed { format!("{why}\n{}", run.report()).into() };
     if let Some(f) = run.failure() {
@@ -347,6 +368,18 @@ fn guest_pmd_fwd() -> Result<(), Failed> {
     }
     if m("tx_rc") != "0" {
         return Err(fail(format!("vdpakit fwd txonly exited {}", m("tx_rc"))));
+    }
+    let txj: serde_json::Value =
+        serde_json::from_str(&m("tx_json")).map_err(|e| fail(format!("tx json: {e}")))?;
+    let sent = json_u64(&txj, &["ports", "0", "tx_packets"]).unwrap_or(0);
+    let sent_bytes = json_u64(&txj, &["ports", "0", "tx_bytes"]).unwrap_or(0);
+    let dropped = json_u64(&txj, &["ports", "0", "tx_dropped"]).unwrap_or(u64::MAX);
+    eprintln!("txonly: vdpakit sent {sent} ({sent_bytes} bytes, {dropped} dropped), host got {gen_a:?}");
+    if sent < 200 || dropped != 0 || gen_a.frames != sent || gen_a.bytes != sent_bytes {
+        return Err(fail(format!(
+            "txonly on A: vdpakit sent {sent} frames / {sent_bytes} bytes ({dropped} dropped), the host got {} / {}",
+            gen_a.frames, gen_a.bytes
+        )));
     }
     Ok(())
 }
