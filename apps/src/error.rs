@@ -19,10 +19,9 @@ pub enum Error {
     /// A PCI set-up error: bad address, device not bound, no IOMMU, ... (exit status 2).
     #[error(transparent)]
     Pci(#[from] vdpakit_core::pci::PciError),
-    /// A PMD refused a device spec or the device it names: bad key or value, a function that is
-    /// not what the PMD drives, a device that fails its probe (exit status 2).
+    /// Bad input found below the command line, e.g. a device spec (exit status 2).
     #[error("{0}")]
-    Device(String),
+    Input(String),
     /// A failure while running (exit status 1).
     #[error("{0}")]
     Runtime(String),
@@ -32,7 +31,7 @@ impl Error {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Usage { .. } | Error::Setup(_) | Error::Pci(_) | Error::Device(_) => 2,
+            Error::Usage { .. } | Error::Setup(_) | Error::Pci(_) | Error::Input(_) => 2,
             Error::Runtime(_) => 1,
         }
     }
@@ -42,7 +41,17 @@ impl From<vdpakit_pmd_virtio::PmdError> for Error {
     fn from(e: vdpakit_pmd_virtio::PmdError) -> Error {
         match e {
             vdpakit_pmd_virtio::PmdError::Pci(p) => Error::Pci(p),
-            other => Error::Device(other.to_string()),
+            other => Error::Input(other.to_string()),
+        }
+    }
+}
+
+impl From<vdpakit_core::model::ModelError> for Error {
+    fn from(e: vdpakit_core::model::ModelError) -> Error {
+        use vdpakit_core::model::ModelError as M;
+        match e {
+            M::Tap(_) | M::Rep(_) | M::Io(_) => Error::Runtime(e.to_string()),
+            _ => Error::Input(e.to_string()),
         }
     }
 }

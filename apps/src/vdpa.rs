@@ -83,7 +83,28 @@ pub fn kinds() -> Vec<DeviceKind> {
             about: vdpakit_pmd_eni::DEVICE_ABOUT,
             create: |p| Ok(vdpakit_pmd_eni::create_devices(p)?),
         },
+        DeviceKind {
+            name: "sim",
+            about: "software vDPA device (like Linux vdpa_sim): N VFs whose wires are loop, cable, \
+                    tap:IFNAME or rep (keys: name, vfs, wire, queues, mac, mtu, log, filter, poll, queue_size)",
+            create: create_sim,
+        },
+        DeviceKind {
+            name: "mlx5",
+            about: "NVIDIA ConnectX-6/7, BlueField vDPA function: mlx5:pci=BDF (bound to vfio-pci) or \
+                    its model mlx5:model (keys: queues, queue_size, event_mode=msix|poll, mac, mtu, \
+                    hw_latency_mode, hw_max_latency_us, hw_max_pending_comp; model: wire=loop|port)",
+            create: create_mlx5,
+        },
     ]
+}
+
+fn create_sim(params: &str) -> Result<Devices> {
+    Ok(vdpakit_core::model::sim::create(params)?)
+}
+
+fn create_mlx5(params: &str) -> Result<Devices> {
+    vdpakit_pmd_mlx5::create(params).map_err(|e| Error::Runtime(e.to_string()))
 }
 
 fn create(spec: &str) -> Result<Devices> {

@@ -23,7 +23,7 @@ mpps() { python3 -c "import json,sys; r=json.load(open('$1')); print('%.3f' % r[
 framework() {
     local packed=$1
     rm -f "$work"/vdpa*
-    taskset -c 1 "$VK" vdpa --device "sim:name=b,vfs=2,wire=cable" --iface "$work/vdpa" \
+    taskset -c 1 "$VK" vdpa --device "sim:name=b,vfs=2,wire=cable,poll=busy" --iface "$work/vdpa" \
         >"$work/vdpa.log" 2>&1 &
     local V=$!
     for _ in $(seq 100); do [[ -S $work/vdpa1 ]] && break; sleep 0.1; done

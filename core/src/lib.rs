@@ -18,6 +18,7 @@ pub mod lcore;
 pub mod mbuf;
 pub mod mem;
 pub mod mempool;
+pub mod model;
 pub mod packet;
 pub mod pci;
 pub mod port;

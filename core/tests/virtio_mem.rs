@@ -213,6 +213,27 @@ fn read_write_copies() {
     mem.write(0x4000, &[]).unwrap_or(());
 }
 
+/// `slice` exposes part of a region (same memory) at the part's own address, and refuses
+/// empty or out-of-range parts; rebased, it is how a device model builds a memory key's view.
+#[test]
+fn region_slice() {
+    let mem = memory(&[(0x1_0000, 0x4000)]);
+    let r = mem.regions()[0].clone();
+    let s = r.slice(0x1000, 0x800).unwrap();
+    assert_eq!((s.gpa(), s.size()), (0x1_1000, 0x800));
+    assert!(r.slice(0, 0).is_none());
+    assert!(r.slice(0x3000, 0x1001).is_none());
+    assert!(r.slice(u64::MAX, 2).is_none());
+    assert!(r.slice(0, 0x4000).is_some());
+    // Written through the rebased slice, read through the original region.
+    let view = GuestMemory::new(vec![s.rebased(0x9000_0000, 0x9000_0000)]).unwrap();
+    view.write(0x9000_0010, b"mkey").unwrap();
+    let mut b = [0u8; 4];
+    mem.read(0x1_1010, &mut b).unwrap();
+    assert_eq!(&b, b"mkey");
+    assert!(view.write(0x9000_07ff, b"xy").is_err());
+}
+
 /// `map_fd` maps a shared file at an offset that need not be page aligned: writes through guest
 /// memory land in the file, and the mapping outlives the fd.
 #[test]

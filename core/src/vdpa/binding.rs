@@ -93,7 +93,8 @@ pub struct BindingStats {
     pub relayed_kicks: Vec<AtomicU64>,
     /// Times the device was configured.
     pub configures: AtomicU64,
-    /// Host notifiers the front end accepted (last configure).
+    /// Host notifiers sent to the front end (last configure; not acknowledged: a front end may
+    /// refuse one, e.g. QEMU without `page-per-vq=on`, and the ring then keeps relayed kicks).
     pub host_notifiers: AtomicU64,
 }
 

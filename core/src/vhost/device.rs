@@ -720,8 +720,10 @@ impl Device {
             return false;
         };
         let r = match area {
-            Some(a) => self.set_host_notifier(vring, Some((a.fd.as_fd(), a.size, a.offset))),
-            None => self.set_host_notifier(vring, None),
+            Some(a) => {
+                self.send_host_notifier(vring, Some((a.fd.as_fd(), a.size, a.offset)), false)
+            }
+            None => self.send_host_notifier(vring, None, false),
         };
         match r {
             Ok(sent) => sent,
@@ -808,6 +810,18 @@ impl Device {
         vring: u8,
         area: Option<(BorrowedFd<'_>, u64, u64)>,
     ) -> Result<bool, VhostError> {
+        self.send_host_notifier(vring, area, true)
+    }
+
+    /// [`Device::set_host_notifier`] with the choice of waiting for the ack. The vDPA binding
+    /// does not wait: it runs while the front end may be blocked on a reply of its own (QEMU
+    /// reads its replies without serving the back-end channel), so waiting could stall both.
+    pub fn send_host_notifier(
+        &mut self,
+        vring: u8,
+        area: Option<(BorrowedFd<'_>, u64, u64)>,
+        wait_ack: bool,
+    ) -> Result<bool, VhostError> {
         let need = proto::HOST_NOTIFIER | proto::BACKEND_REQ | proto::BACKEND_SEND_FD;
         if self.proto_acked & need != need {
             return Ok(false);
@@ -819,7 +833,7 @@ impl Device {
                 count: self.shared.vqs.len(),
             });
         }
-        let ack = self.proto_acked & proto::REPLY_ACK != 0;
+        let ack = wait_ack && self.proto_acked & proto::REPLY_ACK != 0;
         let Some(b) = self.backend.as_mut() else {
             return Ok(false);
         };
@@ -838,7 +852,9 @@ impl Device {
         if ack {
             // Bounded: a front end that cannot answer while it waits for us must not hang the
             // control thread (the ring then keeps its relayed kicks).
-            let _ = b.stream().set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = b
+                .stream()
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)));
             let r = b.recv();
             let _ = b.stream().set_read_timeout(None);
             let r = r?;

@@ -89,6 +89,29 @@ impl DirtyLog {
         }
     }
 
+    /// A log over `[gpa, gpa + len)` of `mem` (a device that logs by DMA: the bitmap is mapped in
+    /// its domain, `mem` being the domain's view). `None` if the range is empty or not inside one
+    /// region. The log keeps `mem`'s regions mapped.
+    pub fn from_memory(mem: &super::GuestMemory, gpa: u64, len: u64) -> Option<DirtyLog> {
+        if len == 0 {
+            return None;
+        }
+        let len_usize = usize::try_from(len).ok()?;
+        let base = mem.gpa_to_host(gpa, len)?;
+        let keep: Arc<dyn std::any::Any + Send + Sync> = Arc::new(mem.clone());
+        Some(DirtyLog {
+            inner: Arc::new(LogInner {
+                // `gpa_to_host` checked that `[base, base + len)` lies in one mapped region,
+                // which `keep` (a clone of the table holding it) keeps mapped for as long as the
+                // log lives; log bytes are only ever touched with atomic `fetch_or`.
+                base,
+                len: len_usize,
+                ignored: AtomicU64::new(0),
+                _keep: Some(keep),
+            }),
+        })
+    }
+
     /// The log area as a memory region at `iova` (for a device that logs by DMA: the region is
     /// mapped into its domain). The region keeps the log mapped.
     pub fn region(&self, iova: u64) -> Option<super::GuestRegion> {

@@ -191,15 +191,17 @@ impl GuestRegion {
         })
     }
 
-    /// `len` bytes of this region from byte `offset` (`None` if empty or not inside), at the
-    /// matching guest physical and front-end virtual addresses: a DMA mapping of one page of a
-    /// segment whose pages are not contiguous in IOVA space.
+    /// Bytes `[offset, offset + len)` of this region as a region of their own (sharing the
+    /// keep-alive), at guest physical address `gpa + offset`; `None` if `len` is 0 or the range
+    /// is not inside the region. A device model uses it to build the view of a memory key that
+    /// covers only part of a DMA mapping (then [`GuestRegion::rebased`] to the key's addresses).
     pub fn slice(&self, offset: u64, len: u64) -> Option<GuestRegion> {
-        (len > 0 && offset < self.size && len <= self.size - offset).then(|| GuestRegion {
-            gpa: self.gpa.wrapping_add(offset),
+        let end = offset.checked_add(len)?;
+        (len > 0 && end <= self.size).then(|| GuestRegion {
+            gpa: self.gpa + offset,
             uva: self.uva.wrapping_add(offset),
             size: len,
-            // `offset < size`: still inside the mapping the keep-alive holds.
+            // `offset < size`, so the address stays inside the mapping `_keep` holds.
             host: self.host.wrapping_add(offset as usize),
             _keep: self._keep.clone(),
         })
