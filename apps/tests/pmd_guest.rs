@@ -170,7 +170,9 @@ fn run_traffic(
             last_probe = Instant::now();
             for (ri, &(inp, _, tag)) in t.routes.iter().enumerate() {
                 if !ready[ri] {
-                    let _ = peers[inp].sock.send_to(&frame(tag, probe_seq), peers[inp].nic);
+                    let _ = peers[inp]
+                        .sock
+                        .send_to(&frame(tag, probe_seq), peers[inp].nic);
                     res[ri].probes_sent += 1;
                 }
             }
@@ -264,11 +266,7 @@ fn json_u64(v: &serde_json::Value, path: &[&str]) -> Option<u64> {
 }
 
 fn guest_pmd_fwd() -> Result<(), Failed> {
-    let peers = Arc::new(vec![
-        Peer::new(0xa1)?,
-        Peer::new(0xb2)?,
-        Peer::new(0xc3)?,
-    ]);
+    let peers = Arc::new(vec![Peer::new(0xa1)?, Peer::new(0xb2)?, Peer::new(0xc3)?]);
     let mut qemu: Vec<String> = Vec::new();
     for (i, (p, opts)) in peers.iter().zip([MODERN, MODERN, LEGACY]).enumerate() {
         qemu.push("-device".into());
@@ -349,9 +347,24 @@ fn guest_pmd_fwd() -> Result<(), Failed> {
     let rx = |p: usize| json_u64(&io, &["ports", &p.to_string(), "rx_packets"]).unwrap_or(0);
     let tx = |p: usize| json_u64(&io, &["ports", &p.to_string(), "tx_packets"]).unwrap_or(0);
     let checks = [
-        (rx(0), tx(1), results[0].total_back, "A rx / B tx / host got from B"),
-        (rx(1), tx(0), results[1].total_back, "B rx / A tx / host got from A"),
-        (rx(2), tx(2), results[2].total_back, "C rx / C tx / host got from C"),
+        (
+            rx(0),
+            tx(1),
+            results[0].total_back,
+            "A rx / B tx / host got from B",
+        ),
+        (
+            rx(1),
+            tx(0),
+            results[1].total_back,
+            "B rx / A tx / host got from A",
+        ),
+        (
+            rx(2),
+            tx(2),
+            results[2].total_back,
+            "C rx / C tx / host got from C",
+        ),
     ];
     for (r, t, host, what) in checks {
         if r != t || u64::from(host) != t {
@@ -374,7 +387,9 @@ fn guest_pmd_fwd() -> Result<(), Failed> {
     let sent = json_u64(&txj, &["ports", "0", "tx_packets"]).unwrap_or(0);
     let sent_bytes = json_u64(&txj, &["ports", "0", "tx_bytes"]).unwrap_or(0);
     let dropped = json_u64(&txj, &["ports", "0", "tx_dropped"]).unwrap_or(u64::MAX);
-    eprintln!("txonly: vdpakit sent {sent} ({sent_bytes} bytes, {dropped} dropped), host got {gen_a:?}");
+    eprintln!(
+        "txonly: vdpakit sent {sent} ({sent_bytes} bytes, {dropped} dropped), host got {gen_a:?}"
+    );
     if sent < 200 || dropped != 0 || gen_a.frames != sent || gen_a.bytes != sent_bytes {
         return Err(fail(format!(
             "txonly on A: vdpakit sent {sent} frames / {sent_bytes} bytes ({dropped} dropped), the host got {} / {}",

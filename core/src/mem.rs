@@ -280,7 +280,8 @@ impl Segment {
             op,
             source,
         };
-        let f = File::open("/proc/self/pagemap").map_err(|e| io_err("open /proc/self/pagemap", e))?;
+        let f =
+            File::open("/proc/self/pagemap").map_err(|e| io_err("open /proc/self/pagemap", e))?;
         let page = self.page.bytes();
         let base = self.base() as usize;
         let mut out = Vec::with_capacity(self.len / page);

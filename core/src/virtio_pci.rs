@@ -398,7 +398,53 @@ impl ModernTransport {
         self.w64(common::Q_DESC, desc)?;
         self.w64(common::Q_DRIVER, driver)?;
         self.w64(common::Q_DEVICE, device)?;
+        // Read every field back: a device that dropped a write (or a register that is not where
+        // this driver thinks) fails here, naming it, instead of DMAing to a wrong address.
+        let size_back = self.c16(common::Q_SIZE)?;
+        if size_back != size {
+            return Err(self.readback(
+                q,
+                "queue_size (common configuration +0x18)",
+                size_back.into(),
+                size.into(),
+            ));
+        }
+        for (reg, off, v) in [
+            (
+                "queue_desc (common configuration +0x20)",
+                common::Q_DESC,
+                desc,
+            ),
+            (
+                "queue_driver (common configuration +0x28)",
+                common::Q_DRIVER,
+                driver,
+            ),
+            (
+                "queue_device (common configuration +0x30)",
+                common::Q_DEVICE,
+                device,
+            ),
+        ] {
+            let back = u64::from(self.c32(off)?) | (u64::from(self.c32(off + 4)?) << 32);
+            if back != v {
+                return Err(self.readback(q, reg, back, v));
+            }
+        }
         self.set_queue_vector(q, vector)
+    }
+
+    fn readback(&self, q: u16, reg: &str, back: u64, wrote: u64) -> VirtioPciError {
+        VirtioPciError::Queue {
+            dev: self.dev.name().to_string(),
+            what: format!("queue {q}: {reg} reads back {back:#x} after writing {wrote:#x}"),
+        }
+    }
+
+    /// Queue `q`'s MSI-X vector register.
+    pub fn queue_vector(&self, q: u16) -> Result<u16> {
+        self.select(q)?;
+        self.c16(common::Q_MSIX)
     }
 
     /// Sets queue `q`'s MSI-X vector, checked by read-back (0xffff back means the device
@@ -635,9 +681,18 @@ impl LegacyTransport {
             });
         }
         self.dev.write16(0, legacy::QUEUE_SEL, q)?;
-        Ok(self
-            .dev
-            .write32(0, legacy::QUEUE_PFN, (addr >> 12) as u32)?)
+        let pfn = (addr >> 12) as u32;
+        self.dev.write32(0, legacy::QUEUE_PFN, pfn)?;
+        let back = self.dev.read32(0, legacy::QUEUE_PFN)?;
+        if back != pfn {
+            return Err(VirtioPciError::Queue {
+                dev: self.dev.name().to_string(),
+                what: format!(
+                    "queue {q}: QUEUE_PFN (legacy BAR0 +0x08) reads back {back:#x} after writing {pfn:#x}"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Queue `q`'s ring address (0: disabled).

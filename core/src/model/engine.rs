@@ -231,7 +231,9 @@ pub struct VfShared {
 }
 
 impl VfShared {
-    pub(crate) fn new(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
+    /// A VF with `pairs` queue pairs and its doorbell pages (PMD crates build their own device
+    /// models on the kit, so the constructors are public).
+    pub fn new(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
         let nq = usize::from(pairs) * 2;
         let seg = Segment::new(
             &format!("sim-doorbells-{index}"),
@@ -321,7 +323,8 @@ pub struct EngineShared {
 }
 
 impl EngineShared {
-    pub(crate) fn new(
+    /// The shared state of a device's engine over its VFs (start it with [`spawn`]).
+    pub fn new(
         name: &str,
         vfs: Vec<Arc<VfShared>>,
         poll: PollMode,
@@ -381,14 +384,14 @@ impl EngineShared {
     }
 
     /// Asks the thread to stop (it exits at its next iteration).
-    pub(crate) fn request_stop(&self) {
+    pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
     }
 }
 
 /// Starts the engine thread of a device.
-pub(crate) fn spawn(
+pub fn spawn(
     shared: Arc<EngineShared>,
     wires: Vec<Wire>,
 ) -> Result<std::thread::JoinHandle<()>, String> {

@@ -26,7 +26,7 @@ use crate::mbuf::{MbufRx, MbufTx, mbuf_channel};
 
 /// One VF's wire, as the engine runs it.
 #[derive(Debug)]
-pub(crate) enum Wire {
+pub enum Wire {
     /// Transmit comes back to receive; `Some(mac)`: only frames for that MAC (or broadcast,
     /// multicast).
     Loop(Option<[u8; 6]>),

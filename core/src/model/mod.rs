@@ -20,7 +20,7 @@ pub mod registry;
 pub mod sim;
 pub mod sim_pmd;
 mod spec;
-mod tap;
+pub mod tap;
 
 pub use spec::{PollMode, SIM_KEYS, SimConfig, WireSpec};
 

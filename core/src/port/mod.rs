@@ -327,7 +327,11 @@ pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
             Some(e) => (e.create)(spec, env),
             None => Err(Error::UnknownPortKind {
                 kind: other.to_string(),
-                known: kinds().iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
+                known: kinds()
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         },
     }

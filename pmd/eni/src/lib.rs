@@ -75,7 +75,10 @@ pub fn probe_legacy(dev: PciDevice) -> Result<LegacyTransport> {
 
 /// Keys of `vdpakit vdpa --device eni:...`.
 pub const DEVICE_KEYS: &[(&str, &str)] = &[
-    ("pci", "PCI address of the function, bound to vfio-pci (required)"),
+    (
+        "pci",
+        "PCI address of the function, bound to vfio-pci (required)",
+    ),
     (
         "irq_vectors",
         "use at most N MSI-X vectors (fewer than queues + 1: queues share vector 0)",
@@ -83,8 +86,7 @@ pub const DEVICE_KEYS: &[(&str, &str)] = &[
 ];
 
 /// One line about the device kind.
-pub const DEVICE_ABOUT: &str =
-    "Alibaba ENI (legacy virtio-PCI virtio-net) through VFIO: pci=BDF";
+pub const DEVICE_ABOUT: &str = "Alibaba ENI (legacy virtio-PCI virtio-net) through VFIO: pci=BDF";
 
 /// Creates the device of an `eni:pci=BDF` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
@@ -134,6 +136,7 @@ fn create_port(spec: &PortSpec, env: &PortEnv) -> vdpakit_core::Result<Box<dyn P
         kind: "eni",
         transport: Transport::Legacy(t),
         required: vf::NET_MRG_RXBUF,
+        keep: None,
     };
     Ok(Box::new(PciPort::new(&a, env, name, setup)?))
 }

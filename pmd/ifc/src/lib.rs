@@ -28,8 +28,7 @@ pub mod lm;
 use vdpakit_core::pci::{DmaDomain, Doorbell, NotifyArea, PciDevice};
 use vdpakit_core::port::{ExternalKind, Port, PortEnv, PortKind, PortSpec};
 use vdpakit_core::vdpa::{
-    DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqConfig, VqState,
-    VqStats,
+    DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqConfig, VqState, VqStats,
 };
 use vdpakit_core::virtio::features as vf;
 use vdpakit_core::virtio_pci::ModernTransport;
@@ -44,7 +43,12 @@ pub use lm::LmRegion;
 /// IFC's IDs: (device, subsystem vendor, subsystem device, what). Vendor is 0x1af4.
 pub const IDS: &[(u16, u16, u16, &str)] = &[
     (0x1041, 0x8086, 0x001a, "IFC VF virtio-net (N3000)"),
-    (0x1000, 0x8086, 0x0001, "IFC VF virtio-net (C5000X-PL/F2000X-PL)"),
+    (
+        0x1000,
+        0x8086,
+        0x0001,
+        "IFC VF virtio-net (C5000X-PL/F2000X-PL)",
+    ),
 ];
 
 /// The block function of the same family (not driven).
@@ -73,7 +77,10 @@ pub fn check_ids(dev: &PciDevice, force: bool) -> Result<bool> {
             what: "an IFC virtio-blk function (1af4:1001 subsystem 8086:0002): vdpakit drives virtio-net only".into(),
         });
     }
-    let ifc = vendor == 0x1af4 && IDS.iter().any(|&(d, v, s, _)| (d, v, s) == (device, sv, sd));
+    let ifc = vendor == 0x1af4
+        && IDS
+            .iter()
+            .any(|&(d, v, s, _)| (d, v, s) == (device, sv, sd));
     if ifc || force {
         return Ok(ifc);
     }
@@ -338,9 +345,15 @@ pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
 const PORT_KEYS: &[(&str, &str)] = &[
     ("pci", "PCI address of the VF, bound to vfio-pci (required)"),
     ("queues", "queue pairs (default: --queues)"),
-    ("queue_size", "entries per ring (default: --rxd/--txd, capped by the device)"),
+    (
+        "queue_size",
+        "entries per ring (default: --rxd/--txd, capped by the device)",
+    ),
     ("packed", "1: packed rings; 0 (default): split"),
-    ("iova", "va or pa (default: va; pa for a function without ACCESS_PLATFORM)"),
+    (
+        "iova",
+        "va or pa (default: va; pa for a function without ACCESS_PLATFORM)",
+    ),
     ("mac", "port MAC (default: the device's)"),
     (
         "force",
@@ -379,6 +392,7 @@ fn create_port(spec: &PortSpec, env: &PortEnv) -> vdpakit_core::Result<Box<dyn P
         kind: "ifc",
         transport: Transport::Modern(tr),
         required: 0,
+        keep: None,
     };
     Ok(Box::new(PciPort::new(&a, env, name, setup)?))
 }

@@ -96,9 +96,7 @@ impl Xlate {
                 }
                 let off = va - lo;
                 let mask = (1usize << shift) - 1;
-                pages
-                    .get(off >> shift)
-                    .map(|p| p + (off & mask) as u64)
+                pages.get(off >> shift).map(|p| p + (off & mask) as u64)
             }
         }
     }
@@ -213,7 +211,13 @@ impl DmaSpace {
         Ok(out)
     }
 
-    fn map_va(&mut self, seg: &Segment, whole: &GuestRegion, lo: usize, hi: usize) -> Result<Window> {
+    fn map_va(
+        &mut self,
+        seg: &Segment,
+        whole: &GuestRegion,
+        lo: usize,
+        hi: usize,
+    ) -> Result<Window> {
         let len = seg.len() as u64;
         if !self.compact {
             match self.domain.map(lo as u64, whole) {
@@ -256,7 +260,13 @@ impl DmaSpace {
         })
     }
 
-    fn map_pa(&mut self, seg: &Segment, whole: &GuestRegion, lo: usize, hi: usize) -> Result<Window> {
+    fn map_pa(
+        &mut self,
+        seg: &Segment,
+        whole: &GuestRegion,
+        lo: usize,
+        hi: usize,
+    ) -> Result<Window> {
         if !seg.is_huge() {
             return Err(PmdError::Config {
                 dev: self.dev.clone(),

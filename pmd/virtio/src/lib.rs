@@ -13,6 +13,7 @@
 pub mod error;
 pub mod iova;
 pub mod irq;
+pub mod model;
 pub mod port;
 pub mod spec;
 pub mod transport;
@@ -30,61 +31,65 @@ use crate::transport::Transport;
 use crate::vdpa::{Flavor, VpOptions, VpVdpa};
 
 /// Keys of `vdpakit vdpa --device virtio:...`.
-pub const DEVICE_KEYS: &[(&str, &str)] = &[
-    ("pci", "PCI address of a modern virtio-net function bound to vfio-pci (required)"),
-    (
-        "irq_vectors",
-        "use at most N MSI-X vectors (fewer than queues + 1: queues share vector 0)",
-    ),
-];
+pub const DEVICE_KEYS: &[(&str, &str)] = &spec::concat_keys::<{ 2 + model::spec::MODEL_KEYS.len() }>(
+    &[
+        (
+            "pci",
+            "PCI address of a modern virtio-net function bound to vfio-pci (or model=NAME)",
+        ),
+        (
+            "irq_vectors",
+            "use at most N MSI-X vectors (fewer than queues + 1: queues share vector 0)",
+        ),
+    ],
+    model::spec::MODEL_KEYS,
+);
 
 /// One line about the device kind.
-pub const DEVICE_ABOUT: &str =
-    "any modern virtio-net PCI function through VFIO (like Linux's vp_vdpa): pci=BDF";
+pub const DEVICE_ABOUT: &str = "any modern virtio-net PCI function through VFIO (like Linux's vp_vdpa): pci=BDF, or its model: model=NAME[,vfs=N,wire=loop|cable|none,pairs=N]";
 
-/// Creates the device of a `virtio:pci=BDF[,irq_vectors=N]` spec.
+/// Creates the devices of a `virtio:pci=BDF[,irq_vectors=N]` or `virtio:model=NAME[,...]` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
     let p = Params::parse("virtio", params, DEVICE_KEYS)?;
-    let Some(bdf) = p.get("pci") else {
-        return Err(PmdError::Config {
-            dev: p.spec().to_string(),
-            what: "pci=BDF is required (the function, bound to vfio-pci)".into(),
-        });
-    };
     let opts = VpOptions {
         irq_limit: p.u16_in("irq_vectors", 1..=2048)?,
     };
-    let dev = spec::open_pci(bdf)?;
-    Ok(vec![Box::new(VpVdpa::probe_modern(dev, Flavor::VIRTIO, opts)?)])
+    let mut out: Vec<Box<dyn VdpaDevice>> = Vec::new();
+    for dev in spec::open_device_functions(&p, model::ModelSpec::virtio, None)? {
+        out.push(Box::new(VpVdpa::probe_modern(dev, Flavor::VIRTIO, opts)?));
+    }
+    Ok(out)
 }
+
+const PORT_KEYS: [(&str, &str); COMMON_KEYS.len() + 1 + model::spec::MODEL_KEYS.len()] =
+    spec::concat_keys(
+        &spec::concat_keys::<{ COMMON_KEYS.len() + 1 }>(
+            COMMON_KEYS,
+            &[("vf", "function of the model (default 0)")],
+        ),
+        model::spec::MODEL_KEYS,
+    );
 
 /// The `virtio` port kind of `vdpakit fwd`.
 pub const PORT_KIND: ExternalKind = ExternalKind {
     kind: PortKind {
         name: "virtio",
-        about: "a modern virtio-net PCI function through VFIO, driven by vdpakit (rings in vdpakit memory, polled)",
-        keys: COMMON_KEYS,
+        about: "a modern virtio-net PCI function through VFIO (or its model), driven by vdpakit (rings in vdpakit memory, polled)",
+        keys: &PORT_KEYS,
     },
     create: create_port,
 };
 
 fn create_port(spec: &PortSpec, env: &PortEnv) -> vdpakit_core::Result<Box<dyn Port>> {
-    let a = spec.args(COMMON_KEYS)?;
+    let a = spec.args(&PORT_KEYS)?;
     let name = spec.text();
-    let Some(bdf) = a.get("pci") else {
-        return Err(vdpakit_core::Error::PortValue {
-            kind: "virtio".into(),
-            key: "pci".into(),
-            value: String::new(),
-            accepted: "a PCI address bound to vfio-pci (pci=0000:01:00.0)".into(),
-        });
-    };
-    let dev = spec::open_pci(bdf).map_err(|e| e.into_port(name))?;
+    let (dev, keep) = spec::open_port_function(&a, "virtio", name, model::ModelSpec::virtio, None)?;
     let tr = ModernTransport::probe(dev).map_err(|e| PmdError::from(e).into_port(name))?;
     let setup = PortSetup {
         kind: "virtio",
         transport: Transport::Modern(tr),
         required: 0,
+        keep,
     };
     Ok(Box::new(PciPort::new(&a, env, name, setup)?))
 }

@@ -65,7 +65,10 @@ pub const COMMON_KEYS: &[(&str, &str)] = &[
         "iova",
         "va or pa: how the device sees vdpakit memory (default: va when it translates through the IOMMU, i.e. offers ACCESS_PLATFORM; pa otherwise)",
     ),
-    ("mac", "port MAC (default: the device's, else 02:76:64:70:00:<port id>)"),
+    (
+        "mac",
+        "port MAC (default: the device's, else 02:76:64:70:00:<port id>)",
+    ),
 ];
 
 /// Receive buffers are refilled once this many ring entries are free (or the ring is empty).
@@ -82,6 +85,8 @@ pub struct PortSetup {
     pub transport: Transport,
     /// Feature bits the PMD cannot run without (beyond VERSION_1 on modern functions).
     pub required: u64,
+    /// Kept alive as long as the port (the device model a `...:model=NAME` port drives).
+    pub keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Options from the spec.
@@ -111,6 +116,7 @@ pub struct PciPort {
     stats: StatsBlocks,
     run: Option<Run>,
     link_up: Arc<AtomicBool>,
+    _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for PciPort {
@@ -157,8 +163,7 @@ impl PciPort {
             None => None,
             Some(v) => {
                 let n = a.u64_in("queue_size", 256, 1..=32768)?;
-                if !tr.fixed_queue_size() && !n.is_power_of_two() && a.get("packed") != Some("1")
-                {
+                if !tr.fixed_queue_size() && !n.is_power_of_two() && a.get("packed") != Some("1") {
                     return Err(invalid("queue_size", v, "a power of two in 1..=32768"));
                 }
                 Some(n as u16)
@@ -189,7 +194,9 @@ impl PciPort {
                 tr.name()
             );
         }
-        let default_mac = cfg.mac.unwrap_or(vdpakit_core::port::default_mac(env.port_id));
+        let default_mac = cfg
+            .mac
+            .unwrap_or(vdpakit_core::port::default_mac(env.port_id));
         Ok(PciPort {
             kind,
             name: name.to_string(),
@@ -212,6 +219,7 @@ impl PciPort {
             stats: StatsBlocks::default(),
             run: None,
             link_up: Arc::new(AtomicBool::new(false)),
+            _keep: setup.keep,
         })
     }
 
@@ -347,15 +355,19 @@ impl PciPort {
         } else {
             MemMode::NoHuge
         };
-        let ring_seg = Segment::new(&format!("{}{}-rings", self.kind, self.port_id), next as usize, mode)
-            .map_err(|e| {
-                PmdError::Memory {
-                    dev: dev.clone(),
-                    what: "ring memory".into(),
-                    source: e,
-                }
-                .into_port(&self.name)
-            })?;
+        let ring_seg = Segment::new(
+            &format!("{}{}-rings", self.kind, self.port_id),
+            next as usize,
+            mode,
+        )
+        .map_err(|e| {
+            PmdError::Memory {
+                dev: dev.clone(),
+                what: "ring memory".into(),
+                source: e,
+            }
+            .into_port(&self.name)
+        })?;
         let mut space = DmaSpace::new(&dev, self.tr.pci().domain(), self.iova);
         let (_, ring_regions) = space.map(&ring_seg).map_err(perr)?;
         let pool_seg = Arc::clone(self.pool.zone().segment());
@@ -495,10 +507,7 @@ impl PciPort {
             tracing::warn!("{}: reset at stop: {e}", self.name);
         }
         run.queues = None;
-        run.parked
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        run.parked.lock().unwrap_or_else(|p| p.into_inner()).clear();
         run.space.unmap_all();
         self.link_up.store(false, Ordering::Relaxed);
     }
@@ -885,13 +894,8 @@ struct PRx {
 impl RxQueue for PRx {
     #[inline]
     fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
-        self.run.burst(
-            pkts,
-            &mut self.cache,
-            &self.stats,
-            self.port,
-            self.queue,
-        )
+        self.run
+            .burst(pkts, &mut self.cache, &self.stats, self.port, self.queue)
     }
 
     fn stats(&self) -> &Arc<QueueStats> {

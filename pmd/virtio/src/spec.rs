@@ -97,3 +97,73 @@ pub fn open_pci(bdf: &str) -> Result<PciDevice> {
     let domain = DmaDomain::vfio()?;
     Ok(PciDevice::open_vfio(addr, &domain)?)
 }
+
+/// `a` followed by `b` (const, for key lists built from shared parts).
+pub const fn concat_keys<const N: usize>(
+    a: &[(&'static str, &'static str)],
+    b: &[(&'static str, &'static str)],
+) -> [(&'static str, &'static str); N] {
+    let mut out = [("", ""); N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < b.len() {
+        out[i + j] = b[j];
+        j += 1;
+    }
+    out
+}
+
+/// The function a port spec names: `pci=BDF` (VFIO) or `model=NAME[,vf=K,...]` (a device
+/// model built from `base`, kept alive by the returned handle).
+pub fn open_port_function(
+    a: &vdpakit_core::port::SpecArgs<'_>,
+    kind: &str,
+    name: &str,
+    base: fn(&str, u16) -> crate::model::ModelSpec,
+    hook: Option<crate::model::HookFactory<'_>>,
+) -> vdpakit_core::Result<(PciDevice, Option<KeepAlive>)> {
+    let perr = |e: PmdError| e.into_port(name);
+    let margs = crate::model::spec::parse(&|k| a.get(k).map(str::to_string), name).map_err(perr)?;
+    if let Some(m) = margs {
+        let model = crate::model::spec::build(&m, base, hook).map_err(perr)?;
+        let vf = a.u64_in("vf", 0, 0..=63)? as u16;
+        let dev = model.open(vf).map_err(perr)?;
+        return Ok((dev, Some(std::sync::Arc::new(model))));
+    }
+    let Some(bdf) = a.get("pci") else {
+        return Err(vdpakit_core::Error::PortValue {
+            kind: kind.into(),
+            key: "pci".into(),
+            value: String::new(),
+            accepted: "a PCI address bound to vfio-pci (pci=0000:01:00.0), or model=NAME".into(),
+        });
+    };
+    Ok((open_pci(bdf).map_err(perr)?, None))
+}
+
+/// What keeps a port's device model alive.
+pub type KeepAlive = std::sync::Arc<dyn std::any::Any + Send + Sync>;
+
+/// The functions a device spec names: `pci=BDF`, or every function of `model=NAME`.
+pub fn open_device_functions(
+    p: &Params,
+    base: fn(&str, u16) -> crate::model::ModelSpec,
+    hook: Option<crate::model::HookFactory<'_>>,
+) -> Result<Vec<PciDevice>> {
+    let margs = crate::model::spec::parse(&|k| p.get(k).map(str::to_string), p.spec())?;
+    if let Some(m) = margs {
+        let model = crate::model::spec::build(&m, base, hook)?;
+        return (0..model.spec().functions).map(|k| model.open(k)).collect();
+    }
+    let Some(bdf) = p.get("pci") else {
+        return Err(PmdError::Config {
+            dev: p.spec().to_string(),
+            what: "pci=BDF (a function bound to vfio-pci) or model=NAME is required".into(),
+        });
+    };
+    Ok(vec![open_pci(bdf)?])
+}

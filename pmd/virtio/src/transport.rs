@@ -7,9 +7,7 @@
 
 use vdpakit_core::pci::{Doorbell, NotifyArea, PciDevice};
 use vdpakit_core::virtio::features as vf;
-use vdpakit_core::virtio_pci::{
-    LegacyTransport, ModernTransport, legacy_layout, status,
-};
+use vdpakit_core::virtio_pci::{LegacyTransport, ModernTransport, legacy_layout, status};
 
 use crate::error::{PmdError, Result};
 

@@ -16,8 +16,7 @@ use std::sync::Arc;
 use vdpakit_core::mem::{MemMode, Segment};
 use vdpakit_core::pci::{DmaDomain, Doorbell, NotifyArea, PciDevice};
 use vdpakit_core::vdpa::{
-    DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqConfig, VqState,
-    VqStats,
+    DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqConfig, VqState, VqStats,
 };
 use vdpakit_core::vhost::msg::proto;
 use vdpakit_core::virtio::features as vf;
@@ -184,7 +183,10 @@ impl VpVdpa {
                 if flavor.need_access_platform {
                     need |= vf::ACCESS_PLATFORM;
                 }
-                ("device_feature (common configuration +0x04, selects 0 and 1)", need & !f)
+                (
+                    "device_feature (common configuration +0x04, selects 0 and 1)",
+                    need & !f,
+                )
             }
             Transport::Legacy(_) => ("HOST_FEATURES (legacy BAR0 +0x00)", 0),
         };
@@ -209,7 +211,9 @@ impl VpVdpa {
         }
         let max_qsize = tr.queue_max_size(0)?;
         if max_qsize == 0 {
-            return Err(probe_err("queue 0: queue_size reads 0 (not available)".into()));
+            return Err(probe_err(
+                "queue 0: queue_size reads 0 (not available)".into(),
+            ));
         }
         let vectors = tr.pci().msix_vectors();
         if vectors == 0 {
@@ -218,10 +222,18 @@ impl VpVdpa {
             ));
         }
         if let Transport::Modern(m) = &tr {
-            // A vector written must read back: 0xffff means the device refused it.
-            let r = m.set_queue_vector(0, 0);
-            let _ = m.set_queue_vector(0, NO_VECTOR);
+            // A vector written must read back (0xffff back: the device refused it), and so
+            // must "no vector".
+            let v = u16::from(vectors > 1);
+            let r = m.set_queue_vector(0, v);
+            m.set_queue_vector(0, NO_VECTOR)?;
             r?;
+            let back = m.queue_vector(0)?;
+            if back != NO_VECTOR {
+                return Err(probe_err(format!(
+                    "queue 0: queue_msix_vector (common configuration +0x1a) reads back {back:#06x} after writing 0xffff (no vector)"
+                )));
+            }
         }
         let cfg = read_net_config(&tr, f)?;
         let max_pairs = if flavor.pairs_from_queues {
@@ -306,7 +318,11 @@ impl VpVdpa {
 
     /// [`VdpaDevice::configure`] with a ring-state hook (called for every ring after it is
     /// programmed and before it is enabled).
-    pub fn configure_with(&mut self, conf: &DevConf, hook: Option<&mut dyn VqStateHook>) -> Result<()> {
+    pub fn configure_with(
+        &mut self,
+        conf: &DevConf,
+        hook: Option<&mut dyn VqStateHook>,
+    ) -> Result<()> {
         self.close_quietly();
         let r = self.try_configure(conf, hook);
         if r.is_err() {
@@ -492,7 +508,8 @@ impl VdpaDevice for VpVdpa {
 
     fn configure(&mut self, conf: &DevConf) -> std::result::Result<(), VdpaError> {
         let name = self.name.clone();
-        self.configure_with(conf, None).map_err(|e| e.into_vdpa(&name))
+        self.configure_with(conf, None)
+            .map_err(|e| e.into_vdpa(&name))
     }
 
     fn set_vring_state(&mut self, qid: u16, enable: bool) -> std::result::Result<(), VdpaError> {
