@@ -27,7 +27,9 @@ use vdpakit_core::vdpa::VdpaDevice;
 use vdpakit_core::virtio::features as vf;
 use vdpakit_core::virtio_pci::LegacyTransport;
 use vdpakit_pmd_virtio::port::{COMMON_KEYS, PciPort, PortSetup};
-use vdpakit_pmd_virtio::spec::{Params, open_pci};
+use vdpakit_pmd_virtio::model::ModelSpec;
+use vdpakit_pmd_virtio::model::spec::MODEL_KEYS;
+use vdpakit_pmd_virtio::spec::{Params, concat_keys, open_device_functions, open_port_function};
 use vdpakit_pmd_virtio::transport::Transport;
 use vdpakit_pmd_virtio::vdpa::{Flavor, VpOptions, VpVdpa};
 use vdpakit_pmd_virtio::{PmdError, Result};
@@ -91,16 +93,14 @@ pub const DEVICE_ABOUT: &str = "Alibaba ENI (legacy virtio-PCI virtio-net) throu
 /// Creates the device of an `eni:pci=BDF` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
     let p = Params::parse("eni", params, DEVICE_KEYS)?;
-    let Some(bdf) = p.get("pci") else {
-        return Err(PmdError::Config {
-            dev: p.spec().to_string(),
-            what: "pci=BDF is required (the function, bound to vfio-pci)".into(),
-        });
-    };
     let opts = VpOptions {
         irq_limit: p.u16_in("irq_vectors", 1..=2048)?,
     };
-    Ok(vec![Box::new(probe_device(open_pci(bdf)?, opts)?)])
+    let mut out: Vec<Box<dyn VdpaDevice>> = Vec::new();
+    for dev in open_device_functions(&p, ModelSpec::eni, None)? {
+        out.push(Box::new(probe_device(dev, opts)?));
+    }
+    Ok(out)
 }
 
 /// Probes `dev` as an ENI vDPA device.
@@ -109,34 +109,34 @@ pub fn probe_device(dev: PciDevice, opts: VpOptions) -> Result<VpVdpa> {
     VpVdpa::probe(Transport::Legacy(t), FLAVOR, opts)
 }
 
+const PORT_KEYS: [(&str, &str); COMMON_KEYS.len() + 1 + MODEL_KEYS.len()] = concat_keys(
+    &concat_keys::<{ COMMON_KEYS.len() + 1 }>(
+        COMMON_KEYS,
+        &[("vf", "function of the model (default 0)")],
+    ),
+    MODEL_KEYS,
+);
+
 /// The `eni` port kind of `vdpakit fwd`.
 pub const PORT_KIND: ExternalKind = ExternalKind {
     kind: PortKind {
         name: "eni",
-        about: "an Alibaba ENI / legacy virtio-net function through VFIO, driven by vdpakit (IOVA = PA when it does not translate)",
-        keys: COMMON_KEYS,
+        about: "an Alibaba ENI / legacy virtio-net function through VFIO (or its model), driven by vdpakit (IOVA = PA when it does not translate)",
+        keys: &PORT_KEYS,
     },
     create: create_port,
 };
 
 fn create_port(spec: &PortSpec, env: &PortEnv) -> vdpakit_core::Result<Box<dyn Port>> {
-    let a = spec.args(COMMON_KEYS)?;
+    let a = spec.args(&PORT_KEYS)?;
     let name = spec.text();
-    let Some(bdf) = a.get("pci") else {
-        return Err(vdpakit_core::Error::PortValue {
-            kind: "eni".into(),
-            key: "pci".into(),
-            value: String::new(),
-            accepted: "a PCI address bound to vfio-pci (pci=0000:01:00.0)".into(),
-        });
-    };
-    let dev = open_pci(bdf).map_err(|e| e.into_port(name))?;
+    let (dev, keep) = open_port_function(&a, "eni", name, ModelSpec::eni, None)?;
     let t = probe_legacy(dev).map_err(|e| e.into_port(name))?;
     let setup = PortSetup {
         kind: "eni",
         transport: Transport::Legacy(t),
         required: vf::NET_MRG_RXBUF,
-        keep: None,
+        keep,
     };
     Ok(Box::new(PciPort::new(&a, env, name, setup)?))
 }
