@@ -33,11 +33,18 @@ fn bring_up_offers_version_1_with_mrg_rxbuf() {
     let m = model("eni-up", |s| s.max_queue_size = 128);
     let d = probe(&m).unwrap();
     let f = d.features();
-    assert_ne!(f & vf::VERSION_1, 0, "a legacy header with MRG_RXBUF is the VERSION_1 header");
+    assert_ne!(
+        f & vf::VERSION_1,
+        0,
+        "a legacy header with MRG_RXBUF is the VERSION_1 header"
+    );
     assert_ne!(f & vf::NET_MRG_RXBUF, 0);
     assert_eq!(d.max_queue_size(), 128, "fixed by QUEUE_NUM");
     assert_eq!(d.net_config().mac, m.spec().mac_of(0));
-    assert!(d.notify_area(0).is_none(), "a legacy doorbell cannot be mapped");
+    assert!(
+        d.notify_area(0).is_none(),
+        "a legacy doorbell cannot be mapped"
+    );
 }
 
 #[test]
@@ -49,7 +56,10 @@ fn loop_datapath_both_ways_exact() {
     let bytes: u64 = (0..1000).map(|i| size_of(i) as u64).sum();
     assert_eq!(m.stats(0, 1).unwrap().bytes, bytes);
     assert_eq!(m.stats(0, 0).unwrap().packets, 1000);
-    assert!(take_count(&r.rx[0].call) > 0, "MSI-X vector 0 reached queue 0's call fd");
+    assert!(
+        take_count(&r.rx[0].call) > 0,
+        "MSI-X vector 0 reached queue 0's call fd"
+    );
     // Reset mid-traffic, fresh rings, again.
     r.post_rx(0, 50);
     let batch: Vec<Vec<u8>> = (0..30).map(|i| frame(r.mac, i, 300)).collect();
@@ -116,9 +126,18 @@ fn bad_devices_fail_probe_by_name() {
     let dev = m.open(0).unwrap();
     let t = LegacyTransport::new(dev.clone()).unwrap();
     t.set_status(3).unwrap();
-    m.function(0).unwrap().faults.stuck_reset.store(true, Ordering::Relaxed);
-    let e = probe_device(dev, VpOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("eni-stuck") && e.contains("STATUS (legacy BAR0 +0x12) still reads 0x3"), "{e}");
+    m.function(0)
+        .unwrap()
+        .faults
+        .stuck_reset
+        .store(true, Ordering::Relaxed);
+    let e = probe_device(dev, VpOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("eni-stuck") && e.contains("STATUS (legacy BAR0 +0x12) still reads 0x3"),
+        "{e}"
+    );
     // Not a legacy function (revision 1, modern device ID).
     let v = VpModel::new(ModelSpec::virtio("eni-modern", 1), None).unwrap();
     let e = probe_legacy(v.open(0).unwrap()).unwrap_err().to_string();

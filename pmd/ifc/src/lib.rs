@@ -24,6 +24,7 @@
 //! without that region: no ring state, no hardware logging, exactly the virtio datapath.
 
 pub mod lm;
+pub mod model;
 
 use vdpakit_core::pci::{DmaDomain, Doorbell, NotifyArea, PciDevice};
 use vdpakit_core::port::{ExternalKind, Port, PortEnv, PortKind, PortSpec};
@@ -32,8 +33,9 @@ use vdpakit_core::vdpa::{
 };
 use vdpakit_core::virtio::features as vf;
 use vdpakit_core::virtio_pci::ModernTransport;
+use vdpakit_pmd_virtio::model::spec::MODEL_KEYS;
 use vdpakit_pmd_virtio::port::{COMMON_KEYS, PciPort, PortSetup};
-use vdpakit_pmd_virtio::spec::{Params, open_pci};
+use vdpakit_pmd_virtio::spec::{Params, concat_keys, open_device_functions, open_port_function};
 use vdpakit_pmd_virtio::transport::Transport;
 use vdpakit_pmd_virtio::vdpa::{Flavor, VpOptions, VpVdpa, VqStateHook};
 use vdpakit_pmd_virtio::{PmdError, Result};
@@ -302,35 +304,38 @@ impl VdpaDevice for IfcVdpa {
 }
 
 /// Keys of `vdpakit vdpa --device ifc:...`.
-pub const DEVICE_KEYS: &[(&str, &str)] = &[
-    ("pci", "PCI address of the VF, bound to vfio-pci (required)"),
-    (
-        "force",
-        "1: drive a virtio-net function without the IFC IDs (no live-migration region unless it has one)",
-    ),
-    (
-        "sw-live-migration",
-        "1: live migration through the software used-ring relay instead of hardware dirty logging",
-    ),
-    (
-        "irq_vectors",
-        "use at most N MSI-X vectors (fewer than queues + 1: queues share vector 0)",
-    ),
-];
+pub const DEVICE_KEYS: &[(&str, &str)] = &concat_keys::<{ 4 + MODEL_KEYS.len() }>(
+    &[
+        (
+            "pci",
+            "PCI address of the VF, bound to vfio-pci (or model=NAME)",
+        ),
+        (
+            "force",
+            "1: drive a virtio-net function without the IFC IDs (no live-migration region unless it has one)",
+        ),
+        (
+            "sw-live-migration",
+            "1: live migration through the software used-ring relay instead of hardware dirty logging",
+        ),
+        (
+            "irq_vectors",
+            "use at most N MSI-X vectors (fewer than queues + 1: queues share vector 0)",
+        ),
+    ],
+    MODEL_KEYS,
+);
+
+fn lm_hook(_k: u16) -> std::sync::Arc<dyn vdpakit_pmd_virtio::model::BarHook> {
+    model::LmHook::new(model::regs::LmLayout::FACTS)
+}
 
 /// One line about the device kind.
-pub const DEVICE_ABOUT: &str =
-    "Intel IFC VF (N3000, C5000X-PL, F2000X-PL) through VFIO: pci=BDF[,sw-live-migration=1]";
+pub const DEVICE_ABOUT: &str = "Intel IFC VF (N3000, C5000X-PL, F2000X-PL) through VFIO: pci=BDF[,sw-live-migration=1], or its model: model=NAME[,vfs=N,wire=..]";
 
 /// Creates the device of an `ifc:pci=BDF[,...]` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
     let p = Params::parse("ifc", params, DEVICE_KEYS)?;
-    let Some(bdf) = p.get("pci") else {
-        return Err(PmdError::Config {
-            dev: p.spec().to_string(),
-            what: "pci=BDF is required (the VF, bound to vfio-pci)".into(),
-        });
-    };
     let opts = IfcOptions {
         force: p.flag("force", false)?,
         sw_live_migration: p.flag("sw-live-migration", false)?,
@@ -338,30 +343,40 @@ pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
             irq_limit: p.u16_in("irq_vectors", 1..=2048)?,
         },
     };
-    let dev = open_pci(bdf)?;
-    Ok(vec![Box::new(IfcVdpa::probe(dev, opts)?)])
+    let mut out: Vec<Box<dyn VdpaDevice>> = Vec::new();
+    for dev in open_device_functions(&p, model::spec, Some(&lm_hook))? {
+        out.push(Box::new(IfcVdpa::probe(dev, opts)?));
+    }
+    Ok(out)
 }
 
-const PORT_KEYS: &[(&str, &str)] = &[
-    ("pci", "PCI address of the VF, bound to vfio-pci (required)"),
-    ("queues", "queue pairs (default: --queues)"),
-    (
-        "queue_size",
-        "entries per ring (default: --rxd/--txd, capped by the device)",
-    ),
-    ("packed", "1: packed rings; 0 (default): split"),
-    (
-        "iova",
-        "va or pa (default: va; pa for a function without ACCESS_PLATFORM)",
-    ),
-    ("mac", "port MAC (default: the device's)"),
-    (
-        "force",
-        "1: drive a virtio-net function without the IFC IDs (its virtio datapath)",
-    ),
-];
+const PORT_KEYS: &[(&str, &str)] = &concat_keys::<{ 8 + MODEL_KEYS.len() }>(
+    &[
+        (
+            "pci",
+            "PCI address of the VF, bound to vfio-pci (or model=NAME)",
+        ),
+        ("queues", "queue pairs (default: --queues)"),
+        (
+            "queue_size",
+            "entries per ring (default: --rxd/--txd, capped by the device)",
+        ),
+        ("packed", "1: packed rings; 0 (default): split"),
+        (
+            "iova",
+            "va or pa (default: va; pa for a function without ACCESS_PLATFORM)",
+        ),
+        ("mac", "port MAC (default: the device's)"),
+        (
+            "force",
+            "1: drive a virtio-net function without the IFC IDs (its virtio datapath)",
+        ),
+        ("vf", "function of the model (default 0)"),
+    ],
+    MODEL_KEYS,
+);
 
-const _: () = assert!(PORT_KEYS.len() == COMMON_KEYS.len() + 1);
+const _: () = assert!(PORT_KEYS.len() == COMMON_KEYS.len() + 2 + MODEL_KEYS.len());
 
 /// The `ifc` port kind of `vdpakit fwd`.
 pub const PORT_KIND: ExternalKind = ExternalKind {
@@ -376,23 +391,15 @@ pub const PORT_KIND: ExternalKind = ExternalKind {
 fn create_port(spec: &PortSpec, env: &PortEnv) -> vdpakit_core::Result<Box<dyn Port>> {
     let a = spec.args(PORT_KEYS)?;
     let name = spec.text();
-    let Some(bdf) = a.get("pci") else {
-        return Err(vdpakit_core::Error::PortValue {
-            kind: "ifc".into(),
-            key: "pci".into(),
-            value: String::new(),
-            accepted: "a PCI address bound to vfio-pci (pci=0000:01:00.0)".into(),
-        });
-    };
     let force = a.choice("force", "0", &["0", "1"])? == "1";
-    let dev = open_pci(bdf).map_err(|e| e.into_port(name))?;
+    let (dev, keep) = open_port_function(&a, "ifc", name, model::spec, Some(&lm_hook))?;
     check_ids(&dev, force).map_err(|e| e.into_port(name))?;
     let tr = ModernTransport::probe(dev).map_err(|e| PmdError::from(e).into_port(name))?;
     let setup = PortSetup {
         kind: "ifc",
         transport: Transport::Modern(tr),
         required: 0,
-        keep: None,
+        keep,
     };
     Ok(Box::new(PciPort::new(&a, env, name, setup)?))
 }

@@ -133,6 +133,7 @@ impl VqStateHook for NoState<'_> {
 #[derive(Debug)]
 struct Running {
     features: u64,
+    guest_features: u64,
     irq: IrqPlan,
     _ctrl: Option<CtrlRing>,
 }
@@ -436,6 +437,7 @@ impl VpVdpa {
         );
         self.running = Some(Running {
             features: f,
+            guest_features: conf.features,
             irq: plan,
             _ctrl: ctrl,
         });
@@ -538,8 +540,8 @@ impl VdpaDevice for VpVdpa {
         features: u64,
         log: Option<LogConfig>,
     ) -> std::result::Result<(), VdpaError> {
-        if let Some(cur) = self.running_features()
-            && (cur ^ features) & !VHOST_BITS & self.dev_features != 0
+        if let Some(cur) = self.running.as_ref().map(|r| r.guest_features)
+            && (cur ^ features) & !VHOST_BITS != 0
         {
             return Err(VdpaError::Unsupported {
                 dev: self.name.clone(),
