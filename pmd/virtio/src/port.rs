@@ -116,6 +116,7 @@ pub struct PciPort {
     stats: StatsBlocks,
     run: Option<Run>,
     link_up: Arc<AtomicBool>,
+    needs_reset: AtomicBool,
     _keep: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
@@ -219,6 +220,7 @@ impl PciPort {
             stats: StatsBlocks::default(),
             run: None,
             link_up: Arc::new(AtomicBool::new(false)),
+            needs_reset: AtomicBool::new(false),
             _keep: setup.keep,
         })
     }
@@ -226,6 +228,29 @@ impl PciPort {
     /// The function's own feature bits.
     pub fn device_features(&self) -> u64 {
         self.dev_features
+    }
+
+    /// Whether the device reported DEVICE_NEEDS_RESET (a queue stopped on a DMA or ring error)
+    /// at the last check (checked by [`Port::stats`] and here, never in the burst path).
+    pub fn needs_reset(&self) -> bool {
+        self.check_device();
+        self.needs_reset.load(Ordering::Relaxed)
+    }
+
+    fn check_device(&self) {
+        if self.run.is_none() {
+            return;
+        }
+        let Ok(st) = self.tr.status() else { return };
+        if st & vdpakit_core::virtio_pci::status::NEEDS_RESET != 0
+            && !self.needs_reset.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "{}: {} reports DEVICE_NEEDS_RESET (status {st:#04x}): a queue stopped on a DMA or ring error; the port's other queues and vdpakit's other ports keep running, restart the port to recover",
+                self.name,
+                self.tr.name()
+            );
+        }
     }
 
     /// The negotiated features while started.
@@ -510,6 +535,7 @@ impl PciPort {
         run.parked.lock().unwrap_or_else(|p| p.into_inner()).clear();
         run.space.unmap_all();
         self.link_up.store(false, Ordering::Relaxed);
+        self.needs_reset.store(false, Ordering::Relaxed);
     }
 }
 
@@ -592,6 +618,7 @@ impl Port for PciPort {
     }
 
     fn stats(&self) -> PortStats {
+        self.check_device();
         self.stats.read()
     }
 }

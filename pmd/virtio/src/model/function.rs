@@ -998,4 +998,21 @@ impl VpFunction {
     pub fn index(&self) -> u16 {
         self.index
     }
+
+    /// Injects an IOMMU fault now: data queue `q` (running) is pointed outside every mapping,
+    /// as a device whose DMA went astray; the engine records the fault and stops the queue.
+    pub fn iommu_fault_now(&self, q: u16) {
+        {
+            let mut c = self.vf.ctl();
+            let Some(s) = c.queues.get_mut(usize::from(q)) else {
+                return;
+            };
+            tracing::warn!(
+                "{}: fault injected: queue {q}'s descriptors moved outside every mapping",
+                self.name
+            );
+            s.desc = s.desc.wrapping_add(1 << 44);
+        }
+        self.sync();
+    }
 }
