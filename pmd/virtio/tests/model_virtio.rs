@@ -33,7 +33,7 @@ fn bring_up_reports_identity_features_and_config() {
     let m = model("vp-bringup", 2, |s| s.mtu = 9000);
     let d = probe(&m, 0, VpOptions::default()).unwrap();
     assert_eq!(d.max_queue_pairs(), 2);
-    assert_eq!(d.max_queue_size(), 256);
+    assert_eq!(d.max_queue_size(), 1024);
     let f = d.features();
     assert_ne!(f & vf::VERSION_1, 0);
     assert_eq!(
