@@ -170,6 +170,7 @@ pub struct DmaSpace {
     mode: IovaMode,
     next_compact: u64,
     compact: bool,
+    limit: u64,
     windows: Vec<Window>,
 }
 
@@ -182,8 +183,16 @@ impl DmaSpace {
             mode,
             next_compact: COMPACT_BASE,
             compact: false,
+            limit: u64::MAX,
             windows: Vec::new(),
         }
+    }
+
+    /// IOVAs must stay below `limit` (a legacy function takes 32-bit page frame numbers: 2^44);
+    /// VA mode then maps higher segments at compact IOVAs.
+    pub fn with_limit(mut self, limit: u64) -> DmaSpace {
+        self.limit = limit;
+        self
     }
 
     /// The mode.
@@ -219,6 +228,15 @@ impl DmaSpace {
         hi: usize,
     ) -> Result<Window> {
         let len = seg.len() as u64;
+        if !self.compact && (lo as u64).saturating_add(len) > self.limit {
+            tracing::info!(
+                "{}: '{}' at {lo:#x} is above the device's IOVA limit {:#x}; mapping vdpakit memory at compact IOVAs from {COMPACT_BASE:#x}",
+                self.dev,
+                seg.name(),
+                self.limit
+            );
+            self.compact = true;
+        }
         if !self.compact {
             match self.domain.map(lo as u64, whole) {
                 Ok(()) => {

@@ -394,6 +394,10 @@ impl PciPort {
             .into_port(&self.name)
         })?;
         let mut space = DmaSpace::new(&dev, self.tr.pci().domain(), self.iova);
+        if legacy {
+            // QUEUE_PFN is 32 bits of 4 KiB frames.
+            space = space.with_limit(1 << 44);
+        }
         let (_, ring_regions) = space.map(&ring_seg).map_err(perr)?;
         let pool_seg = Arc::clone(self.pool.zone().segment());
         let (pool_x, _) = space.map(&pool_seg).map_err(perr)?;

@@ -227,7 +227,11 @@ impl ModelSpec {
             wire: ModelWire::Loop,
             pairs,
             ctrl_vq: pairs > 1,
-            max_queue_size: if matches!(shape, Shape::Legacy(_)) { 256 } else { 1024 },
+            max_queue_size: if matches!(shape, Shape::Legacy(_)) {
+                256
+            } else {
+                1024
+            },
             features,
             mtu: 1500,
             mac: [0x02, 0x76, 0x6d, 0x00, 0x00, 0x10],
