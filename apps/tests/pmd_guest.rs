@@ -399,6 +399,8 @@ fn guest_pmd_fwd() -> Result<(), Failed> {
     Ok(())
 }
 
+type Case = fn() -> Result<(), Failed>;
+
 fn require_all() -> bool {
     std::env::var("VMTEST_REQUIRE").is_ok_and(|v| !v.is_empty() && v != "0")
 }
@@ -412,8 +414,7 @@ fn main() -> ExitCode {
             .map(drop)
             .and_then(|()| vmtest::accel().map(drop))
     };
-    let tests: Vec<(&'static str, fn() -> Result<(), Failed>)> =
-        vec![("guest_pmd_fwd", guest_pmd_fwd)];
+    let tests: Vec<(&'static str, Case)> = vec![("guest_pmd_fwd", guest_pmd_fwd)];
     let mut trials = Vec::new();
     for (name, f) in tests {
         let t = match &gate {

@@ -224,7 +224,7 @@ impl VdpaDevice for IfcVdpa {
         let _ = self.stop_log();
         let r = match &self.lm {
             Some(lm) => {
-                let lm = lm.clone();
+                let lm = *lm;
                 let mut hook = Hook(&lm);
                 self.inner.configure_with(conf, Some(&mut hook))
             }
@@ -233,11 +233,10 @@ impl VdpaDevice for IfcVdpa {
         r.map_err(|e| e.into_vdpa(&name))?;
         if let Some(l) = conf.log
             && conf.features & vf::VHOST_F_LOG_ALL != 0
+            && let Err(e) = self.start_log(l)
         {
-            if let Err(e) = self.start_log(l) {
-                self.inner.close_quietly();
-                return Err(e.into_vdpa(&name));
-            }
+            self.inner.close_quietly();
+            return Err(e.into_vdpa(&name));
         }
         Ok(())
     }
@@ -327,7 +326,7 @@ pub const DEVICE_KEYS: &[(&str, &str)] = &concat_keys::<{ 4 + MODEL_KEYS.len() }
 );
 
 fn lm_hook(_k: u16) -> std::sync::Arc<dyn vdpakit_pmd_virtio::model::BarHook> {
-    model::LmHook::new(model::regs::LmLayout::FACTS)
+    model::LmHook::hook(model::regs::LmLayout::FACTS)
 }
 
 /// One line about the device kind.

@@ -126,8 +126,8 @@ pub struct LmHook {
 }
 
 impl LmHook {
-    /// A region with `layout`.
-    pub fn new(layout: LmLayout) -> Arc<dyn BarHook> {
+    /// A region with `layout`, as a function's hook.
+    pub fn hook(layout: LmLayout) -> Arc<dyn BarHook> {
         Arc::new(LmHook {
             layout,
             regs: Mutex::new(LmRegs::default()),
@@ -175,7 +175,7 @@ impl BarHook for LmHook {
         4
     }
 
-    fn len(&self) -> u64 {
+    fn size(&self) -> u64 {
         self.layout.len
     }
 

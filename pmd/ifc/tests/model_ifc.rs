@@ -19,7 +19,7 @@ use vdpakit_pmd_virtio::model::{ModelSpec, VpModel};
 use vdpakit_pmd_virtio::vdpa::VpOptions;
 
 fn ifc_model(name: &str, pairs: u16, layout: LmLayout) -> VpModel {
-    VpModel::new(spec(name, pairs), Some(&move |_| LmHook::new(layout))).expect("model")
+    VpModel::new(spec(name, pairs), Some(&move |_| LmHook::hook(layout))).expect("model")
 }
 
 fn probe(m: &VpModel, opts: IfcOptions) -> Result<IfcVdpa, String> {

@@ -40,7 +40,7 @@ pub enum PmdError {
         what: String,
         /// The cause.
         #[source]
-        source: vdpakit_core::Error,
+        source: Box<vdpakit_core::Error>,
     },
     /// The virtio-PCI transport.
     #[error(transparent)]

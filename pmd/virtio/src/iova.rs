@@ -297,7 +297,7 @@ impl DmaSpace {
         let pages = seg.physical_pages().map_err(|e| PmdError::Memory {
             dev: self.dev.clone(),
             what: format!("physical addresses of '{}'", seg.name()),
-            source: e,
+            source: Box::new(e),
         })?;
         let page = seg.page_size().bytes() as u64;
         let mut w = Window {

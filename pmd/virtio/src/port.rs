@@ -389,7 +389,7 @@ impl PciPort {
             PmdError::Memory {
                 dev: dev.clone(),
                 what: "ring memory".into(),
-                source: e,
+                source: Box::new(e),
             }
             .into_port(&self.name)
         })?;

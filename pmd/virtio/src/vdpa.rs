@@ -651,7 +651,7 @@ impl CtrlRing {
             PmdError::Memory {
                 dev: dev.clone(),
                 what: "control ring".into(),
-                source: e,
+                source: Box::new(e),
             }
         })?;
         let region = GuestRegion::from_segment(&seg).rebased(CTRL_IOVA, seg.base() as u64);

@@ -12,7 +12,6 @@ use common::*;
 use vdpakit_core::vdpa::VdpaDevice;
 use vdpakit_core::virtio::features as vf;
 use vdpakit_core::virtio_pci::ModernTransport;
-use vdpakit_pmd_virtio::irq::IrqMode;
 use vdpakit_pmd_virtio::model::regs::CommonLayout;
 use vdpakit_pmd_virtio::model::{ModelSpec, ModelWire, Shape, VpModel};
 use vdpakit_pmd_virtio::transport::{Transport, read_net_config};

@@ -744,7 +744,7 @@ impl VpFunction {
     fn hook_for(&self, bar: u8, off: u64) -> Option<&Arc<dyn BarHook>> {
         self.hook
             .as_ref()
-            .filter(|h| h.bar() == bar && off < h.len())
+            .filter(|h| h.bar() == bar && off < h.size())
     }
 }
 
@@ -921,7 +921,7 @@ impl DeviceModel for VpFunction {
             },
         };
         match &self.hook {
-            Some(h) if h.bar() == bar => base.max(h.len().next_power_of_two()),
+            Some(h) if h.bar() == bar => base.max(h.size().next_power_of_two()),
             _ => base,
         }
     }

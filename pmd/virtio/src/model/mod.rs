@@ -309,7 +309,7 @@ pub trait BarHook: Send + Sync + std::fmt::Debug {
     /// The BAR the registers are in (from offset 0).
     fn bar(&self) -> u8;
     /// Bytes of registers.
-    fn len(&self) -> u64;
+    fn size(&self) -> u64;
     /// A read of `buf.len()` bytes at `offset`.
     fn read(&self, f: &FnCtx<'_>, offset: u64, buf: &mut [u8]);
     /// A write.
