@@ -98,6 +98,26 @@ fn fwd_between_cabled_model_functions_is_exact() {
 }
 
 #[test]
+fn bare_model_specs_create_the_whole_stack() {
+    let out = vdpakit(&[
+        "vdpa",
+        "--device",
+        "ifc:model,name=cli-bare,vfs=2,wire=cable",
+        "--iface",
+        "/tmp/vk-cli-bare",
+        "--duration",
+        "0.5",
+    ]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        s.contains("model:cli-bare-f0: vhost-user socket /tmp/vk-cli-bare0")
+            && s.contains("model:cli-bare-f1: vhost-user socket /tmp/vk-cli-bare1"),
+        "{s}"
+    );
+}
+
+#[test]
 fn bad_specs_are_one_line_with_exit_2() {
     let e = one_error(&["fwd", "--port", "virtio:pci=zz:zz", "--duration", "1"]);
     assert!(e.contains("zz:zz") && e.contains("DDDD:BB:DD.F"), "{e}");

@@ -153,7 +153,10 @@ mod tests {
         let v = pmd_for(0x1af4, 0x1041, 0x1af4, 0x1100).unwrap();
         assert_eq!((v.pmd, v.what), ("virtio", "virtio-net (modern)"));
         assert_eq!(pmd_for(0x1af4, 0x1000, 0x1af4, 0x0001).unwrap().pmd, "eni");
-        assert_eq!(pmd_for(0x1af4, 0x1000, 0x1af4, 0x1100).unwrap().pmd, "virtio");
+        assert_eq!(
+            pmd_for(0x1af4, 0x1000, 0x1af4, 0x1100).unwrap().pmd,
+            "virtio"
+        );
         assert_eq!(pmd_for(0x15b3, 0x101d, 0, 0).unwrap().what, "ConnectX-6 Dx");
         assert_eq!(pmd_for(0x15b3, 0x1017, 0, 0).unwrap().pmd, "mlx5");
         assert_eq!(pmd_for(0x1dd8, 0x100b, 0, 0).unwrap().pmd, "pds");

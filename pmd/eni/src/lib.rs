@@ -88,7 +88,7 @@ pub const DEVICE_KEYS: &[(&str, &str)] = &[
 ];
 
 /// One line about the device kind.
-pub const DEVICE_ABOUT: &str = "Alibaba ENI (legacy virtio-PCI virtio-net) through VFIO: pci=BDF";
+pub const DEVICE_ABOUT: &str = "Alibaba ENI / legacy virtio-net through VFIO (eni:pci=BDF) or its model (eni:model[,name=N]) (keys: pci, irq_vectors; model: vfs, wire=loop|cable|none, pairs, qsize, poll, fault)";
 
 /// Creates the device of an `eni:pci=BDF` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {

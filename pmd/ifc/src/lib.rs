@@ -330,7 +330,7 @@ fn lm_hook(_k: u16) -> std::sync::Arc<dyn vdpakit_pmd_virtio::model::BarHook> {
 }
 
 /// One line about the device kind.
-pub const DEVICE_ABOUT: &str = "Intel IFC VF (N3000, C5000X-PL, F2000X-PL) through VFIO: pci=BDF[,sw-live-migration=1], or its model: model=NAME[,vfs=N,wire=..]";
+pub const DEVICE_ABOUT: &str = "Intel IFC VF (N3000, C5000X-PL, F2000X-PL) through VFIO (ifc:pci=BDF) or its model (ifc:model[,name=N]) (keys: pci, force, sw-live-migration, irq_vectors; model: vfs, wire=loop|cable|none, pairs, qsize, poll, fault)";
 
 /// Creates the device of an `ifc:pci=BDF[,...]` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {

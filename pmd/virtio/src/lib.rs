@@ -46,7 +46,7 @@ pub const DEVICE_KEYS: &[(&str, &str)] = &spec::concat_keys::<{ 2 + model::spec:
 );
 
 /// One line about the device kind.
-pub const DEVICE_ABOUT: &str = "any modern virtio-net PCI function through VFIO (like Linux's vp_vdpa): pci=BDF, or its model: model=NAME[,vfs=N,wire=loop|cable|none,pairs=N]";
+pub const DEVICE_ABOUT: &str = "any modern virtio-net PCI function through VFIO, like Linux's vp_vdpa (virtio:pci=BDF), or its model (virtio:model[,name=N]) (keys: pci, irq_vectors; model: vfs, wire=loop|cable|none, pairs, qsize, poll, fault)";
 
 /// Creates the devices of a `virtio:pci=BDF[,irq_vectors=N]` or `virtio:model=NAME[,...]` spec.
 pub fn create_devices(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {

@@ -307,7 +307,8 @@ impl PciPort {
     }
 
     fn bring_up(&mut self) -> Result<Run> {
-        let pairs = self.opts.pairs.unwrap_or(self.conf.rx_queues);
+        // `queues=` only bounds what `configure` may ask for (checked there).
+        let pairs = self.conf.rx_queues;
         let dev = self.tr.name().to_string();
         let perr = |e: PmdError| e.into_port(&self.name);
         let mut wanted = vf::VERSION_1

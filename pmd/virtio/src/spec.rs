@@ -30,6 +30,12 @@ impl Params {
         };
         let mut items: Vec<(String, String)> = Vec::new();
         for item in params.split(',').filter(|s| !s.is_empty()) {
+            // A bare `model` (as in `mlx5:model`): the device model, named by `name=` or after
+            // the kind.
+            if item.trim() == "model" && accepted.iter().any(|(a, _)| *a == "model") {
+                items.push(("model".into(), String::new()));
+                continue;
+            }
             let Some((k, v)) = item.split_once('=') else {
                 return Err(bad(format!("'{item}' is not key=value (keys: {})", keys())));
             };

@@ -16,6 +16,10 @@ pub const MODEL_KEYS: &[(&str, &str)] = &[
         "NAME: the device model NAME instead of a PCI function (created on first use)",
     ),
     (
+        "name",
+        "name of the model with a bare `model` key (default: KIND-model)",
+    ),
+    (
         "vfs",
         "functions of a new model (default 1; with wire=cable 2)",
     ),
@@ -64,6 +68,15 @@ pub struct ModelArgs {
 pub fn parse(get: &dyn Fn(&str) -> Option<String>, ctx: &str) -> Result<Option<ModelArgs>> {
     let Some(name) = get("model") else {
         return Ok(None);
+    };
+    // Bare `model` (device specs): `name=`, or one after the spec's kind.
+    let name = if name.is_empty() {
+        get("name").unwrap_or_else(|| {
+            let kind = ctx.split(':').next().unwrap_or("virtio");
+            format!("{kind}-model")
+        })
+    } else {
+        name
     };
     let bad = |key: &str, v: &str, accepted: &str| PmdError::Config {
         dev: ctx.to_string(),
