@@ -22,6 +22,7 @@ use vdpakit_core::port::{
     self, Port, PortConf, PortEnv, PortSpec, PortStats, RingRegistry, RxQueue, TxQueue,
 };
 use vdpakit_core::tsc::{self, Tsc};
+use vdpakit_core::vdpa::binding::{SharedDevice, lock};
 
 use crate::error::{Error, Result};
 use crate::tgen::{
@@ -195,6 +196,14 @@ pub struct FwdArgs {
     /// Memory: auto (2 MiB hugepages, else 4 KiB with a warning), 2M, 1G, no-huge.
     #[arg(long, default_value = "auto")]
     mem: String,
+    /// A vDPA device to create in this process, e.g. `sim:name=r,wire=rep` (whose VFs `rep`
+    /// ports attach to); repeatable (`vdpakit vdpa --list-kinds` lists the kinds).
+    #[arg(long = "device", value_name = "SPEC")]
+    devices: Vec<String>,
+    /// Serve the --device VFs on vhost-user sockets PREFIX0, PREFIX1, ... through the vDPA
+    /// binding (as `vdpakit vdpa --iface`), so a front end (QEMU, virtio-user) drives them.
+    #[arg(long, value_name = "PREFIX")]
+    device_iface: Option<String>,
 }
 
 /// One forwarding stream, owned by one lcore.
@@ -311,6 +320,29 @@ pub fn run(args: FwdArgs) -> Result<()> {
     }
     if !any_txonly && (args.rate.is_some() || args.flows > 1) {
         tracing::warn!("--rate and --flows only apply to txonly ports");
+    }
+
+    // ---- in-process vDPA devices and their sockets (before ports: `rep` ports find them) ----
+    if args.device_iface.is_some() && args.devices.is_empty() {
+        return Err(usage(
+            "--device-iface",
+            args.device_iface.clone().unwrap_or_default(),
+            "a socket prefix together with at least one --device",
+        ));
+    }
+    let mut hosted: Vec<SharedDevice> = Vec::new();
+    for spec in &args.devices {
+        for d in crate::vdpa::create(spec)? {
+            hosted.push(Arc::new(std::sync::Mutex::new(d)));
+        }
+    }
+    let mut _servers = Vec::new();
+    if let Some(prefix) = &args.device_iface {
+        for (k, d) in hosted.iter().enumerate() {
+            let sock = format!("{prefix}{k}");
+            _servers.push(crate::vdpa::serve(d, &sock, false)?);
+            eprintln!("{}: vhost-user socket {sock}", lock(d).name());
+        }
     }
 
     // ---- memory and ports ----
@@ -594,7 +626,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
     }
 
     // ---- report ----
-    let report = summary(
+    let mut report = summary(
         &args,
         &cpus[..nlcores],
         &ports,
@@ -603,6 +635,9 @@ pub fn run(args: FwdArgs) -> Result<()> {
         &pool,
         &agg,
     );
+    if !hosted.is_empty() {
+        report["devices"] = devices_json(&hosted);
+    }
     if args.json {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{report}");
@@ -610,6 +645,28 @@ pub fn run(args: FwdArgs) -> Result<()> {
         print_summary(&report);
     }
     Ok(())
+}
+
+/// Per-queue counters of the in-process vDPA devices (`--device`).
+fn devices_json(devs: &[SharedDevice]) -> Value {
+    let list: Vec<Value> = devs
+        .iter()
+        .map(|d| {
+            let g = lock(d);
+            let queues: Vec<Value> = (0..g.max_queue_pairs() * 2)
+                .map(|q| {
+                    let s = g.stats(q).unwrap_or_default();
+                    json!({
+                        "queue": q, "packets": s.packets, "bytes": s.bytes, "errors": s.errors,
+                        "dropped": s.dropped, "iommu_faults": s.iommu_faults, "kicks": s.kicks,
+                        "interrupts": s.interrupts,
+                    })
+                })
+                .collect();
+            json!({ "name": g.name(), "queues": queues })
+        })
+        .collect();
+    Value::Array(list)
 }
 
 /// The per-lcore poll loop. Everything it uses was moved in; nothing here locks, allocates or

@@ -107,7 +107,7 @@ fn create_mlx5(params: &str) -> Result<Devices> {
     vdpakit_pmd_mlx5::create(params).map_err(|e| Error::Runtime(e.to_string()))
 }
 
-fn create(spec: &str) -> Result<Devices> {
+pub(crate) fn create(spec: &str) -> Result<Devices> {
     let (kind, params) = spec.split_once(':').unwrap_or((spec, ""));
     let all = kinds();
     let Some(k) = all.iter().find(|k| k.name == kind) else {
@@ -119,6 +119,31 @@ fn create(spec: &str) -> Result<Devices> {
         });
     };
     (k.create)(params)
+}
+
+/// Serves `d` on a vhost-user socket at `sock` through the vDPA binding (features, queue pairs
+/// and MTU from the device; packed and mergeable buffers allowed; host notifiers offered).
+pub(crate) fn serve(d: &SharedDevice, sock: &str, client: bool) -> Result<Server> {
+    let (pairs, mtu) = {
+        let g = lock(d);
+        let c = g.net_config();
+        (g.max_queue_pairs().max(1), c.mtu.max(68))
+    };
+    let net = NetConfig {
+        queue_pairs: pairs,
+        packed: true,
+        mrg_rxbuf: true,
+        in_order: false,
+        mtu,
+        host_notifier: true,
+    };
+    Server::start(ServerConfig {
+        path: PathBuf::from(sock),
+        client,
+        net,
+        vdpa: Some(Arc::clone(d)),
+    })
+    .map_err(|e| Error::Runtime(format!("{sock}: {e}")))
 }
 
 struct Bound {
@@ -146,26 +171,8 @@ impl App {
                 "{dev} is already bound to a socket"
             )));
         }
-        let (pairs, mtu) = {
-            let g = lock(d);
-            let c = g.net_config();
-            (g.max_queue_pairs().max(1), c.mtu.max(68))
-        };
-        let net = NetConfig {
-            queue_pairs: pairs,
-            packed: true,
-            mrg_rxbuf: true,
-            in_order: false,
-            mtu,
-            host_notifier: true,
-        };
-        let server = Server::start(ServerConfig {
-            path: PathBuf::from(sock),
-            client: self.client,
-            net,
-            vdpa: Some(Arc::clone(d)),
-        })
-        .map_err(|e| Error::Runtime(format!("{sock}: {e}")))?;
+        let server = serve(d, sock, self.client)?;
+        let pairs = lock(d).max_queue_pairs().max(1);
         println!("{dev}: vhost-user socket {sock}");
         println!(
             "  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=1G,share=on \

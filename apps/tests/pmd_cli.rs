@@ -109,7 +109,11 @@ fn bare_model_specs_create_the_whole_stack() {
         "0.5",
     ]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(
         s.contains("model:cli-bare-f0: vhost-user socket /tmp/vk-cli-bare0")
             && s.contains("model:cli-bare-f1: vhost-user socket /tmp/vk-cli-bare1"),

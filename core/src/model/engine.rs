@@ -7,14 +7,15 @@
 //!   domain's IOVA view ([`DmaDomain::view`](crate::pci::DmaDomain::view)); when the domain's
 //!   generation changes (a map or unmap) the view is re-read and every running queue is rebuilt
 //!   at its current position. A ring area, descriptor buffer or indirect table outside every
-//!   mapping is an IOMMU fault: recorded in the domain ([`record_fault`]), counted on the queue
+//!   mapping is an IOMMU fault: recorded in the domain ([`record_fault`](crate::pci::DmaDomain::record_fault)), counted on the queue
 //!   (`iommu_faults`), and the queue stops (broken; the device status shows NEEDS_RESET) until
 //!   the driver disables or resets it. Other descriptor errors count as `errors` and break the
 //!   queue the same way. Nothing a driver writes can crash the engine.
 //! - **Transmit** (odd queues): chains are popped, the virtio-net header is skipped (12 bytes
-//!   with VERSION_1 or MRG_RXBUF, else 10), the frame is copied into one of the engine's
-//!   preallocated frame buffers, the chain is completed with length 0, and the burst is handed
-//!   to the VF's wire ([`eswitch`](super::eswitch)).
+//!   with VERSION_1 or MRG_RXBUF, else 10), the frame is copied into the engine's preallocated
+//!   frame arena, the chain is completed with length 0, and the burst is handed to the VF's
+//!   wire ([`eswitch`](super::eswitch)). One-buffer frames take a staged path: all chains of
+//!   the burst are popped first with their buffer lines requested, then copied.
 //! - **Receive** (even queues): each frame gets a zeroed header (`num_buffers` = 1) and is
 //!   written into a receive chain; with MRG_RXBUF a frame larger than a chain spans several
 //!   (`num_buffers` = chains used). A frame that finds no buffer is counted as `dropped` on the
@@ -29,7 +30,7 @@
 //!   the rings themselves, so a missed kick costs latency, never a packet.
 //! - **Polling**: while there is work the engine spins; after 100 µs without any
 //!   ([`PollMode::Adaptive`]) it asks for kicks (enables notifications), checks once more, and
-//!   sleeps in `poll(2)` on its wake eventfd and the TAP fds, at most 1 ms while a VF runs (so a
+//!   sleeps in `epoll_wait(2)` on its wake eventfd and the TAP fds, at most 1 ms while a VF runs (so a
 //!   host-notifier page written by another process is seen within a millisecond).
 //!   [`PollMode::Busy`] never sleeps.
 //! - **Ring state**: positions (next avail, next used; packed: wrap counter in bit 15) are
@@ -43,6 +44,13 @@
 //! - **Suspend**: the engine finishes the burst in flight, publishes, writes the positions back
 //!   and touches no ring until resumed (frames arriving for a suspended VF are dropped and
 //!   counted).
+//!
+//! # Hooks for vendor models
+//!
+//! [`VfControl::queue_mem`] gives a queue its own memory view (a model that translates ring and
+//! buffer addresses its own way, e.g. through memory keys) instead of the domain's;
+//! [`VfControl::steer`] chooses the receive pair of each frame arriving from the wire (a flow
+//! table, RSS) instead of the wire's own pair. See [`spawn`] for how a model runs the engine.
 //!
 //! # Control
 //!
@@ -58,7 +66,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::eswitch::{RepQueueEnds, Wire};
@@ -70,7 +78,7 @@ use crate::vdpa::VqStats;
 use crate::virtio::features as vf;
 use crate::virtio::net::hdr_len;
 use crate::virtio::{
-    AddrKind, Chain, DeviceQueue, DirtyLog, GuestMemory, QueueConfig, QueueError, Segs,
+    AddrKind, Chain, DeviceQueue, DirtyLog, GuestMemory, QueueConfig, QueueError, Segs, Staged,
 };
 
 /// Frames handled per queue per iteration.
@@ -191,7 +199,7 @@ impl QueueSetup {
 }
 
 /// One VF's control state: what the driver asked for.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct VfControl {
     /// Negotiated virtio features.
     pub features: u64,
@@ -207,6 +215,33 @@ pub struct VfControl {
     pub log: Option<(u64, u64)>,
     /// Representor channels to install (empty: detach), picked up by the engine.
     pub rep: Option<Vec<RepQueueEnds>>,
+    /// Per-queue memory views replacing the domain's for that queue's rings and buffers (a
+    /// model whose queues translate addresses their own way, e.g. through memory keys). `None`
+    /// (or a shorter vector): the domain view. The model keeps them current; the engine rebuilds
+    /// a queue when its view changes (`GuestMemory::ptr_eq`).
+    pub queue_mem: Vec<Option<GuestMemory>>,
+    /// Receive steering for frames arriving from the wire: the queue pair a frame goes to (a
+    /// model's flow table or RSS). `None`: the wire's own pair (loop, cable, representor) or pair
+    /// 0 (TAP). A pair the VF does not have drops the frame (counted on queue 0).
+    pub steer: Option<RxSteer>,
+}
+
+/// A receive steering function: frame → queue pair. Called on the engine thread once per frame
+/// arriving from the wire; it must not block or allocate.
+pub type RxSteer = Arc<dyn Fn(&[u8]) -> u16 + Send + Sync>;
+
+impl std::fmt::Debug for VfControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfControl")
+            .field("features", &format_args!("{:#x}", self.features))
+            .field("running", &self.running)
+            .field("suspended", &self.suspended)
+            .field("epoch", &self.epoch)
+            .field("queues", &self.queues)
+            .field("log", &self.log)
+            .field("steer", &self.steer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the model and the engine share about one VF.
@@ -233,8 +268,7 @@ pub struct VfShared {
 }
 
 impl VfShared {
-    /// A VF with `pairs` queue pairs and its doorbell pages (PMD crates build their own device
-    /// models on the kit, so the constructors are public).
+    /// A VF with `pairs` queue pairs (its doorbell pages in a fresh memfd, one per queue).
     pub fn new(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
         let nq = usize::from(pairs) * 2;
         let seg = Segment::new(
@@ -327,7 +361,7 @@ pub struct EngineShared {
 }
 
 impl EngineShared {
-    /// The shared state of a device's engine over its VFs (start it with [`spawn`]).
+    /// The shared state of an engine serving `vfs` (VF `k` at index `k`).
     pub fn new(
         name: &str,
         vfs: Vec<Arc<VfShared>>,
@@ -388,17 +422,59 @@ impl EngineShared {
     }
 
     /// Asks the thread to stop (it exits at its next iteration).
-    pub fn request_stop(&self) {
+    fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.wake.write(1);
     }
 }
 
-/// Starts the engine thread of a device.
-pub fn spawn(
+/// A running engine thread: stopped and joined when dropped (the thread then drops its queues,
+/// TAP fds and representor channels).
+#[derive(Debug)]
+pub struct EngineThread {
     shared: Arc<EngineShared>,
-    wires: Vec<Wire>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// The state shared with the thread.
+    pub fn shared(&self) -> &Arc<EngineShared> {
+        &self.shared
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.shared.request_stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts the engine thread of a device whose VFs are `shared.vfs()`, VF `k`'s wire being
+/// `wires[k]` (missing wires are [`Wire::None`]).
+///
+/// This is how a vendor model reuses the engine: its [`DeviceModel`](crate::pci::model::DeviceModel)
+/// keeps one [`VfShared`] per function, connects it at `attach` ([`VfShared::set_bus`]), turns
+/// its own register writes into [`VfControl`] changes followed by [`EngineShared::sync`], rings
+/// doorbells with [`VfShared::ring_bell`] + [`EngineShared::wake`], offers
+/// [`VfShared::bell_segment`]'s pages as notify areas, and reads [`VfShared::counters`].
+pub fn spawn(shared: Arc<EngineShared>, wires: Vec<Wire>) -> Result<EngineThread, String> {
+    let t = spawn_thread(Arc::clone(&shared), wires)?;
+    Ok(EngineThread {
+        shared,
+        thread: Some(t),
+    })
+}
+
+fn spawn_thread(
+    shared: Arc<EngineShared>,
+    mut wires: Vec<Wire>,
 ) -> Result<std::thread::JoinHandle<()>, String> {
+    while wires.len() < shared.vfs.len() {
+        wires.push(Wire::None);
+    }
     shared.alive.store(true, Ordering::Release);
     let name = format!("sim-{}", shared.name);
     let sh = Arc::clone(&shared);
@@ -424,13 +500,14 @@ pub fn spawn(
 #[derive(Debug)]
 struct QRun {
     setup: QueueSetup,
+    /// The model's view for this queue (None: the domain's).
+    mem: Option<GuestMemory>,
     dq: Option<DeviceQueue>,
     broken: bool,
     notify: bool,
 }
 
 /// One VF as the engine runs it.
-#[derive(Debug)]
 struct VfRun {
     sh: Arc<VfShared>,
     seen_gen: u64,
@@ -450,6 +527,7 @@ struct VfRun {
     queues: Vec<QRun>,
     wire: Wire,
     rep: Vec<RepQueueEnds>,
+    steer: Option<RxSteer>,
 }
 
 impl VfRun {
@@ -522,6 +600,80 @@ fn for_mac(frame: &[u8], mac: &[u8; 6]) -> bool {
 /// Reusable buffers of one receive burst.
 struct RxScratch {
     chains: [(Chain, u32); MAX_MRG_CHAINS],
+    /// Destinations of the one-chain fast path (lines requested for writing before the copies).
+    staged: Staged,
+    staged_chains: [Chain; BURST],
+}
+
+/// The frames of one burst, packed back to back (64-byte aligned) in one preallocated arena:
+/// small frames share cache lines and pages instead of sitting 64 KiB apart.
+struct Frames {
+    buf: Box<[u8]>,
+    off: [usize; BURST],
+    len: [usize; BURST],
+    n: usize,
+    next: usize,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        Frames {
+            buf: vec![0u8; BURST * (MAX_FRAME + 64)].into_boxed_slice(),
+            off: [0; BURST],
+            len: [0; BURST],
+            n: 0,
+            next: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn clear(&mut self) {
+        self.n = 0;
+        self.next = 0;
+    }
+
+    /// Reserves room for a frame of up to `len` (at most [`MAX_FRAME`]) bytes; returns its index
+    /// (the arena always has room for [`BURST`] of them).
+    #[inline(always)]
+    fn reserve(&mut self, len: usize) -> usize {
+        let i = self.n;
+        self.off[i] = self.next;
+        self.len[i] = len;
+        self.next = (self.next + len + 63) & !63;
+        self.n += 1;
+        i
+    }
+
+    /// Sets frame `i`'s final length (at most what was reserved).
+    #[inline(always)]
+    fn set_len(&mut self, i: usize, len: usize) {
+        self.len[i] = len.min(self.len[i]);
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> &[u8] {
+        &self.buf[self.off[i]..self.off[i] + self.len[i]]
+    }
+
+    #[inline(always)]
+    fn get_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.buf[self.off[i]..self.off[i] + self.len[i]]
+    }
+
+    /// Drops the frames `keep` refuses, keeping the order of the rest; returns how many went.
+    fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) -> usize {
+        let mut w = 0;
+        for r in 0..self.n {
+            if keep(self.get(r)) {
+                self.off[w] = self.off[r];
+                self.len[w] = self.len[r];
+                w += 1;
+            }
+        }
+        let gone = self.n - w;
+        self.n = w;
+        gone
+    }
 }
 
 /// The engine thread's state.
@@ -530,8 +682,11 @@ struct Engine {
     vfs: Vec<VfRun>,
     seen_ctl: u64,
     segs: Segs,
-    frames: Box<[u8]>,
-    lens: [usize; BURST],
+    frames: Frames,
+    /// Transmit fast path: each chain's readable bytes in one buffer, lines requested before
+    /// the copies.
+    tx_staged: Staged,
+    tx_chains: [(Chain, usize); BURST],
     rx: Box<RxScratch>,
     /// Blank mbufs for representor frames.
     stash: Burst,
@@ -539,6 +694,9 @@ struct Engine {
     out: Burst,
     /// Frames from a representor port.
     inb: Burst,
+    /// What the sleeping engine waits on: its wake eventfd and the TAP fds (registered once).
+    epoll: Option<Epoll>,
+    events: [EpollEvent; 8],
 }
 
 impl Engine {
@@ -565,6 +723,7 @@ impl Engine {
                 queues: (0..nq)
                     .map(|_| QRun {
                         setup: QueueSetup::default(),
+                        mem: None,
                         dq: None,
                         broken: false,
                         notify: false,
@@ -572,17 +731,39 @@ impl Engine {
                     .collect(),
                 wire,
                 rep: Vec::new(),
+                steer: None,
             });
         }
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .ok()
+            .filter(|ep| {
+                let ev = EpollEvent::new(EpollFlags::EPOLLIN, 0);
+                ep.add(sh.wake.as_fd(), ev).is_ok()
+                    && vfs.iter().all(|v| match &v.wire {
+                        Wire::Tap(t) => ep.add(t.as_fd(), ev).is_ok(),
+                        _ => true,
+                    })
+            });
+        if epoll.is_none() {
+            tracing::warn!(
+                "{}: no epoll: the idle engine wakes every tick only",
+                sh.name
+            );
+        }
         Engine {
+            epoll,
+            events: [EpollEvent::empty(); 8],
             sh,
             vfs,
             seen_ctl: u64::MAX,
             segs: Segs::new(),
-            frames: vec![0u8; BURST * MAX_FRAME].into_boxed_slice(),
-            lens: [0; BURST],
+            frames: Frames::new(),
+            tx_staged: Staged::new(BURST),
+            tx_chains: [(Chain::default(), 0); BURST],
             rx: Box::new(RxScratch {
                 chains: [(Chain::default(), 0); MAX_MRG_CHAINS],
+                staged: Staged::new(BURST),
+                staged_chains: [Chain::default(); BURST],
             }),
             stash: Burst::new(STASH),
             out: Burst::new(BURST),
@@ -600,7 +781,10 @@ impl Engine {
             if g != self.seen_ctl {
                 self.seen_ctl = g;
                 for vi in 0..self.vfs.len() {
-                    self.apply(vi);
+                    if self.apply(vi) {
+                        // A representor came or went: its blanks may belong to another pool.
+                        while self.stash.pop().is_some() {}
+                    }
                 }
             }
             let work = self.poll_once();
@@ -653,17 +837,13 @@ impl Engine {
             || self.work_pending();
         if !pending {
             let timeout = if any_running { TICK_RUNNING } else { TICK_IDLE };
-            let mut fds = vec![PollFd::new(self.sh.wake.as_fd(), PollFlags::POLLIN)];
-            for vf in &self.vfs {
-                if let Wire::Tap(t) = &vf.wire {
-                    fds.push(PollFd::new(t.as_fd(), PollFlags::POLLIN));
+            match &self.epoll {
+                Some(ep) => {
+                    let t = EpollTimeout::try_from(timeout).unwrap_or(EpollTimeout::MAX);
+                    let _ = ep.wait(&mut self.events, t);
                 }
+                None => std::thread::sleep(timeout),
             }
-            let _ = poll(
-                &mut fds,
-                PollTimeout::try_from(timeout).unwrap_or(PollTimeout::NONE),
-            );
-            drop(fds);
             let _ = self.sh.wake.read();
         }
         self.sh.sleeping.store(false, Ordering::SeqCst);
@@ -707,13 +887,14 @@ impl Engine {
         false
     }
 
-    /// Applies VF `vi`'s control state if it changed.
-    fn apply(&mut self, vi: usize) {
+    /// Applies VF `vi`'s control state if it changed; returns whether its representor
+    /// channels changed.
+    fn apply(&mut self, vi: usize) -> bool {
         let vf = &mut self.vfs[vi];
         let sh = Arc::clone(&vf.sh);
         let g = sh.ctl_gen.load(Ordering::Acquire);
         if g == vf.seen_gen {
-            return;
+            return false;
         }
         vf.seen_gen = g;
         let bg = sh.bus_gen.load(Ordering::Acquire);
@@ -739,9 +920,14 @@ impl Engine {
                 c.broken.store(false, Ordering::Release);
             }
         }
-        if let Some(ends) = ctl.rep.take() {
-            vf.rep = ends;
-        }
+        let rep_changed = match ctl.rep.take() {
+            Some(ends) => {
+                vf.rep = ends;
+                true
+            }
+            None => false,
+        };
+        vf.steer = ctl.steer.clone();
         vf.features = ctl.features;
         vf.hdr_len = hdr_len(ctl.features);
         vf.mrg = ctl.features & vf::NET_MRG_RXBUF != 0;
@@ -770,8 +956,14 @@ impl Engine {
             let want = ctl.running && s.enabled && s.size > 0;
             let q = &mut vf.queues[qi];
             let c = &sh.counters[qi];
+            let new_mem = ctl.queue_mem.get(qi).cloned().flatten();
+            let mem_changed = match (&q.mem, &new_mem) {
+                (Some(a), Some(b)) => !a.ptr_eq(b),
+                (None, None) => false,
+                _ => true,
+            };
             if let Some(dq) = &q.dq
-                && (!want || !q.setup.same_ring(&s))
+                && (!want || !q.setup.same_ring(&s) || mem_changed)
             {
                 let (a, u) = positions(dq);
                 ctl.queues[qi].avail = Some(a);
@@ -785,9 +977,11 @@ impl Engine {
                 q.broken = false;
                 c.broken.store(false, Ordering::Release);
             }
+            q.mem = new_mem;
             let s = ctl.queues[qi];
             if want && q.dq.is_none() && !q.broken {
-                match Self::build(vf.features, &vf.mem, &s, vf.log.as_ref()) {
+                let mem = q.mem.as_ref().unwrap_or(&vf.mem);
+                match Self::build(vf.features, mem, &s, vf.log.as_ref()) {
                     Ok(dq) => {
                         let (a, u) = positions(&dq);
                         c.avail.store(u32::from(a), Ordering::Release);
@@ -832,6 +1026,7 @@ impl Engine {
         }
         drop(ctl);
         sh.ack_gen.store(g, Ordering::Release);
+        rep_changed
     }
 
     fn build(
@@ -882,7 +1077,8 @@ impl Engine {
                 ..q.setup
             };
             drop(old);
-            match Self::build(vf.features, &vf.mem, &s, vf.log.as_ref()) {
+            let mem = q.mem.as_ref().unwrap_or(&vf.mem);
+            match Self::build(vf.features, mem, &s, vf.log.as_ref()) {
                 Ok(dq) => {
                     q.dq = Some(dq);
                     q.notify = false;
@@ -938,13 +1134,16 @@ impl Engine {
     }
 
     /// Takes up to [`BURST`] frames from VF `vi`'s transmit queue of pair `p` into the frame
-    /// buffers; returns how many.
+    /// arena; returns how many. Chains whose frame lies in one buffer are popped first and
+    /// copied after (their lines requested at pop time, so the cache misses on the other core's
+    /// lines overlap); others are copied as they are popped.
     fn tx(&mut self, vi: usize, p: usize) -> usize {
         let Engine {
             vfs,
             frames,
-            lens,
             segs,
+            tx_staged,
+            tx_chains,
             ..
         } = self;
         let vf = &mut vfs[vi];
@@ -955,16 +1154,15 @@ impl Engine {
         if q.broken {
             return 0;
         }
+        let mem = q.mem.as_ref().unwrap_or(&vf.mem);
         let Some(dq) = q.dq.as_mut() else { return 0 };
-        let filter = match vf.wire {
-            Wire::Loop(Some(mac)) => Some(mac),
-            _ => None,
-        };
         let hl = vf.hdr_len;
-        let (mut n, mut bytes, mut errors, mut dropped, mut chains) = (0usize, 0u64, 0u64, 0u64, 0);
+        frames.clear();
+        tx_staged.clear(mem);
+        let (mut staged, mut errors, mut chains) = (0usize, 0u64, 0);
         let mut err = None;
-        while n < BURST && chains < 2 * BURST {
-            match dq.pop(&vf.mem, segs) {
+        while frames.n < BURST && chains < 2 * BURST {
+            match dq.pop(mem, segs) {
                 Ok(Some(ch)) => {
                     chains += 1;
                     let total = ch.readable as usize;
@@ -975,18 +1173,15 @@ impl Engine {
                         errors += 1;
                         continue;
                     }
-                    let buf = &mut frames[n * MAX_FRAME..n * MAX_FRAME + flen];
-                    let got = segs.read(hl, buf);
-                    dq.push_used(&ch, 0);
-                    if let Some(mac) = &filter
-                        && !for_mac(&buf[..got], mac)
-                    {
-                        dropped += 1;
-                        continue;
+                    let i = frames.reserve(flen);
+                    if tx_staged.push_first_readable(segs, total) {
+                        tx_chains[staged] = (ch, i);
+                        staged += 1;
+                    } else {
+                        let got = segs.read(hl, frames.get_mut(i));
+                        frames.set_len(i, got);
+                        dq.push_used(&ch, 0);
                     }
-                    lens[n] = got;
-                    bytes += got as u64;
-                    n += 1;
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -995,6 +1190,17 @@ impl Engine {
                 }
             }
         }
+        for (k, &(ch, i)) in tx_chains.iter().enumerate().take(staged) {
+            let got = tx_staged.read(k, hl, frames.get_mut(i));
+            frames.set_len(i, got);
+            dq.push_used(&ch, 0);
+        }
+        let taken = frames.n;
+        let dropped = match vf.wire {
+            Wire::Loop(Some(mac)) => frames.retain(|f| for_mac(f, &mac)),
+            _ => 0,
+        };
+        let bytes: u64 = (0..frames.n).map(|i| frames.len[i] as u64).sum();
         let notify = dq.publish_used();
         let (a, u) = positions(dq);
         q_store(c, a, u);
@@ -1005,11 +1211,11 @@ impl Engine {
         if notify {
             raise(&mut vf.irq, c, vector);
         }
-        bump(&c.packets, n as u64 + dropped);
+        bump(&c.packets, taken as u64);
         bump(&c.bytes, bytes);
         bump(&c.errors, errors);
-        bump(&c.dropped, dropped);
-        n
+        bump(&c.dropped, dropped as u64);
+        frames.n
     }
 
     /// Hands the `n` frames just taken from VF `vi`'s pair `p` to its wire.
@@ -1027,22 +1233,17 @@ impl Engine {
             let Engine {
                 vfs,
                 frames,
-                lens,
                 segs,
                 rx,
                 ..
             } = self;
-            let lens = &*lens;
             let frames = &*frames;
-            rx_write(&mut vfs[vj], pj, segs, rx, n, |i| {
-                &frames[i * MAX_FRAME..i * MAX_FRAME + lens[i]]
-            });
+            rx_deliver(&mut vfs[vj], pj, segs, rx, n, |i| frames.get(i));
             return;
         }
         let Engine {
             vfs,
             frames,
-            lens,
             stash,
             out,
             ..
@@ -1053,7 +1254,7 @@ impl Engine {
         match &mut vf.wire {
             Wire::Tap(t) => {
                 for i in 0..n {
-                    if !t.send(&frames[i * MAX_FRAME..i * MAX_FRAME + lens[i]]) {
+                    if !t.send(frames.get(i)) {
                         dropped += 1;
                     }
                 }
@@ -1061,7 +1262,7 @@ impl Engine {
             Wire::Rep => match vf.rep.get_mut(p) {
                 Some(ends) => {
                     for i in 0..n {
-                        let frame = &frames[i * MAX_FRAME..i * MAX_FRAME + lens[i]];
+                        let frame = frames.get(i);
                         if stash.is_empty() {
                             ends.blanks.recv_burst(stash);
                         }
@@ -1102,7 +1303,6 @@ impl Engine {
         let Engine {
             vfs,
             frames,
-            lens,
             segs,
             rx,
             stash,
@@ -1110,16 +1310,17 @@ impl Engine {
             ..
         } = self;
         let vf = &mut vfs[vi];
-        let mut n = 0;
+        frames.clear();
         match &vf.wire {
             Wire::Tap(t) => {
-                while n < BURST {
-                    match t.recv(&mut frames[n * MAX_FRAME..(n + 1) * MAX_FRAME]) {
-                        Some(len) => {
-                            lens[n] = len;
-                            n += 1;
+                while frames.n < BURST {
+                    let i = frames.reserve(MAX_FRAME);
+                    match t.recv(frames.get_mut(i)) {
+                        Some(len) => frames.set_len(i, len),
+                        None => {
+                            frames.n -= 1;
+                            break;
                         }
-                        None => break,
                     }
                 }
             }
@@ -1132,7 +1333,7 @@ impl Engine {
                     }
                     total += got;
                     let pkts = &*inb;
-                    rx_write(vf, p, segs, rx, got, |i| pkts.as_slice()[i].data());
+                    rx_deliver(vf, p, segs, rx, got, |i| pkts.as_slice()[i].data());
                     // Delivered (or dropped): the mbufs become blanks.
                     while let Some(m) = inb.pop() {
                         let _ = stash.push(m);
@@ -1142,12 +1343,10 @@ impl Engine {
             }
             _ => return 0,
         }
+        let n = frames.n;
         if n > 0 {
-            let lens = &*lens;
             let frames = &*frames;
-            rx_write(vf, 0, segs, rx, n, |i| {
-                &frames[i * MAX_FRAME..i * MAX_FRAME + lens[i]]
-            });
+            rx_deliver(vf, 0, segs, rx, n, |i| frames.get(i));
         }
         n
     }
@@ -1157,6 +1356,43 @@ impl Engine {
 fn q_store(c: &QueueCounters, a: u16, u: u16) {
     c.avail.store(u32::from(a), Ordering::Release);
     c.used.store(u32::from(u), Ordering::Release);
+}
+
+/// Writes `n` (at most [`BURST`]) frames arriving from the wire into `vf`: all into pair `pair`,
+/// or, when the model installed a steering function, each into the pair it picks.
+fn rx_deliver<'a>(
+    vf: &mut VfRun,
+    pair: usize,
+    segs: &mut Segs,
+    rx: &mut RxScratch,
+    n: usize,
+    frame: impl Fn(usize) -> &'a [u8],
+) {
+    let mut to = [0u16; BURST];
+    {
+        let Some(steer) = vf.steer.as_ref() else {
+            return rx_write(vf, pair, segs, rx, n, frame);
+        };
+        for (i, t) in to.iter_mut().enumerate().take(n) {
+            *t = steer(frame(i));
+        }
+    }
+    let pairs = vf.pairs();
+    let lost = to[..n].iter().filter(|&&p| usize::from(p) >= pairs).count();
+    bump(&vf.sh.counters[0].dropped, lost as u64);
+    let mut idx = [0usize; BURST];
+    for p in 0..pairs {
+        let mut k = 0;
+        for (i, &t) in to.iter().enumerate().take(n) {
+            if usize::from(t) == p {
+                idx[k] = i;
+                k += 1;
+            }
+        }
+        if k > 0 {
+            rx_write(vf, p, segs, rx, k, |j| frame(idx[j]));
+        }
+    }
 }
 
 /// Writes `n` frames (`frame(i)`) into VF `vf`'s receive queue of pair `p`. Frames that find
@@ -1174,6 +1410,7 @@ fn rx_write<'a>(
     let c = &sh.counters[qi];
     let q = &mut vf.queues[qi];
     let active = vf.running && !vf.suspended;
+    let mem = q.mem.as_ref().unwrap_or(&vf.mem);
     let dq = match q.dq.as_mut() {
         Some(dq) if active && !q.broken => dq,
         _ => {
@@ -1188,14 +1425,44 @@ fn rx_write<'a>(
     }
     let (mut packets, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
     let mut err = None;
-    'frames: for i in 0..n {
+    // Fast path: frames whose header and data fit the first writable buffer of one chain. The
+    // chains are popped first with their destination lines requested for writing, then the
+    // copies run; it stops at the first frame that needs the general path below.
+    rx.staged.clear(mem);
+    let mut first = 0;
+    while first < n {
+        match dq.pop(mem, segs) {
+            Ok(Some(ch)) => {
+                if rx.staged.push_first_writable(segs, hl + frame(first).len()) {
+                    rx.staged_chains[first] = ch;
+                    first += 1;
+                } else {
+                    dq.rewind(&ch);
+                    break;
+                }
+            }
+            // No buffer (the general path counts the drops) or an error (it finds it again).
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for (i, ch) in rx.staged_chains.iter().enumerate().take(first) {
+        let data = frame(i);
+        let w = rx.staged.write2(i, &hdr[..hl], data);
+        if let Some(l) = &vf.log {
+            l.mark(rx.staged.gpa(i), w as u64);
+        }
+        dq.push_used(ch, w as u32);
+        packets += 1;
+        bytes += data.len() as u64;
+    }
+    'frames: for i in first..n {
         let data = frame(i);
         let total = hl + data.len();
         let mut used = 0usize;
         let mut done = 0usize;
         let mut first_hdr = None;
         while done < total {
-            let ch = match dq.pop(&vf.mem, segs) {
+            let ch = match dq.pop(mem, segs) {
                 Ok(Some(ch)) => ch,
                 Ok(None) => {
                     // Out of buffers: give back what this frame took; the rest are dropped.
@@ -1251,7 +1518,7 @@ fn rx_write<'a>(
         }
         if vf.mrg && used > 1 {
             let ok = first_hdr
-                .is_some_and(|gpa| vf.mem.write(gpa + 10, &(used as u16).to_le_bytes()).is_ok());
+                .is_some_and(|gpa| mem.write(gpa + 10, &(used as u16).to_le_bytes()).is_ok());
             if !ok {
                 for k in (0..used).rev() {
                     dq.rewind(&rx.chains[k].0);

@@ -40,6 +40,16 @@ pub enum Wire {
     None,
 }
 
+impl Wire {
+    /// A host TAP uplink (created, or attached to when it exists): errors name the interface
+    /// and what to fix.
+    pub fn tap(name: &str) -> Result<Wire, ModelError> {
+        let tap = Tap::open(name).map_err(ModelError::Tap)?;
+        tracing::info!("uplink is TAP {}", tap.name());
+        Ok(Wire::Tap(tap))
+    }
+}
+
 /// The engine's ends of one queue pair's representor channels.
 pub struct RepQueueEnds {
     /// Frames the VF transmitted, to the port.

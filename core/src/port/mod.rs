@@ -10,6 +10,7 @@
 //! live per-queue and per-port figures while the lcores run.
 
 mod null;
+mod rep;
 mod ring;
 mod spec;
 mod vhost_user;
@@ -267,7 +268,13 @@ pub struct PortKind {
 }
 
 /// The port kinds built into `vdpakit-core`.
-pub const KINDS: &[PortKind] = &[null::KIND, ring::KIND, vhost_user::KIND, virtio_user::KIND];
+pub const KINDS: &[PortKind] = &[
+    null::KIND,
+    ring::KIND,
+    vhost_user::KIND,
+    virtio_user::KIND,
+    rep::KIND,
+];
 
 /// Builds a port of a registered kind from its spec.
 pub type CreateFn = fn(&PortSpec, &PortEnv) -> Result<Box<dyn Port>>;
@@ -323,6 +330,7 @@ pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
         "ring" => Ok(Box::new(ring::RingPort::new(spec, env)?)),
         "vhost-user" => Ok(Box::new(vhost_user::VhostUserPort::new(spec, env)?)),
         "virtio-user" => Ok(Box::new(virtio_user::VirtioUserPort::new(spec, env)?)),
+        "rep" => Ok(Box::new(rep::RepPort::new(spec, env)?)),
         other => match external().into_iter().find(|e| e.kind.name == other) {
             Some(e) => (e.create)(spec, env),
             None => Err(Error::UnknownPortKind {

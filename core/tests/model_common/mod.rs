@@ -89,7 +89,7 @@ pub struct Vq {
 
 impl Vq {
     /// Queue `index` of a guest whose rings start at `block` (page-separated areas).
-    fn new(g: &Guest, index: u16, block: u64, buf_base: u64, features: u64) -> Vq {
+    pub fn new(g: &Guest, index: u16, block: u64, buf_base: u64, features: u64) -> Vq {
         let cfg = QueueConfig {
             size: QSIZE,
             desc: block,
@@ -110,6 +110,17 @@ impl Vq {
         }
     }
 
+    /// Queue `index` with its rings at `block` of `g` (buffers after the rings).
+    pub fn for_guest(g: &Guest, index: u16, block: u64, features: u64) -> Vq {
+        let bufs = g.base
+            + if index.is_multiple_of(2) {
+                RX_BUFS
+            } else {
+                TX_BUFS
+            };
+        Vq::new(g, index, block, bufs, features)
+    }
+
     pub fn vq_config(&self, start: u16) -> VqConfig {
         VqConfig {
             index: self.index,
@@ -125,7 +136,7 @@ impl Vq {
     }
 
     /// Posts one buffer slot as a chain; returns false when the ring or the slots are full.
-    fn post(&mut self, len: u32, writable: bool) -> Option<u64> {
+    pub fn post(&mut self, len: u32, writable: bool) -> Option<u64> {
         let gpa = self.free.pop_front()?;
         match self.dq.add(&[(gpa, len, writable)]) {
             Ok(id) => {

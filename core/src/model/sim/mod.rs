@@ -2,7 +2,7 @@
 //! interface that can work (like Linux's vdpa_sim), the reference device of the framework tests.
 //!
 //! A sim device has `vfs` VFs; each is its own PCI function ([`SimVf`], a
-//! [`DeviceModel`](crate::pci::model::DeviceModel)) with its own DMA domain and its own vDPA
+//! [`DeviceModel`]) with its own DMA domain and its own vDPA
 //! device (`NAME-vfK`), driven by the sim PMD ([`sim_pmd`](crate::model::sim_pmd)). One engine
 //! thread serves all VFs of a device. The register map is in [`regs`] (the device's copy).
 //!
@@ -20,16 +20,14 @@ mod vf;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 pub use self::vf::SimVf;
 use super::ModelError;
-use super::engine::{self, EngineShared, VfShared};
+use super::engine::{self, EngineShared, EngineThread, VfShared};
 use super::eswitch::Wire;
 use super::registry;
 use super::sim_pmd::SimVdpa;
 use super::spec::{SimConfig, WireSpec};
-use super::tap::Tap;
 use crate::pci::DmaDomain;
 use crate::pci::model::DeviceModel;
 use crate::vdpa::{VdpaDevice, VqStats};
@@ -40,20 +38,18 @@ use crate::vdpa::{VdpaDevice, VqStats};
 pub(crate) struct SimCore {
     pub(crate) cfg: SimConfig,
     pub(crate) engine: Arc<EngineShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    thread: Mutex<Option<EngineThread>>,
 }
 
 impl Drop for SimCore {
     fn drop(&mut self) {
-        self.engine.request_stop();
-        let t = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = t {
-            let _ = t.join();
-        }
+        // Stops and joins the engine thread.
+        drop(
+            self.thread
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         registry::forget(&self.cfg.name);
     }
 }
@@ -94,12 +90,7 @@ impl SimDevice {
                         }
                     })
                     .unwrap_or(Wire::None),
-                WireSpec::Tap(_) => {
-                    let name = cfg.tap_name(k).unwrap_or_default();
-                    let tap = Tap::open(&name).map_err(ModelError::Tap)?;
-                    tracing::info!("sim {}: VF {k} uplink is TAP {}", cfg.name, tap.name());
-                    Wire::Tap(tap)
-                }
+                WireSpec::Tap(_) => Wire::tap(&cfg.tap_name(k).unwrap_or_default())?,
                 WireSpec::Rep => Wire::Rep,
                 WireSpec::None => Wire::None,
             });

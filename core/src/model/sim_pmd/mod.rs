@@ -375,7 +375,15 @@ impl SimVdpa {
         for q in conf.queues.iter().filter(|q| q.enabled) {
             self.select(q.index)?;
             self.w32(m.queue_enable, 1)?;
+            let got = self.r32(m.queue_enable)?;
+            if got != 1 {
+                return Err(self.dev_err(format!(
+                    "queue {}: QUEUE_ENABLE at BAR 0 offset {:#x} reads {got:#x} after writing 1",
+                    q.index, m.queue_enable
+                )));
+            }
         }
+        self.check_refused("queue set-up")?;
         let s = self.set_status(status::DRIVER_OK)?;
         if s & status::NEEDS_RESET != 0 || s & status::DRIVER_OK == 0 {
             let report: Vec<String> = conf

@@ -30,10 +30,9 @@ mod function;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::thread::JoinHandle;
 
 use vdpakit_core::model::PollMode;
-use vdpakit_core::model::engine::{self, EngineShared, VfShared};
+use vdpakit_core::model::engine::{self, EngineShared, EngineThread, VfShared};
 use vdpakit_core::model::eswitch::Wire;
 use vdpakit_core::pci::model::DeviceModel;
 use vdpakit_core::pci::{DmaDomain, PciDevice};
@@ -321,25 +320,12 @@ pub trait BarHook: Send + Sync + std::fmt::Debug {
 /// Builds a function's hook (function index → hook).
 pub type HookFactory<'a> = &'a dyn Fn(u16) -> Arc<dyn BarHook>;
 
+/// What the functions share; dropping the last handle stops and joins the engine thread.
 #[derive(Debug)]
 pub(crate) struct ModelCore {
     pub(crate) spec: ModelSpec,
     pub(crate) engine: Arc<EngineShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for ModelCore {
-    fn drop(&mut self) {
-        self.engine.request_stop();
-        let t = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = t {
-            let _ = t.join();
-        }
-    }
+    _thread: EngineThread,
 }
 
 #[derive(Debug)]
@@ -390,7 +376,7 @@ impl VpModel {
         let core = Arc::new(ModelCore {
             spec: spec.clone(),
             engine,
-            thread: Mutex::new(Some(t)),
+            _thread: t,
         });
         let fns = (0..spec.functions)
             .map(|k| Arc::new(VpFunction::new(Arc::clone(&core), k, hook.map(|h| h(k)))))
