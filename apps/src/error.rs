@@ -37,6 +37,15 @@ impl Error {
     }
 }
 
+impl From<vdpakit_pmd_virtio::PmdError> for Error {
+    fn from(e: vdpakit_pmd_virtio::PmdError) -> Error {
+        match e {
+            vdpakit_pmd_virtio::PmdError::Pci(p) => Error::Pci(p),
+            other => Error::Input(other.to_string()),
+        }
+    }
+}
+
 impl From<vdpakit_core::model::ModelError> for Error {
     fn from(e: vdpakit_core::model::ModelError) -> Error {
         use vdpakit_core::model::ModelError as M;

@@ -289,11 +289,12 @@ pub fn run(args: FwdArgs) -> Result<()> {
         .iter()
         .map(|s| PortSpec::parse(s))
         .collect::<vdpakit_core::Result<Vec<_>>>()?;
+    let all_kinds = port::kinds();
     for s in &specs {
-        let Some(kind) = port::KINDS.iter().find(|k| k.name == s.kind()) else {
+        let Some(kind) = all_kinds.iter().find(|k| k.name == s.kind()) else {
             return Err(vdpakit_core::Error::UnknownPortKind {
                 kind: s.kind().to_string(),
-                known: port::KINDS
+                known: all_kinds
                     .iter()
                     .map(|k| k.name)
                     .collect::<Vec<_>>()

@@ -63,12 +63,22 @@ fn main() {
         .with_target(false)
         .without_time()
         .init();
+    // PMD port kinds (virtio:pci=BDF, ...) live in PMD crates, which core cannot name: they
+    // join the port registry here, before any spec is parsed.
+    if let Err(e) = vdpakit_core::port::register(&[
+        vdpakit_pmd_virtio::PORT_KIND,
+        vdpakit_pmd_ifc::PORT_KIND,
+        vdpakit_pmd_eni::PORT_KIND,
+    ]) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
     let res = match cli.cmd {
         Cmd::Fwd(args) => fwd::run(*args),
         Cmd::Vdpa(args) => vdpa::run(args),
         Cmd::Devices(args) => devices::run(args),
         Cmd::Ports => {
-            for k in vdpakit_core::port::KINDS {
+            for k in vdpakit_core::port::kinds() {
                 println!("{:<8} {}", k.name, k.about);
                 for (key, about) in k.keys {
                     println!("    {key:<9} {about}");

@@ -69,6 +69,21 @@ pub struct DeviceKind {
 pub fn kinds() -> Vec<DeviceKind> {
     vec![
         DeviceKind {
+            name: "ifc",
+            about: vdpakit_pmd_ifc::DEVICE_ABOUT,
+            create: |p| Ok(vdpakit_pmd_ifc::create_devices(p)?),
+        },
+        DeviceKind {
+            name: "virtio",
+            about: vdpakit_pmd_virtio::DEVICE_ABOUT,
+            create: |p| Ok(vdpakit_pmd_virtio::create_devices(p)?),
+        },
+        DeviceKind {
+            name: "eni",
+            about: vdpakit_pmd_eni::DEVICE_ABOUT,
+            create: |p| Ok(vdpakit_pmd_eni::create_devices(p)?),
+        },
+        DeviceKind {
             name: "sim",
             about: "software vDPA device (like Linux vdpa_sim): N VFs whose wires are loop, cable, \
                     tap:IFNAME or rep (keys: name, vfs, wire, queues, mac, mtu, log, filter, poll, queue_size)",

@@ -269,6 +269,43 @@ impl Segment {
                 .is_some_and(|end| end <= base + self.len)
     }
 
+    /// The physical address of each page of the segment, in order (from `/proc/self/pagemap`),
+    /// for devices that DMA to physical addresses (IOVA = PA, like DPDK's `--iova-mode=pa`). Only
+    /// meaningful for hugepages, which are physically contiguous and never move; needs
+    /// `CAP_SYS_ADMIN` (without it the kernel reports frame number 0, which is an error here).
+    pub fn physical_pages(&self) -> Result<Vec<u64>> {
+        use std::os::unix::fs::FileExt;
+        let io_err = |op: &'static str, source: io::Error| Error::Memory {
+            name: self.name.clone(),
+            op,
+            source,
+        };
+        let f =
+            File::open("/proc/self/pagemap").map_err(|e| io_err("open /proc/self/pagemap", e))?;
+        let page = self.page.bytes();
+        let base = self.base() as usize;
+        let mut out = Vec::with_capacity(self.len / page);
+        for i in 0..self.len / page {
+            let va = base + i * page;
+            let mut e = [0u8; 8];
+            f.read_exact_at(&mut e, (va / 4096 * 8) as u64)
+                .map_err(|e| io_err("read /proc/self/pagemap", e))?;
+            let entry = u64::from_le_bytes(e);
+            let pfn = entry & ((1u64 << 55) - 1);
+            if entry & (1 << 63) == 0 || pfn == 0 {
+                return Err(io_err(
+                    "physical address lookup",
+                    io::Error::other(format!(
+                        "page at {va:#x} has no frame number in /proc/self/pagemap (entry {entry:#x}): \
+                         physical addresses need root (CAP_SYS_ADMIN) and a present page"
+                    )),
+                ));
+            }
+            out.push(pfn * 4096);
+        }
+        Ok(out)
+    }
+
     /// Reserves a named zone of `len` bytes aligned to `align` (a power of two).
     pub fn reserve_zone(self: &Arc<Self>, name: &str, len: usize, align: usize) -> Result<Zone> {
         if !align.is_power_of_two() {

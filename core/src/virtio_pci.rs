@@ -106,6 +106,20 @@ pub enum VirtioPciError {
         /// Details.
         what: String,
     },
+    /// A register kept a value it should have left (a reset that never completes).
+    #[error("{dev}: {register} still reads {value:#x} after {ms} ms ({what})")]
+    Stuck {
+        /// Device.
+        dev: String,
+        /// The register, with its location.
+        register: &'static str,
+        /// The last value read.
+        value: u64,
+        /// How long the driver waited.
+        ms: u64,
+        /// What was awaited.
+        what: &'static str,
+    },
     /// Register access failed.
     #[error(transparent)]
     Pci(#[from] PciError),
@@ -265,17 +279,25 @@ impl ModernTransport {
 
     /// Resets the device: writes 0 and waits (bounded by [`RESET_TIMEOUT`]) until status reads 0.
     pub fn reset(&self) -> Result<()> {
+        self.reset_within(RESET_TIMEOUT)
+    }
+
+    /// [`ModernTransport::reset`] with another limit.
+    pub fn reset_within(&self, limit: Duration) -> Result<()> {
         self.set_status(0)?;
-        let end = Instant::now() + RESET_TIMEOUT;
+        let end = Instant::now() + limit;
         loop {
-            if self.status()? == 0 {
+            let s = self.status()?;
+            if s == 0 {
                 return Ok(());
             }
             if Instant::now() > end {
-                return Err(VirtioPciError::Timeout {
+                return Err(VirtioPciError::Stuck {
                     dev: self.dev.name().to_string(),
-                    what: "device reset (status reading 0)",
-                    ms: RESET_TIMEOUT.as_millis() as u64,
+                    register: "device_status (common configuration +0x14)",
+                    value: u64::from(s),
+                    ms: limit.as_millis() as u64,
+                    what: "a reset writes 0 and waits for the device to read back 0",
                 });
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -313,7 +335,7 @@ impl ModernTransport {
             return Err(VirtioPciError::Features {
                 dev: self.dev.name().to_string(),
                 what: format!(
-                    "the device lacks required feature bits {:#x} (it offers {dev_f:#x})",
+                    "device_feature (common configuration +0x04, selects 0 and 1) reads {dev_f:#x}: required bits {:#x} are missing",
                     required & !dev_f
                 ),
             });
@@ -325,7 +347,9 @@ impl ModernTransport {
             self.add_status(status::FAILED)?;
             return Err(VirtioPciError::Features {
                 dev: self.dev.name().to_string(),
-                what: format!("the device refused features {f:#x} (FEATURES_OK did not stick)"),
+                what: format!(
+                    "device_status (common configuration +0x14) lacks FEATURES_OK after the driver wrote features {f:#x}: the device refused them"
+                ),
             });
         }
         Ok(f)
@@ -374,11 +398,67 @@ impl ModernTransport {
         self.w64(common::Q_DESC, desc)?;
         self.w64(common::Q_DRIVER, driver)?;
         self.w64(common::Q_DEVICE, device)?;
+        // Read every field back: a device that dropped a write (or a register that is not where
+        // this driver thinks) fails here, naming it, instead of DMAing to a wrong address.
+        let size_back = self.c16(common::Q_SIZE)?;
+        if size_back != size {
+            return Err(self.readback(
+                q,
+                "queue_size (common configuration +0x18)",
+                size_back.into(),
+                size.into(),
+            ));
+        }
+        for (reg, off, v) in [
+            (
+                "queue_desc (common configuration +0x20)",
+                common::Q_DESC,
+                desc,
+            ),
+            (
+                "queue_driver (common configuration +0x28)",
+                common::Q_DRIVER,
+                driver,
+            ),
+            (
+                "queue_device (common configuration +0x30)",
+                common::Q_DEVICE,
+                device,
+            ),
+        ] {
+            let back = u64::from(self.c32(off)?) | (u64::from(self.c32(off + 4)?) << 32);
+            if back != v {
+                return Err(self.readback(q, reg, back, v));
+            }
+        }
+        self.set_queue_vector(q, vector)
+    }
+
+    fn readback(&self, q: u16, reg: &str, back: u64, wrote: u64) -> VirtioPciError {
+        VirtioPciError::Queue {
+            dev: self.dev.name().to_string(),
+            what: format!("queue {q}: {reg} reads back {back:#x} after writing {wrote:#x}"),
+        }
+    }
+
+    /// Queue `q`'s MSI-X vector register.
+    pub fn queue_vector(&self, q: u16) -> Result<u16> {
+        self.select(q)?;
+        self.c16(common::Q_MSIX)
+    }
+
+    /// Sets queue `q`'s MSI-X vector, checked by read-back (0xffff back means the device
+    /// refused it).
+    pub fn set_queue_vector(&self, q: u16, vector: u16) -> Result<()> {
+        self.select(q)?;
         self.w16(common::Q_MSIX, vector)?;
-        if vector != NO_VECTOR && self.c16(common::Q_MSIX)? != vector {
+        let back = self.c16(common::Q_MSIX)?;
+        if vector != NO_VECTOR && back != vector {
             return Err(VirtioPciError::Queue {
                 dev: self.dev.name().to_string(),
-                what: format!("queue {q}: MSI-X vector {vector} was not accepted"),
+                what: format!(
+                    "queue {q}: queue_msix_vector (common configuration +0x1a) reads back {back:#06x} after writing vector {vector}"
+                ),
             });
         }
         Ok(())
@@ -399,10 +479,13 @@ impl ModernTransport {
     /// Sets the configuration-change MSI-X vector (checked by read-back).
     pub fn set_config_vector(&self, vector: u16) -> Result<()> {
         self.w16(common::MSIX_CONFIG, vector)?;
-        if vector != NO_VECTOR && self.c16(common::MSIX_CONFIG)? != vector {
+        let back = self.c16(common::MSIX_CONFIG)?;
+        if vector != NO_VECTOR && back != vector {
             return Err(VirtioPciError::Queue {
                 dev: self.dev.name().to_string(),
-                what: format!("config MSI-X vector {vector} was not accepted"),
+                what: format!(
+                    "msix_config (common configuration +0x10) reads back {back:#06x} after writing vector {vector}"
+                ),
             });
         }
         Ok(())
@@ -548,6 +631,29 @@ impl LegacyTransport {
         Ok(self.dev.write8(0, legacy::STATUS, s)?)
     }
 
+    /// Resets the device: writes 0 and checks (bounded by [`RESET_TIMEOUT`]) that status reads
+    /// 0. Legacy devices reset synchronously, so the first read normally succeeds.
+    pub fn reset(&self) -> Result<()> {
+        self.set_status(0)?;
+        let end = Instant::now() + RESET_TIMEOUT;
+        loop {
+            let s = self.status()?;
+            if s == 0 {
+                return Ok(());
+            }
+            if Instant::now() > end {
+                return Err(VirtioPciError::Stuck {
+                    dev: self.dev.name().to_string(),
+                    register: "STATUS (legacy BAR0 +0x12)",
+                    value: u64::from(s),
+                    ms: RESET_TIMEOUT.as_millis() as u64,
+                    what: "a reset writes 0 and waits for the device to read back 0",
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Host features (32 bits).
     pub fn device_features(&self) -> Result<u32> {
         Ok(self.dev.read32(0, legacy::HOST_FEATURES)?)
@@ -575,9 +681,18 @@ impl LegacyTransport {
             });
         }
         self.dev.write16(0, legacy::QUEUE_SEL, q)?;
-        Ok(self
-            .dev
-            .write32(0, legacy::QUEUE_PFN, (addr >> 12) as u32)?)
+        let pfn = (addr >> 12) as u32;
+        self.dev.write32(0, legacy::QUEUE_PFN, pfn)?;
+        let back = self.dev.read32(0, legacy::QUEUE_PFN)?;
+        if back != pfn {
+            return Err(VirtioPciError::Queue {
+                dev: self.dev.name().to_string(),
+                what: format!(
+                    "queue {q}: QUEUE_PFN (legacy BAR0 +0x08) reads back {back:#x} after writing {pfn:#x}"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Queue `q`'s ring address (0: disabled).
@@ -596,23 +711,37 @@ impl LegacyTransport {
         Ok(self.dev.read8(0, legacy::ISR)?)
     }
 
-    /// Sets MSI-X vectors (config, then queue `q` via QUEUE_SEL); from then on the device
-    /// config sits at 0x18. Pass `None` to go back to INTx layout.
+    /// Sets MSI-X vectors (config, then queue `q` via QUEUE_SEL), each checked by read-back;
+    /// from then on the device config sits at 0x18. MSI-X must already be enabled in the
+    /// function ([`PciDevice::set_msix`]): without it 0x14 is device configuration. Pass `None`
+    /// after disabling MSI-X to go back to the INTx layout.
     pub fn set_vectors(&mut self, config: Option<u16>, queues: &[(u16, u16)]) -> Result<()> {
         match config {
             Some(v) => {
+                self.msix = true;
                 self.dev.write16(0, legacy::MSI_CONFIG, v)?;
+                let back = self.dev.read16(0, legacy::MSI_CONFIG)?;
+                if v != NO_VECTOR && back != v {
+                    return Err(VirtioPciError::Queue {
+                        dev: self.dev.name().to_string(),
+                        what: format!(
+                            "MSI_CONFIG_VECTOR (legacy BAR0 +0x14) reads back {back:#06x} after writing vector {v}"
+                        ),
+                    });
+                }
                 for &(q, qv) in queues {
                     self.dev.write16(0, legacy::QUEUE_SEL, q)?;
                     self.dev.write16(0, legacy::MSI_QUEUE, qv)?;
-                    if self.dev.read16(0, legacy::MSI_QUEUE)? != qv {
+                    let back = self.dev.read16(0, legacy::MSI_QUEUE)?;
+                    if qv != NO_VECTOR && back != qv {
                         return Err(VirtioPciError::Queue {
                             dev: self.dev.name().to_string(),
-                            what: format!("queue {q}: MSI-X vector {qv} was not accepted"),
+                            what: format!(
+                                "queue {q}: MSI_QUEUE_VECTOR (legacy BAR0 +0x16) reads back {back:#06x} after writing vector {qv}"
+                            ),
                         });
                     }
                 }
-                self.msix = true;
             }
             None => self.msix = false,
         }

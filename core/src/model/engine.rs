@@ -257,6 +257,8 @@ pub struct VfShared {
     ctl_gen: AtomicU64,
     ack_gen: AtomicU64,
     bus: Mutex<Option<ModelBus>>,
+    /// Bumped by every `set_bus` (a function opened again, in another domain).
+    bus_gen: AtomicU64,
     counters: Box<[QueueCounters]>,
     /// Doorbell pages: queue `q` at `q * 4096`, as guest memory at address 0.
     bells: GuestMemory,
@@ -293,6 +295,7 @@ impl VfShared {
             ctl_gen: AtomicU64::new(0),
             ack_gen: AtomicU64::new(0),
             bus: Mutex::new(None),
+            bus_gen: AtomicU64::new(0),
             counters: (0..nq).map(|_| QueueCounters::default()).collect(),
             bells,
             bell_seg: seg,
@@ -319,6 +322,7 @@ impl VfShared {
     /// Connects the VF to its bus (the model's `attach`).
     pub fn set_bus(&self, bus: ModelBus) {
         *self.bus.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus);
+        self.bus_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The memfd backing the doorbell pages (queue `q`'s page at offset `q * 4096`).
@@ -508,6 +512,7 @@ struct VfRun {
     sh: Arc<VfShared>,
     seen_gen: u64,
     bus: Option<ModelBus>,
+    bus_gen: u64,
     irq: Option<IrqSender>,
     dma_gen: u64,
     mem: GuestMemory,
@@ -703,6 +708,7 @@ impl Engine {
                 sh: Arc::clone(v),
                 seen_gen: 0,
                 bus: None,
+                bus_gen: 0,
                 irq: None,
                 dma_gen: u64::MAX,
                 mem: GuestMemory::empty(),
@@ -891,11 +897,14 @@ impl Engine {
             return false;
         }
         vf.seen_gen = g;
-        if vf.bus.is_none() {
+        let bg = sh.bus_gen.load(Ordering::Acquire);
+        if vf.bus.is_none() || bg != vf.bus_gen {
+            // First attach, or the function was opened again (another domain, other vectors).
             let bus = sh.bus.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if let Some(b) = bus {
                 vf.irq = Some(b.irq.sender());
                 vf.bus = Some(b);
+                vf.bus_gen = bg;
                 vf.dma_gen = u64::MAX;
             }
         }

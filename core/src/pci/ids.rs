@@ -103,14 +103,23 @@ pub const PMD_TABLE: &[PmdMatch] = &[
         "SolidRun SolidNET DPU",
     ),
     // Plain virtio-net (kernel-vdpa-hw §0, §6, §7). Alibaba ENI has the transitional identity
-    // 1af4:1000 with subsystem 1af4:0001, like QEMU's transitional virtio-net.
+    // 1af4:1000 with subsystem 1af4:0001, like QEMU's transitional virtio-net: the eni PMD drives
+    // its legacy interface (a transitional function with modern capabilities also works with
+    // the virtio PMD).
     m(0x1af4, Some(0x1041), None, "virtio", "virtio-net (modern)"),
+    m(
+        0x1af4,
+        Some(0x1000),
+        Some((0x1af4, 0x0001)),
+        "eni",
+        "Alibaba ENI / legacy virtio-net (legacy interface)",
+    ),
     m(
         0x1af4,
         Some(0x1000),
         None,
         "virtio",
-        "virtio-net (transitional; also Alibaba ENI)",
+        "virtio-net (transitional)",
     ),
 ];
 
@@ -143,8 +152,9 @@ mod tests {
         assert_eq!(pmd_for(0x1af4, 0x1000, 0x8086, 0x0001).unwrap().pmd, "ifc");
         let v = pmd_for(0x1af4, 0x1041, 0x1af4, 0x1100).unwrap();
         assert_eq!((v.pmd, v.what), ("virtio", "virtio-net (modern)"));
+        assert_eq!(pmd_for(0x1af4, 0x1000, 0x1af4, 0x0001).unwrap().pmd, "eni");
         assert_eq!(
-            pmd_for(0x1af4, 0x1000, 0x1af4, 0x0001).unwrap().pmd,
+            pmd_for(0x1af4, 0x1000, 0x1af4, 0x1100).unwrap().pmd,
             "virtio"
         );
         assert_eq!(pmd_for(0x15b3, 0x101d, 0, 0).unwrap().what, "ConnectX-6 Dx");

@@ -267,7 +267,7 @@ pub struct PortKind {
     pub keys: &'static [(&'static str, &'static str)],
 }
 
-/// The port kinds this build knows.
+/// The port kinds built into `vdpakit-core`.
 pub const KINDS: &[PortKind] = &[
     null::KIND,
     ring::KIND,
@@ -275,6 +275,53 @@ pub const KINDS: &[PortKind] = &[
     virtio_user::KIND,
     rep::KIND,
 ];
+
+/// Builds a port of a registered kind from its spec.
+pub type CreateFn = fn(&PortSpec, &PortEnv) -> Result<Box<dyn Port>>;
+
+/// A port kind that lives outside `vdpakit-core` (a PMD crate's `virtio:pci=BDF` port): PMD
+/// crates depend on core, so core cannot name them; the application registers them once at
+/// start-up with [`register`], and [`create`] and [`kinds`] then treat them like the built-in
+/// ones.
+#[derive(Debug, Clone, Copy)]
+pub struct ExternalKind {
+    /// Name, description and keys.
+    pub kind: PortKind,
+    /// The constructor.
+    pub create: CreateFn,
+}
+
+static EXTERNAL: std::sync::RwLock<Vec<ExternalKind>> = std::sync::RwLock::new(Vec::new());
+
+fn external() -> Vec<ExternalKind> {
+    EXTERNAL.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+/// Registers port kinds from outside core (idempotent: a kind registered again replaces the
+/// earlier entry). A name of a built-in kind is refused.
+pub fn register(kinds: &[ExternalKind]) -> Result<()> {
+    let mut t = EXTERNAL.write().unwrap_or_else(|p| p.into_inner());
+    for k in kinds {
+        if KINDS.iter().any(|b| b.name == k.kind.name) {
+            return Err(Error::PortSpec {
+                spec: k.kind.name.to_string(),
+                why: "a built-in port kind of that name exists".into(),
+            });
+        }
+        t.retain(|e| e.kind.name != k.kind.name);
+        t.push(*k);
+    }
+    Ok(())
+}
+
+/// Every port kind: the built-in ones, then the registered ones.
+pub fn kinds() -> Vec<PortKind> {
+    KINDS
+        .iter()
+        .copied()
+        .chain(external().into_iter().map(|e| e.kind))
+        .collect()
+}
 
 /// Builds a port from a spec.
 pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
@@ -284,10 +331,17 @@ pub fn create(spec: &PortSpec, env: &PortEnv) -> Result<Box<dyn Port>> {
         "vhost-user" => Ok(Box::new(vhost_user::VhostUserPort::new(spec, env)?)),
         "virtio-user" => Ok(Box::new(virtio_user::VirtioUserPort::new(spec, env)?)),
         "rep" => Ok(Box::new(rep::RepPort::new(spec, env)?)),
-        other => Err(Error::UnknownPortKind {
-            kind: other.to_string(),
-            known: KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
-        }),
+        other => match external().into_iter().find(|e| e.kind.name == other) {
+            Some(e) => (e.create)(spec, env),
+            None => Err(Error::UnknownPortKind {
+                kind: other.to_string(),
+                known: kinds()
+                    .iter()
+                    .map(|k| k.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        },
     }
 }
 

@@ -202,6 +202,7 @@ pub struct GuestBuilder {
     cpus: u32,
     shared_memory: bool,
     iommu: bool,
+    iommu_opts: String,
     cmdline: Vec<String>,
     modules: Vec<String>,
     files: Vec<GuestFile>,
@@ -223,6 +224,7 @@ impl Default for GuestBuilder {
             cpus: 1,
             shared_memory: false,
             iommu: false,
+            iommu_opts: String::new(),
             cmdline: Vec::new(),
             modules: Vec::new(),
             files: Vec::new(),
@@ -334,6 +336,14 @@ impl GuestBuilder {
     /// on the kernel command line. Give devices [`VFIO_NIC_OPTS`].
     pub fn intel_iommu(mut self) -> Self {
         self.iommu = true;
+        self
+    }
+
+    /// [`GuestBuilder::intel_iommu`] with extra `intel-iommu` options, e.g. `aw-bits=48` (a
+    /// 48-bit IOVA space, so a process's virtual addresses can be IOVAs).
+    pub fn intel_iommu_opts(mut self, opts: &str) -> Self {
+        self.iommu = true;
+        self.iommu_opts = opts.to_string();
         self
     }
 
@@ -563,7 +573,9 @@ impl GuestBuilder {
             &cmdline.join(" "),
         ]);
         if self.iommu {
-            push(&["-device", "intel-iommu,intremap=on,caching-mode=on"]);
+            let mut d = "intel-iommu,intremap=on,caching-mode=on".to_string();
+            append_opts(&mut d, &self.iommu_opts);
+            push(&["-device", &d]);
         }
         for (i, dev) in self.devices.iter().enumerate() {
             match dev {
