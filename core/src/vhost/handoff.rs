@@ -211,9 +211,9 @@ mod tests {
             g.open();
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let (h2, stop2) = (Arc::clone(&h), Arc::clone(&stop));
+        let entered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (h2, stop2, entered2) = (Arc::clone(&h), Arc::clone(&stop), Arc::clone(&entered));
         let poller = std::thread::spawn(move || {
-            let mut entered = 0u64;
             while !stop2.load(Ordering::Relaxed) {
                 if h2
                     .enter(|s| {
@@ -223,13 +223,22 @@ mod tests {
                     })
                     .is_some()
                 {
-                    entered += 1;
+                    entered2.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            entered
         });
         let mut last = 0;
-        for _ in 0..2000 {
+        // At least 2000 rounds, and on until the poller got in 100 times (a loaded machine may
+        // not schedule it for a while), within a minute.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut rounds = 0u64;
+        while rounds < 2000 || entered.load(Ordering::Relaxed) < 100 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the poller entered only {} times in a minute",
+                entered.load(Ordering::Relaxed)
+            );
+            rounds += 1;
             let mut g = h.close();
             let (a, b) = g.state().unwrap();
             assert_eq!(a, b, "a burst was cut in half");
@@ -242,7 +251,7 @@ mod tests {
             std::thread::yield_now();
         }
         stop.store(true, Ordering::Relaxed);
-        let entered = poller.join().unwrap();
-        assert!(entered > 0);
+        poller.join().unwrap();
+        assert!(entered.load(Ordering::Relaxed) >= 100);
     }
 }
