@@ -365,27 +365,32 @@ impl Mbuf {
         true
     }
 
-    /// The last segment's header (the head's own for a single buffer).
+    /// A chain's last segment (set by `chain` to a segment this head owns; never null then).
     #[inline(always)]
-    fn last_hdr(&mut self) -> NonNull<MbufHdr> {
-        if self.nb_segs() > 1 {
-            // A chain's `last` is set by `chain` to a segment this head owns (never null).
-            NonNull::new(self.hdr().last).unwrap_or(self.hdr)
-        } else {
-            self.hdr
-        }
+    fn last_hdr(&self) -> NonNull<MbufHdr> {
+        NonNull::new(self.hdr().last).unwrap_or(self.hdr)
     }
 
     /// Grows the packet at its end (in the last segment) by `len` bytes and returns them.
+    #[inline]
     pub fn append(&mut self, len: usize) -> Option<&mut [u8]> {
+        if self.nb_segs() > 1 {
+            return self.append_chained(len);
+        }
+        if len > self.tailroom() {
+            return None;
+        }
+        let old = self.data_len();
+        self.hdr_mut().data_len += len as u32;
+        Some(&mut self.data_mut()[old..])
+    }
+
+    /// [`Mbuf::append`] on a chain: in its last segment.
+    #[inline(never)]
+    fn append_chained(&mut self, len: usize) -> Option<&mut [u8]> {
         let last = self.last_hdr();
         if last == self.hdr {
-            if len > self.tailroom() {
-                return None;
-            }
-            let old = self.data_len();
-            self.hdr_mut().data_len += len as u32;
-            return Some(&mut self.data_mut()[old..]);
+            return None;
         }
         // SAFETY: `last` is a segment of this chain, owned through `&mut self`, distinct from
         // the head; nothing else references it while the head is borrowed mutably.
@@ -429,7 +434,11 @@ impl Mbuf {
 
     /// Removes `len` bytes from the end of the packet (from its last segment only).
     pub fn trim(&mut self, len: usize) -> bool {
-        let last = self.last_hdr();
+        let last = if self.nb_segs() > 1 {
+            self.last_hdr()
+        } else {
+            self.hdr
+        };
         if last == self.hdr {
             if len > self.data_len() {
                 return false;

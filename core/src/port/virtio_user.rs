@@ -53,7 +53,7 @@ use crate::vhost::msg::{MemRegion, VringAddr, proto};
 use crate::vhost::server::{sleep_or_stop, wait_readable};
 use crate::virtio::features as vf;
 use crate::virtio::net::hdr_len;
-use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, QueueError, ring_layout};
+use crate::virtio::{DriverQueue, GuestMemory, GuestRegion, QueueConfig, ring_layout};
 
 pub(super) const KIND: PortKind = PortKind {
     name: "virtio-user",
@@ -527,8 +527,38 @@ impl RxRun {
     }
 
     /// Takes one used buffer (`len` bytes written) into a packet.
-    #[inline]
+    #[inline(always)]
     fn take(&mut self, mut m: Mbuf, len: usize, cache: &mut MempoolCache) -> RxBuf {
+        let h = self.hdr_len;
+        if self.skip > 0 || self.pending.is_some() {
+            return self.take_more(m, len, cache);
+        }
+        if len <= h || !m.set_data_len(len - h) {
+            // A runt (header only) or a length beyond the buffer we posted.
+            cache.free(m);
+            return RxBuf::Error;
+        }
+        let nbuf = match m.prepend(h) {
+            Some(hdr) if self.mrg => u16::from_le_bytes([hdr[10], hdr[11]]),
+            _ => 1,
+        };
+        m.adj(h);
+        if nbuf <= 1 {
+            return RxBuf::Packet(m);
+        }
+        if nbuf > self.q.size() {
+            // More buffers than the ring holds: the header is garbage; nothing can be trusted
+            // about what follows, so this buffer alone is dropped.
+            cache.free(m);
+            return RxBuf::Error;
+        }
+        self.pending = Some((m, nbuf - 1));
+        RxBuf::Nothing
+    }
+
+    /// [`RxRun::take`] for a later buffer of a merged packet, or one of a dropped packet.
+    #[inline(never)]
+    fn take_more(&mut self, mut m: Mbuf, len: usize, cache: &mut MempoolCache) -> RxBuf {
         let h = self.hdr_len;
         if self.skip > 0 {
             self.skip -= 1;
@@ -557,27 +587,9 @@ impl RxRun {
             self.pending = Some((head, left - 1));
             return RxBuf::Nothing;
         }
-        if len <= h || !m.set_data_len(len - h) {
-            // A runt (header only) or a length beyond the buffer we posted.
-            cache.free(m);
-            return RxBuf::Error;
-        }
-        let nbuf = match m.prepend(h) {
-            Some(hdr) if self.mrg => u16::from_le_bytes([hdr[10], hdr[11]]),
-            _ => 1,
-        };
-        m.adj(h);
-        if nbuf <= 1 {
-            return RxBuf::Packet(m);
-        }
-        if nbuf > self.q.size() {
-            // More buffers than the ring holds: the header is garbage; nothing can be trusted
-            // about what follows, so this buffer alone is dropped.
-            cache.free(m);
-            return RxBuf::Error;
-        }
-        self.pending = Some((m, nbuf - 1));
-        RxBuf::Nothing
+        // Not reached: the caller checked that a skip or a pending packet is there.
+        cache.free(m);
+        RxBuf::Error
     }
 
     #[inline]
@@ -639,18 +651,6 @@ impl RxRun {
 /// are copied into one buffer.
 const TX_MAX_SEGS: usize = 64;
 
-/// What became of one packet offered for transmission.
-enum TxPost {
-    /// Posted under this id (the header prepended in place).
-    Posted(u16),
-    /// Copied into a buffer of ours, which was posted (and stored) under this id.
-    Copied,
-    /// The ring is full: left with the caller, unchanged.
-    Full,
-    /// Cannot be sent (no buffer for a copy, or too large): dropped and counted.
-    Dropped,
-}
-
 /// A running transmit vring.
 struct TxRun {
     q: DriverQueue,
@@ -664,12 +664,7 @@ struct TxRun {
     broken: bool,
     /// `q.implied()` as last reported to [`Shared::implied`].
     implied_seen: u64,
-    /// Per packet of the burst being posted: its id (see `TxPost`).
-    ids: Box<[u32; MAX_BURST]>,
 }
-
-/// `TxRun::ids` entry: the packet was copied (or dropped); free the original.
-const TX_FREE: u32 = u32::MAX;
 
 impl TxRun {
     /// Frees the packets the back end is done with.
@@ -693,81 +688,109 @@ impl TxRun {
 
     /// Whether a buffer (start address and length in this process) lies in the memory the back
     /// end can read.
-    #[inline]
+    #[inline(always)]
     fn shared_span(&self, (start, len): (usize, usize)) -> bool {
         start >= self.shared_lo && start + len <= self.shared_hi
     }
 
-    /// Posts one packet: in place when every segment is memory the back end reads and the head
-    /// has room for the header, else as a copy in a buffer of ours.
-    #[inline]
-    fn post(&mut self, m: &mut Mbuf, cache: &mut MempoolCache) -> TxPost {
+    /// Ring descriptors a packet takes: one per segment of a chain posted as it is, one for a
+    /// single buffer or a copy.
+    #[inline(always)]
+    fn descs(m: &Mbuf) -> usize {
+        match m.nb_segs() as usize {
+            n if n <= TX_MAX_SEGS => n,
+            _ => 1,
+        }
+    }
+
+    /// How many packets from the front of `pkts` surely fit in `free` descriptors when some are
+    /// chains (with IN_ORDER a split chain may also skip the table's tail: at most its length
+    /// less one, once per burst).
+    #[cold]
+    fn fit(pkts: &Burst, free: usize) -> usize {
+        let (mut need, mut widest, mut n) = (0usize, 1usize, 0usize);
+        for m in pkts.as_slice() {
+            let d = Self::descs(m);
+            if need + d + (widest.max(d) - 1) > free {
+                break;
+            }
+            need += d;
+            widest = widest.max(d);
+            n += 1;
+        }
+        n
+    }
+
+    /// Posts one packet: in place when it lies in memory the back end reads and its head has
+    /// room for the header, else as a copy in a buffer of ours. Gives back (id, the mbuf posted)
+    /// or nothing (dropped: no buffer for a copy, too large, or the ring refused it).
+    #[inline(always)]
+    fn post(&mut self, mut m: Mbuf, cache: &mut MempoolCache) -> Option<u16> {
         let h = self.hdr_len;
-        let segs = m.nb_segs() as usize;
-        let in_place = m.headroom() >= h
-            && segs <= TX_MAX_SEGS
-            && m.segments().all(|s| self.shared_span(s.buf_span()));
-        if in_place {
-            let len = m.data_len();
+        if m.nb_segs() == 1 {
+            let start = m.data_ptr() as usize - m.headroom();
+            if m.headroom() >= h && self.shared_span((start, m.buf_len())) {
+                let len = m.data_len();
+                if let Some(hdr) = m.prepend(h) {
+                    hdr.fill(0);
+                }
+                return self.add(&[(m.data_iova(), (len + h) as u32, false)], m, cache);
+            }
+        } else if m.nb_segs() as usize <= TX_MAX_SEGS
+            && m.headroom() >= h
+            && m.segments().all(|s| self.shared_span(s.buf_span()))
+        {
             if let Some(hdr) = m.prepend(h) {
                 hdr.fill(0);
             }
-            let r = if segs == 1 {
-                self.q.add(&[(m.data_iova(), (len + h) as u32, false)])
-            } else {
-                let mut bufs = [(0u64, 0u32, false); TX_MAX_SEGS];
-                for (b, s) in bufs.iter_mut().zip(m.segments()) {
-                    *b = (s.data_iova(), s.data_len() as u32, false);
-                }
-                self.q.add(&bufs[..segs])
-            };
-            return match r {
-                Ok(id) => TxPost::Posted(id),
-                Err(e) => {
-                    m.adj(h);
-                    if matches!(e, QueueError::QueueFull { .. }) {
-                        TxPost::Full
-                    } else {
-                        TxPost::Dropped
-                    }
-                }
-            };
-        }
-        if self.q.free_count() == 0 {
-            return TxPost::Full;
-        }
-        // Not in memory the back end sees (another pool), no room for the header, or too many
-        // segments: copy into one of ours.
-        let Some(mut c) = cache.alloc() else {
-            return TxPost::Dropped;
-        };
-        let len = m.pkt_len();
-        if c.append(len).map(|d| m.read_at(0, d)) != Some(len) {
-            // Larger than one of our buffers.
-            cache.free(c);
-            return TxPost::Dropped;
-        }
-        match c.prepend(h) {
-            Some(hdr) => hdr.fill(0),
-            None => {
-                cache.free(c);
-                return TxPost::Dropped;
+            let mut bufs = [(0u64, 0u32, false); TX_MAX_SEGS];
+            let segs = m.nb_segs() as usize;
+            for (b, s) in bufs.iter_mut().zip(m.segments()) {
+                *b = (s.data_iova(), s.data_len() as u32, false);
             }
+            return self.add(&bufs[..segs], m, cache);
         }
-        match self.q.add(&[(c.data_iova(), (len + h) as u32, false)]) {
+        self.post_copy(m, cache)
+    }
+
+    /// Posts `m` as the chain `bufs`; frees it if the ring refuses.
+    #[inline(always)]
+    fn add(&mut self, bufs: &[(u64, u32, bool)], m: Mbuf, cache: &mut MempoolCache) -> Option<u16> {
+        match self.q.add(bufs) {
             Ok(id) => {
-                self.slots[id as usize] = Some(c);
-                TxPost::Copied
+                self.slots[id as usize] = Some(m);
+                Some(id)
             }
-            Err(e) => {
-                cache.free(c);
-                if matches!(e, QueueError::QueueFull { .. }) {
-                    TxPost::Full
-                } else {
-                    TxPost::Dropped
-                }
+            Err(_) => {
+                cache.free(m);
+                None
             }
         }
+    }
+
+    /// Not in memory the back end sees (another pool), no room for the header, or too many
+    /// segments: copied into one of our buffers, which is posted.
+    #[cold]
+    fn post_copy(&mut self, m: Mbuf, cache: &mut MempoolCache) -> Option<u16> {
+        let h = self.hdr_len;
+        let len = m.pkt_len();
+        let copy = cache.alloc().and_then(|mut c| {
+            let ok = c.append(len).map(|d| m.read_at(0, d)) == Some(len);
+            match c.prepend(h) {
+                Some(hdr) if ok => {
+                    hdr.fill(0);
+                    Some(c)
+                }
+                _ => {
+                    cache.free(c);
+                    None
+                }
+            }
+        });
+        cache.free(m);
+        let c = copy?;
+        let iova = c.data_iova();
+        self.add(&[(iova, (len + h) as u32, false)], c, cache)
     }
 
     #[inline]
@@ -776,34 +799,20 @@ impl TxRun {
             return 0;
         }
         self.reclaim(cache);
-        let (mut posted, mut bytes, mut drops) = (0u64, 0u64, 0u64);
-        let mut n = 0;
-        for m in pkts.as_mut_slice() {
-            let len = m.pkt_len() as u64;
-            let id = match self.post(m, cache) {
-                TxPost::Full => break,
-                TxPost::Posted(id) => u32::from(id),
-                TxPost::Copied => TX_FREE,
-                TxPost::Dropped => {
-                    drops += 1;
-                    self.ids[n] = TX_FREE;
-                    n += 1;
-                    continue;
-                }
-            };
-            self.ids[n] = id;
-            n += 1;
-            posted += 1;
-            bytes += len;
+        let free = self.q.free_count() as usize;
+        let mut n = pkts.len().min(free);
+        if pkts.as_slice()[..n].iter().any(|m| m.nb_segs() > 1) {
+            n = Self::fit(pkts, free);
         }
-        let (ids, slots) = (&self.ids, &mut self.slots);
-        let mut i = 0;
+        let (mut posted, mut bytes, mut drops) = (0u64, 0u64, 0u64);
         pkts.drain_front(n, |m| {
-            match ids[i] {
-                TX_FREE => cache.free(m),
-                id => slots[id as usize] = Some(m),
+            let len = m.pkt_len() as u64;
+            if self.post(m, cache).is_some() {
+                posted += 1;
+                bytes += len;
+            } else {
+                drops += 1;
             }
-            i += 1;
         });
         if posted > 0 && self.q.publish_avail() {
             kick(&self.kick);
@@ -1461,7 +1470,6 @@ impl Control {
                     shared_hi: hi,
                     broken: false,
                     implied_seen: 0,
-                    ids: Box::new([0; MAX_BURST]),
                 };
                 fe.set_vring_kick(i, Some(run.kick.as_fd()))?;
                 tx_runs.push(run);

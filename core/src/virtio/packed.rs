@@ -397,7 +397,7 @@ impl PackedDevice {
         if self.shadow_len == SHADOW {
             self.flush_shadow();
         }
-        if written >= chain.writable {
+        if self.batch_used && written >= chain.writable {
             self.shadow_full |= 1 << self.shadow_len;
         }
         self.shadow[self.shadow_len] = (slot, chain.id, written, flags);
@@ -406,16 +406,37 @@ impl PackedDevice {
     }
 
     /// Writes the staged used descriptors into the ring, all but the batch head's flags (which
-    /// publish the batch). With used batching, a completely used chain followed by another is
-    /// implied by it: the descriptor ending a run goes to the run's first slot, with that
-    /// slot's flags.
+    /// publish the batch).
     #[inline]
     fn flush_shadow(&mut self) {
+        if self.batch_used {
+            return self.flush_shadow_batched();
+        }
+        for (k, &(slot, id, len, flags)) in self.shadow[..self.shadow_len].iter().enumerate() {
+            let off = 16 * usize::from(slot);
+            self.desc.store_u32(off + 8, len);
+            self.desc.store_u16(off + 12, id);
+            if k > 0 || self.batch_flushed {
+                self.desc.store_u16(off + 14, flags);
+            }
+            if let (Some((log, _)), Some(gpa)) = (&self.log, self.desc_gpa) {
+                log.mark(gpa.wrapping_add(off as u64), 16);
+            }
+        }
+        self.shadow_len = 0;
+        self.batch_flushed = true;
+    }
+
+    /// [`PackedDevice::flush_shadow`] with used batching: a completely used chain followed by
+    /// another is implied by it; the descriptor ending a run goes to the run's first slot, with
+    /// that slot's flags.
+    #[inline(never)]
+    fn flush_shadow_batched(&mut self) {
         let n = self.shadow_len;
         let mut run: Option<(usize, u16, u16)> = None;
         for (k, &(slot, id, len, flags)) in self.shadow[..n].iter().enumerate() {
             let (k0, slot, flags) = run.unwrap_or((k, slot, flags));
-            if self.batch_used && k + 1 < n && self.shadow_full & (1 << k) != 0 {
+            if k + 1 < n && self.shadow_full & (1 << k) != 0 {
                 run = Some((k0, slot, flags));
                 continue;
             }
@@ -628,14 +649,15 @@ impl PackedDriver {
         (if i >= s { i - s } else { i }) as usize
     }
 
-    /// IN_ORDER: records a chain made available (there are at most `size` ids in flight).
+    /// IN_ORDER: records a chain made available (there are at most `size` ids in flight) with
+    /// its device-writable bytes.
     #[inline(always)]
-    fn record(&mut self, id: u16, writable: u32) {
+    fn record(&mut self, id: u16, bufs: &[(u64, u32, bool)]) {
         if self.in_order {
             let at = self.order_slot(self.order_len);
             self.order[at] = id;
             self.order_len += 1;
-            self.writable[usize::from(id)] = writable;
+            self.writable[usize::from(id)] = super::split::writable_len(bufs);
         }
     }
 
@@ -694,18 +716,14 @@ impl PackedDriver {
     /// [`PackedDriver::publish_avail`].
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
         let id = self.alloc(bufs.len())?;
-        let mut writable = 0u32;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
             let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
-            if w {
-                writable = writable.saturating_add(len);
-            }
             if i + 1 != bufs.len() {
                 flags |= VIRTQ_DESC_F_NEXT;
             }
             self.put(addr, len, id, flags, i == 0);
         }
-        self.record(id, writable);
+        self.record(id, bufs);
         Ok(id)
     }
 
@@ -721,12 +739,8 @@ impl PackedDriver {
             return Err(QueueError::IndirectUnsupported { len: bufs.len() });
         }
         let mut table = Vec::with_capacity(16 * bufs.len());
-        let mut writable = 0u32;
         for &(addr, len, w) in bufs {
             let flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
-            if w {
-                writable = writable.saturating_add(len);
-            }
             table.extend_from_slice(&addr.to_le_bytes());
             table.extend_from_slice(&len.to_le_bytes());
             table.extend_from_slice(&0u16.to_le_bytes());
@@ -741,7 +755,7 @@ impl PackedDriver {
             VIRTQ_DESC_F_INDIRECT,
             true,
         );
-        self.record(id, writable);
+        self.record(id, bufs);
         Ok(id)
     }
 
@@ -768,7 +782,7 @@ impl PackedDriver {
     /// Takes the next used descriptor: `(id, len)`; `Ok(None)` when there is none. Fails
     /// (without consuming anything) if the device names an id that is not in flight. With
     /// IN_ORDER, see the type's documentation.
-    #[inline]
+    #[inline(always)]
     pub fn reap(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
         if self.in_order {
             return self.reap_in_order();
@@ -801,7 +815,7 @@ impl PackedDriver {
     /// IN_ORDER reaping: a used descriptor at the used position names the last chain of a
     /// batch; the chains made available before it are returned first (with their writable
     /// length), then the named one (with the descriptor's length).
-    #[inline]
+    #[inline(always)]
     fn reap_in_order(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
         if self.batch_left == 0 {
             let off = 16 * usize::from(self.used.idx);
@@ -811,9 +825,12 @@ impl PackedDriver {
             }
             let len = self.desc.load_u32(off + 8);
             let id = self.desc.load_u16(off + 12);
-            let batch = (0..self.order_pub)
-                .find(|&k| self.order[self.order_slot(k)] == id)
-                .map(|k| k + 1);
+            // Usually the oldest chain (one used descriptor per chain).
+            let batch = if self.order_pub > 0 && self.order[usize::from(self.order_head)] == id {
+                Some(1)
+            } else {
+                self.batch_of(id)
+            };
             let Some(batch) = batch else {
                 return Err(QueueError::BadUsedId {
                     id: u32::from(id),
@@ -844,6 +861,15 @@ impl PackedDriver {
             self.driver.store_u16(OFF_WRAP, self.used.encode());
         }
         Ok(Some((id, len)))
+    }
+
+    /// IN_ORDER: the size of the batch a used descriptor naming `id` completes (its position
+    /// among the published ids in flight, plus one), if it names one of them.
+    #[inline(never)]
+    fn batch_of(&self, id: u16) -> Option<u16> {
+        (0..self.order_pub)
+            .find(|&k| self.order[self.order_slot(k)] == id)
+            .map(|k| k + 1)
     }
 
     /// Tells the device whether the driver wants used-buffer notifications (driver area):

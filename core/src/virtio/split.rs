@@ -313,7 +313,7 @@ impl SplitDevice {
         if self.shadow_len == SHADOW {
             self.flush_shadow();
         }
-        if written >= chain.writable {
+        if self.batch_used && written >= chain.writable {
             self.shadow_full |= 1 << self.shadow_len;
         }
         self.shadow[self.shadow_len] = (u32::from(chain.id), written);
@@ -321,16 +321,35 @@ impl SplitDevice {
         self.used_staged = self.used_staged.wrapping_add(1);
     }
 
-    /// Writes the staged used elements into the ring (not yet published). With used batching,
-    /// a completely used element followed by another is implied by it and not written; the
-    /// element ending a run goes to the run's first slot.
+    /// Writes the staged used elements into the ring (not yet published).
     #[inline]
     fn flush_shadow(&mut self) {
+        if self.batch_used {
+            return self.flush_shadow_batched();
+        }
+        let n = self.shadow_len;
+        let first = self.used_staged.wrapping_sub(n as u16);
+        for (i, &(id, len)) in self.shadow[..n].iter().enumerate() {
+            let off = used_slot(first.wrapping_add(i as u16) & self.mask);
+            self.used.store_u32(off, id);
+            self.used.store_u32(off + 4, len);
+            if let Some((log, gpa)) = &self.log {
+                log.mark(gpa.wrapping_add(off as u64), 8);
+            }
+        }
+        self.shadow_len = 0;
+    }
+
+    /// [`SplitDevice::flush_shadow`] with used batching: a completely used element followed by
+    /// another is implied by it and not written; the element ending a run goes to the run's
+    /// first slot.
+    #[inline(never)]
+    fn flush_shadow_batched(&mut self) {
         let n = self.shadow_len;
         let first = self.used_staged.wrapping_sub(n as u16);
         let mut run_start = first;
         for (i, &(id, len)) in self.shadow[..n].iter().enumerate() {
-            if self.batch_used && i + 1 < n && self.shadow_full & (1 << i) != 0 {
+            if i + 1 < n && self.shadow_full & (1 << i) != 0 {
                 continue;
             }
             let off = used_slot(run_start & self.mask);
@@ -416,6 +435,14 @@ impl SplitDevice {
     pub fn set_broken(&mut self) {
         self.broken = true;
     }
+}
+
+/// Total device-writable bytes of a chain's buffers.
+#[inline(always)]
+pub(super) fn writable_len(bufs: &[(u64, u32, bool)]) -> u32 {
+    bufs.iter()
+        .filter(|b| b.2)
+        .fold(0u32, |a, b| a.saturating_add(b.1))
 }
 
 /// Walks a split indirect table (entries linked by `next`, starting at entry 0).
@@ -577,6 +604,7 @@ impl SplitDriver {
     }
 
     /// Takes `n` descriptors off the free list; returns (head, tail).
+    #[inline(always)]
     fn alloc(&mut self, n: usize) -> Result<(u16, u16), QueueError> {
         if n == 0 {
             return Err(QueueError::EmptyChain);
@@ -605,6 +633,7 @@ impl SplitDriver {
     /// IN_ORDER allocation: `n` descriptors from `seq_next` on, or from 0 when the chain would
     /// cross the end of the table (the skipped tail is charged to the chain). Completions come
     /// back in order, so the free descriptors are always the ones from `seq_next` on.
+    #[inline(always)]
     fn alloc_seq(&mut self, n: usize) -> Result<(u16, u16), QueueError> {
         let size = usize::from(self.size);
         let start = usize::from(self.seq_next);
@@ -645,12 +674,12 @@ impl SplitDriver {
     }
 
     #[inline(always)]
-    fn stage_avail(&mut self, head: u16, writable: u32) {
+    fn stage_avail(&mut self, head: u16, bufs: &[(u64, u32, bool)]) {
         let slot = self.avail_idx & self.mask;
         self.avail.store_u16(avail_slot(slot), head);
         if self.in_order {
             self.heads[usize::from(slot)] = head;
-            self.writable[usize::from(head)] = writable;
+            self.writable[usize::from(head)] = writable_len(bufs);
         }
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -661,21 +690,19 @@ impl SplitDriver {
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
         let (head, _) = self.alloc(bufs.len())?;
         let mut idx = head;
-        let mut writable = 0u32;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
-            let next = self.link(idx);
             let last = i + 1 == bufs.len();
             let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
-            if w {
-                writable = writable.saturating_add(len);
+            if last {
+                self.write_desc(idx, addr, len, flags, 0);
+                break;
             }
-            if !last {
-                flags |= VIRTQ_DESC_F_NEXT;
-            }
-            self.write_desc(idx, addr, len, flags, if last { 0 } else { next });
+            let next = self.link(idx);
+            flags |= VIRTQ_DESC_F_NEXT;
+            self.write_desc(idx, addr, len, flags, next);
             idx = next;
         }
-        self.stage_avail(head, writable);
+        self.stage_avail(head, bufs);
         Ok(head)
     }
 
@@ -691,12 +718,8 @@ impl SplitDriver {
             return Err(QueueError::IndirectUnsupported { len: bufs.len() });
         }
         let mut table = Vec::with_capacity(16 * bufs.len());
-        let mut writable = 0u32;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
             let last = i + 1 == bufs.len();
-            if w {
-                writable = writable.saturating_add(len);
-            }
             let mut flags = if w { VIRTQ_DESC_F_WRITE } else { 0 };
             if !last {
                 flags |= VIRTQ_DESC_F_NEXT;
@@ -716,7 +739,7 @@ impl SplitDriver {
             VIRTQ_DESC_F_INDIRECT,
             0,
         );
-        self.stage_avail(head, writable);
+        self.stage_avail(head, bufs);
         Ok(head)
     }
 
@@ -743,7 +766,7 @@ impl SplitDriver {
     /// consuming anything) if the device moved `used.idx` more than the queue size ahead or
     /// named an id that is not in flight. With IN_ORDER, see the type's documentation: chains
     /// come back in the order they were made available, implied ones with their writable length.
-    #[inline]
+    #[inline(always)]
     pub fn reap(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
         if self.in_order {
             return self.reap_in_order();
@@ -788,7 +811,7 @@ impl SplitDriver {
     /// IN_ORDER reaping: the chain made available at `last_used` is the next to complete. A used
     /// entry there names the last chain of a batch; the chains before it are returned first
     /// (with their writable length), then the named one (with the entry's length).
-    #[inline]
+    #[inline(always)]
     fn reap_in_order(&mut self) -> Result<Option<(u16, u32)>, QueueError> {
         if self.batch_left == 0 {
             if self.used_cached == self.last_used {
@@ -808,14 +831,15 @@ impl SplitDriver {
             let off = used_slot(self.last_used & self.mask);
             let id = self.used.load_u32(off);
             let len = self.used.load_u32(off + 4);
-            // Chains the device has seen, oldest first: which one ends the batch?
+            // Chains the device has seen, oldest first: which one ends the batch? Usually the
+            // first (one used entry per chain).
             let published = self.avail_published.wrapping_sub(self.last_used);
-            let batch = (0..published)
-                .find(|&k| {
-                    let slot = self.last_used.wrapping_add(k) & self.mask;
-                    u32::from(self.heads[usize::from(slot)]) == id
-                })
-                .map(|k| k + 1);
+            let front = u32::from(self.heads[usize::from(self.last_used & self.mask)]);
+            let batch = if published > 0 && front == id {
+                Some(1)
+            } else {
+                self.batch_of(id, published)
+            };
             let Some(batch) = batch else {
                 return Err(QueueError::BadUsedId {
                     id,
@@ -845,6 +869,18 @@ impl SplitDriver {
             self.avail.store_u16(avail_slot(self.size), self.last_used);
         }
         Ok(Some((head, len)))
+    }
+
+    /// IN_ORDER: the size of the batch a used entry naming `id` completes (its position among the
+    /// `published` chains in flight, plus one), if it names one of them.
+    #[inline(never)]
+    fn batch_of(&self, id: u32, published: u16) -> Option<u16> {
+        (0..published)
+            .find(|&k| {
+                let slot = self.last_used.wrapping_add(k) & self.mask;
+                u32::from(self.heads[usize::from(slot)]) == id
+            })
+            .map(|k| k + 1)
     }
 
     /// Tells the device whether the driver wants used-buffer notifications. Without EVENT_IDX
