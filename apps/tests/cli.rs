@@ -799,3 +799,53 @@ fn rep_port_exchanges_packets_with_a_sim_vf() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn vdpa_interactive_shell_lists_creates_and_reports() {
+    use std::io::Write;
+    let dir = std::env::temp_dir().join(format!("vk-vdpa-i-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s0");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vdpakit"))
+        .args(["vdpa", "--device", "sim:name=ish,vfs=2,wire=loop", "-i"])
+        .env("VDPAKIT_LOG", "error")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let script = format!(
+        "list\nstats ish-vf0 1\nstats ish-vf9 0\ncreate {} ish-vf1\nlist\nbogus\nquit\n",
+        sock.display()
+    );
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Two devices listed, no socket yet, then ish-vf1 bound to the socket.
+    assert!(
+        stdout.contains("ish-vf0") && stdout.contains("ish-vf1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("ish-vf0 q1: packets 0"), "{stdout}");
+    assert!(stdout.contains(&format!("ish-vf1: vhost-user socket {}", sock.display())));
+    let bound: Vec<&str> = stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("ish-vf1 ")
+                && l.split_whitespace().nth(1) == Some("net")
+                && l.ends_with(&sock.display().to_string())
+        })
+        .collect();
+    assert_eq!(bound.len(), 1, "the second list shows the socket: {stdout}");
+    // Unknown device and unknown command: one error line each, the shell goes on.
+    assert!(stderr.contains("ish-vf9"), "{stderr}");
+    assert!(stderr.contains("bogus"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
