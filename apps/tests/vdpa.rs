@@ -11,56 +11,10 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
-use vmtest::{Guest, HostProcess, TempDir};
+use vmtest::{Guest, HostProcess, TempDir, sh_redirect, wait_for};
 
 fn vdpakit() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vdpakit"))
-}
-
-fn signal(p: &HostProcess, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &p.id().to_string()])
-        .status();
-}
-
-fn wait_exit(p: &mut HostProcess, within: Duration) -> Result<(), Failed> {
-    let end = Instant::now() + within;
-    while p.is_running() {
-        if Instant::now() > end {
-            return Err(format!("process did not exit in {within:?}:\n{}", p.log_tail(30)).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<(), Failed> {
-    let end = Instant::now() + within;
-    while !f() {
-        if Instant::now() > end {
-            return Err(format!("{what}: not within {within:?}").into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn sh_redirect(cmd: Command, file: &Path) -> Command {
-    let mut line = String::new();
-    for a in std::iter::once(cmd.get_program()).chain(cmd.get_args()) {
-        line.push('\'');
-        line.push_str(&a.to_string_lossy().replace('\'', "'\\''"));
-        line.push_str("' ");
-    }
-    line.push_str(&format!("> '{}'", file.display()));
-    let mut sh = Command::new("sh");
-    sh.args(["-c", &format!("exec {line}")]);
-    for (k, v) in cmd.get_envs() {
-        if let Some(v) = v {
-            sh.env(k, v);
-        }
-    }
-    sh
 }
 
 /// `vdpakit vdpa` with `devices`, sockets `DIR/vdpa0..`, JSON summary to `DIR/vdpa.json`.
@@ -83,8 +37,8 @@ fn start_vdpa(dir: &Path, devices: &[&str]) -> Result<HostProcess, Failed> {
 }
 
 fn stop_vdpa(vdpa: &mut HostProcess, dir: &Path) -> Result<Value, Failed> {
-    signal(vdpa, "-INT");
-    wait_exit(vdpa, Duration::from_secs(20))?;
+    vdpa.signal("-INT");
+    vdpa.wait_exit(Duration::from_secs(20))?;
     let out = std::fs::read_to_string(dir.join("vdpa.json")).map_err(|e| e.to_string())?;
     // The JSON summary is the last line (socket lines and QEMU command lines come first).
     let last = out
@@ -171,10 +125,10 @@ fn cable(packed: bool) -> Result<(), Failed> {
         "0",
         &["--start-delay", "2", "--duration", "3", "--linger", "2"],
     )?;
-    wait_exit(&mut tx, Duration::from_secs(40))?;
+    tx.wait_exit(Duration::from_secs(40))?;
     std::thread::sleep(Duration::from_millis(300));
-    signal(&rx, "-INT");
-    wait_exit(&mut rx, Duration::from_secs(20))?;
+    rx.signal("-INT");
+    rx.wait_exit(Duration::from_secs(20))?;
     let (tp, rp) = (
         fwd_port(dir.path(), "tx", &tx)?,
         fwd_port(dir.path(), "rx", &rx)?,
@@ -244,10 +198,10 @@ fn pmd_cable(spec: &str, packed: bool) -> Result<(), Failed> {
             "0.005",
         ],
     )?;
-    wait_exit(&mut tx, Duration::from_secs(40))?;
+    tx.wait_exit(Duration::from_secs(40))?;
     std::thread::sleep(Duration::from_millis(300));
-    signal(&rx, "-INT");
-    wait_exit(&mut rx, Duration::from_secs(20))?;
+    rx.signal("-INT");
+    rx.wait_exit(Duration::from_secs(20))?;
     let (tp, rp) = (
         fwd_port(dir.path(), "tx", &tx)?,
         fwd_port(dir.path(), "rx", &rx)?,
@@ -298,7 +252,7 @@ fn mlx5_loop(packed: bool) -> Result<(), Failed> {
             "0.1",
         ],
     )?;
-    wait_exit(&mut tx, Duration::from_secs(40))?;
+    tx.wait_exit(Duration::from_secs(40))?;
     let tp = fwd_port(dir.path(), "tx", &tx)?;
     let v = stop_vdpa(&mut vdpa, dir.path())?;
     let sent = n(&tp, "tx_packets");

@@ -11,38 +11,18 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde_json::Value;
-use vmtest::{Guest, HostProcess, TempDir};
+use vmtest::{Guest, HostProcess, TempDir, sh_redirect, wait_for};
 
 fn vdpakit() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vdpakit"))
 }
 
-fn signal(p: &HostProcess, sig: &str) {
-    let _ = Command::new("kill")
-        .args([sig, &p.id().to_string()])
-        .status();
-}
-
-fn wait_exit(p: &mut HostProcess, within: Duration) -> Result<(), Failed> {
-    let end = Instant::now() + within;
-    while p.is_running() {
-        if Instant::now() > end {
-            return Err(format!("process did not exit in {within:?}:\n{}", p.log_tail(30)).into());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 fn wait_for_socket(path: &Path) -> Result<(), Failed> {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        if Instant::now() > end {
-            return Err(format!("{} never appeared", path.display()).into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
+    Ok(wait_for(
+        &format!("{} to appear", path.display()),
+        Duration::from_secs(10),
+        || path.exists(),
+    )?)
 }
 
 /// Last "RX-packets:"/"TX-packets:" of testpmd's final port statistics.
@@ -183,17 +163,17 @@ fn run_case_inner(c: &Case, prefix: &str) -> Result<(), Failed> {
         cmd(&mut tp, "stop")?;
         std::thread::sleep(Duration::from_millis(500));
         cmd(&mut tp, "quit")?;
-        wait_exit(&mut tp, Duration::from_secs(20))?;
-        wait_exit(&mut vk, Duration::from_secs(20))?;
+        tp.wait_exit(Duration::from_secs(20))?;
+        vk.wait_exit(Duration::from_secs(20))?;
     } else {
         std::thread::sleep(Duration::from_secs(3));
         cmd(&mut tp, "stop")?;
         // testpmd no longer transmits but its port is up: vdpakit drains the ring.
         std::thread::sleep(Duration::from_millis(1000));
-        signal(&vk, "-INT");
-        wait_exit(&mut vk, Duration::from_secs(20))?;
+        vk.signal("-INT");
+        vk.wait_exit(Duration::from_secs(20))?;
         cmd(&mut tp, "quit")?;
-        wait_exit(&mut tp, Duration::from_secs(20))?;
+        tp.wait_exit(Duration::from_secs(20))?;
     }
     drop(tp);
     cleanup_dpdk(prefix);
@@ -266,21 +246,6 @@ fn cleanup_dpdk(prefix: &str) {
     }
 }
 
-/// Runs `cmd` with stdout into `file` (through sh, so HostProcess keeps the log of stderr).
-fn sh_redirect(cmd: Command, file: &Path) -> Command {
-    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
-    parts.extend(cmd.get_args().map(|a| format!("'{}'", a.to_string_lossy())));
-    let mut sh = Command::new("sh");
-    sh.arg("-c")
-        .arg(format!("exec {} > '{}'", parts.join(" "), file.display()));
-    for (k, v) in cmd.get_envs() {
-        if let Some(v) = v {
-            sh.env(k, v);
-        }
-    }
-    sh
-}
-
 /// Client mode: vdpakit connects to a listening front end (testpmd `server=1`), which is killed
 /// and restarted; vdpakit reconnects by itself (1 s retry) and traffic resumes.
 fn client_mode_reconnects() -> Result<(), Failed> {
@@ -326,10 +291,10 @@ fn client_mode_reconnects() -> Result<(), Failed> {
         std::thread::sleep(Duration::from_secs(4));
         tp2.write_stdin(b"stop\n").map_err(|e| e.to_string())?;
         std::thread::sleep(Duration::from_millis(1000));
-        signal(&vk, "-INT");
-        wait_exit(&mut vk, Duration::from_secs(20))?;
+        vk.signal("-INT");
+        vk.wait_exit(Duration::from_secs(20))?;
         tp2.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
-        wait_exit(&mut tp2, Duration::from_secs(20))?;
+        tp2.wait_exit(Duration::from_secs(20))?;
         let (_, tx2) = testpmd_counts(&tp2.log())?;
         let v: Value = serde_json::from_str(
             std::fs::read_to_string(&json)
@@ -496,7 +461,7 @@ fn testpmd_echo_into_small_buffers(packed: bool) -> Result<(), Failed> {
         std::thread::sleep(Duration::from_millis(500));
         port.stop().map_err(|e| e.to_string())?;
         tp.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
-        wait_exit(&mut tp, Duration::from_secs(20))?;
+        tp.wait_exit(Duration::from_secs(20))?;
         let (tp_rx, tp_tx) = testpmd_counts(&tp.log())?;
         eprintln!(
             "testpmd echo (packed {packed}): {N} frames, {chains} arrived as chains (up to {max_segs} segments); testpmd rx {tp_rx} tx {tp_tx}; vdpakit {stats:?}"
@@ -559,8 +524,8 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
         )
         .run()
         .map_err(|e| e.to_string())?;
-    signal(&vk, "-INT");
-    wait_exit(&mut vk, Duration::from_secs(20))?;
+    vk.signal("-INT");
+    vk.wait_exit(Duration::from_secs(20))?;
     let received = run.expect_marker("received").map_err(|e| e.to_string())?;
     if received != "5" {
         return Err(format!("ping: {received}/5 replies\n{}", run.console_tail(30)).into());
@@ -763,9 +728,9 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
         std::thread::sleep(Duration::from_millis(6500));
         cmd(&mut tp, "stop")?;
         std::thread::sleep(Duration::from_millis(500));
-        wait_exit(&mut vk, Duration::from_secs(20))?;
+        vk.wait_exit(Duration::from_secs(20))?;
         cmd(&mut tp, "quit")?;
-        wait_exit(&mut tp, Duration::from_secs(20))?;
+        tp.wait_exit(Duration::from_secs(20))?;
     } else {
         // Let vdpakit connect and set the rings up before testpmd transmits.
         std::thread::sleep(Duration::from_millis(1500));
@@ -774,10 +739,10 @@ fn run_vu_case_inner(c: &VuCase, prefix: &str) -> Result<(), Failed> {
         cmd(&mut tp, "stop")?;
         // testpmd no longer transmits but its port is up: vdpakit drains its ring.
         std::thread::sleep(Duration::from_millis(1000));
-        signal(&vk, "-INT");
-        wait_exit(&mut vk, Duration::from_secs(20))?;
+        vk.signal("-INT");
+        vk.wait_exit(Duration::from_secs(20))?;
         cmd(&mut tp, "quit")?;
-        wait_exit(&mut tp, Duration::from_secs(20))?;
+        tp.wait_exit(Duration::from_secs(20))?;
     }
     let tp_log = tp.log();
     drop(tp);
@@ -862,10 +827,10 @@ fn vdpakit_pair_with(front_tx: bool, packed: bool, batch: bool) -> Result<(), Fa
     } else {
         (&mut be, &mut fe)
     };
-    wait_exit(tx, Duration::from_secs(30))?;
+    tx.wait_exit(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
-    signal(rx, "-INT");
-    wait_exit(rx, Duration::from_secs(20))?;
+    rx.signal("-INT");
+    rx.wait_exit(Duration::from_secs(20))?;
     let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
     let (sent, got) = if front_tx {
         (count(&fp, "tx_packets"), count(&bp, "rx_packets"))
@@ -931,10 +896,10 @@ fn vdpakit_pair_chains(packed: bool) -> Result<(), Failed> {
         &["--latency"],
         &fe_json,
     )?;
-    wait_exit(&mut be, Duration::from_secs(30))?;
+    be.wait_exit(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
-    signal(&fe, "-INT");
-    wait_exit(&mut fe, Duration::from_secs(20))?;
+    fe.signal("-INT");
+    fe.wait_exit(Duration::from_secs(20))?;
     let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
     let (sent, got) = (count(&bp, "tx_packets"), count(&fp, "rx_packets"));
     let (sent_b, got_b) = (count(&bp, "tx_bytes"), count(&fp, "rx_bytes"));
@@ -1045,10 +1010,10 @@ fn vdpakit_pair_latency_tail(packed: bool) -> Result<(), Failed> {
         ],
         &fe_json,
     )?;
-    wait_exit(&mut fe, Duration::from_secs(30))?;
+    fe.wait_exit(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
-    signal(&be, "-INT");
-    wait_exit(&mut be, Duration::from_secs(20))?;
+    be.signal("-INT");
+    be.wait_exit(Duration::from_secs(20))?;
     let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
     if count(&fp, "tx_packets") != count(&bp, "rx_packets") {
         return Err(format!("front end: {fp}\nback end: {bp}").into());
@@ -1103,10 +1068,10 @@ fn vdpakit_pair_latency_drops(packed: bool) -> Result<(), Failed> {
         ],
         &fe_json,
     )?;
-    wait_exit(&mut fe, Duration::from_secs(30))?;
+    fe.wait_exit(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
-    signal(&be, "-INT");
-    wait_exit(&mut be, Duration::from_secs(20))?;
+    be.signal("-INT");
+    be.wait_exit(Duration::from_secs(20))?;
     let (bp, fp) = (vk_port(&be_json, &be)?, vk_port(&fe_json, &fe)?);
     if count(&fp, "tx_packets") != count(&bp, "rx_packets")
         || count(&fp, "tx_dropped") < count(&fp, "tx_packets") / 7
@@ -1166,11 +1131,11 @@ fn front_end_survives_back_end_restart(testpmd: bool, kill: bool) -> Result<(), 
                 b.p.write_stdin(b"stop\n").map_err(|e| e.to_string())?;
                 std::thread::sleep(Duration::from_millis(300));
                 b.p.write_stdin(b"quit\n").map_err(|e| e.to_string())?;
-                wait_exit(&mut b.p, Duration::from_secs(20))?;
+                b.p.wait_exit(Duration::from_secs(20))?;
                 Ok(testpmd_counts(&b.p.log())?.0)
             } else {
-                signal(&b.p, "-INT");
-                wait_exit(&mut b.p, Duration::from_secs(20))?;
+                b.p.signal("-INT");
+                b.p.wait_exit(Duration::from_secs(20))?;
                 Ok(count(&vk_port(&b.json, &b.p)?, "rx_packets"))
             }
         };
@@ -1187,8 +1152,8 @@ fn front_end_survives_back_end_restart(testpmd: bool, kill: bool) -> Result<(), 
         )?;
         std::thread::sleep(Duration::from_secs(4));
         let rx1 = if kill {
-            signal(&b1.p, "-KILL");
-            wait_exit(&mut b1.p, Duration::from_secs(20))?;
+            b1.p.signal("-KILL");
+            b1.p.wait_exit(Duration::from_secs(20))?;
             None
         } else {
             Some(stop_back(&mut b1)?)
@@ -1199,7 +1164,7 @@ fn front_end_survives_back_end_restart(testpmd: bool, kill: bool) -> Result<(), 
         let _ = std::fs::remove_file(&sock);
         std::thread::sleep(Duration::from_secs(1));
         let mut b2 = start_back(2)?;
-        wait_exit(&mut fe, Duration::from_secs(30))?;
+        fe.wait_exit(Duration::from_secs(30))?;
         let rx2 = stop_back(&mut b2)?;
         let fp = vk_port(&fe_json, &fe)?;
         let (sent, dropped) = (count(&fp, "tx_packets"), count(&fp, "tx_dropped"));

@@ -180,6 +180,30 @@ impl HostProcess {
         crate::guest::tail_lines(&self.log(), n)
     }
 
+    /// Sends `sig` (a `kill(1)` option such as `-INT` or `-KILL`) to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Waits up to `within` for the process to exit by itself; the error carries the log's tail.
+    pub fn wait_exit(&mut self, within: Duration) -> Result<(), String> {
+        let end = Instant::now() + within;
+        while self.is_running() {
+            if Instant::now() > end {
+                return Err(format!(
+                    "{} did not exit in {within:?}:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Stops the process: closes its stdin, then sends SIGTERM, then SIGKILL,
     /// allowing `grace` in total. Always reaps it.
     pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
@@ -360,4 +384,36 @@ fn allowed_cpus() -> String {
         })
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "0".to_string())
+}
+
+/// Polls `f` every 20 ms until it holds; an error naming `what` after `within`.
+pub fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Result<(), String> {
+    let end = Instant::now() + within;
+    while !f() {
+        if Instant::now() > end {
+            return Err(format!("{what}: not within {within:?}"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// `cmd` run through `sh -c 'exec ...'` with its stdout redirected into `file`, so a
+/// [`HostProcess`] keeps stderr in its log while stdout (e.g. a JSON summary) goes to `file`.
+/// Every argument is single-quoted (quotes inside escaped); the environment is carried over.
+pub fn sh_redirect(cmd: Command, file: &Path) -> Command {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "'\\''"));
+    let mut line: Vec<String> = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| quote(&a.to_string_lossy()))
+        .collect();
+    line.push(format!("> {}", quote(&file.to_string_lossy())));
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("exec {}", line.join(" "))]);
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            sh.env(k, v);
+        }
+    }
+    sh
 }

@@ -29,7 +29,9 @@ pub use accel::{Accel, accel};
 pub use artifacts::{Artifacts, artifacts, cache_dir};
 pub use error::Error;
 pub use guest::{CONSOLE_TAIL_LINES, Guest, GuestBuilder, GuestRun, Netdev, VFIO_NIC_OPTS};
-pub use host::{HostProcess, TempDir, Testpmd, find_program, require_program};
+pub use host::{
+    HostProcess, TempDir, Testpmd, find_program, require_program, sh_redirect, wait_for,
+};
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
