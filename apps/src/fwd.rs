@@ -541,12 +541,16 @@ pub fn run(args: FwdArgs) -> Result<()> {
     };
 
     // ---- run ----
+    // Ctrl-C / SIGTERM raise `interrupted`, which only the main thread watches: it then stops
+    // like the end of `--duration` (generators send their end markers, receivers drain), and
+    // only after that raises `stop` for the lcores. A second signal ends the process at once.
+    let interrupted = StopFlag::new();
+    interrupted.install_signal_handlers()?;
     let stop = StopFlag::new();
-    stop.install_signal_handlers()?;
     if args.start_delay > 0.0 {
         // Ports are up (control threads serve their peers); forwarding waits. Ctrl-C still works.
         let until = Instant::now() + Duration::from_secs_f64(args.start_delay);
-        while Instant::now() < until && !stop.is_stopped() {
+        while Instant::now() < until && !interrupted.is_stopped() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -560,7 +564,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
     let mut next_stats = period.map(|p| started + p);
     let mut last: (Instant, Vec<PortStats>) = (started, ports.iter().map(|p| p.stats()).collect());
     let mut live = LiveOut::new(args.json);
-    while !stop.is_stopped() && !lcores.all_finished() {
+    while !interrupted.is_stopped() && !lcores.all_finished() {
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             break;
@@ -604,7 +608,7 @@ pub fn run(args: FwdArgs) -> Result<()> {
     // Generators stop (and send their end markers) even when nothing here receives: a receiver
     // in another process counts what they stamped after its last packet from the markers.
     let drained = gen_lcores > 0
-        && !stop.is_stopped()
+        && !lcores.all_finished()
         && drain(
             &stop,
             &lcores,

@@ -1030,8 +1030,10 @@ fn vdpakit_pair_latency_tail(packed: bool) -> Result<(), Failed> {
 
 /// `--latency` across two processes with a port that drops on purpose: a `virtio-user` front
 /// end transmitting with `drop_every=7` to a `vhost-user` back end: the back end's `lost` is
-/// exactly what the front end dropped (on purpose or with the ring full).
-fn vdpakit_pair_latency_drops(packed: bool) -> Result<(), Failed> {
+/// exactly what the front end dropped (on purpose or with the ring full). `ctrl_c`: the front
+/// end runs without `--duration` and is stopped by SIGINT (as a user's Ctrl-C), which must end
+/// generation the same way: end markers out, so the back end also counts the tail.
+fn vdpakit_pair_latency_drops(packed: bool, ctrl_c: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-lat").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
     let (be_json, fe_json) = (dir.join("be.json"), dir.join("fe.json"));
@@ -1062,12 +1064,16 @@ fn vdpakit_pair_latency_drops(packed: bool) -> Result<(), Failed> {
             "--start-delay",
             "1",
             "--duration",
-            "3",
+            if ctrl_c { "600" } else { "3" },
             "--linger",
             "2",
         ],
         &fe_json,
     )?;
+    if ctrl_c {
+        std::thread::sleep(Duration::from_secs(4));
+        fe.signal("-INT");
+    }
     fe.wait_exit(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_millis(300));
     be.signal("-INT");
@@ -1422,12 +1428,13 @@ fn main() -> ExitCode {
     ] {
         trials.push(Trial::test(name, move || vdpakit_pair_chains(packed)));
     }
-    for (name, packed) in [
-        ("vu_vdpakit_pair_latency_drops_split", false),
-        ("vu_vdpakit_pair_latency_drops_packed", true),
+    for (name, packed, ctrl_c) in [
+        ("vu_vdpakit_pair_latency_drops_split", false, false),
+        ("vu_vdpakit_pair_latency_drops_packed", true, false),
+        ("vu_vdpakit_pair_latency_drops_ctrl_c", false, true),
     ] {
         trials.push(Trial::test(name, move || {
-            vdpakit_pair_latency_drops(packed)
+            vdpakit_pair_latency_drops(packed, ctrl_c)
         }));
     }
     for (name, packed) in [
