@@ -962,6 +962,10 @@ fn dirty_log_case(packed: bool) {
     let mut out = Burst::new(32);
     assert_eq!(tx_dev.dequeue(&mut cache, &mut out, &stats), 4);
     drop(out);
+    // The transmit path returns buffers in batches: an empty poll publishes the rest.
+    let mut out = Burst::new(32);
+    assert_eq!(tx_dev.dequeue(&mut cache, &mut out, &stats), 0);
+    drop(out);
 
     let mut want = vec![0u8; log_len];
     let mut n = 0;
@@ -1250,4 +1254,89 @@ fn add_and_remove_memory_regions() {
         mmap_handle: seg3.file().as_raw_fd(),
     };
     assert!(s.fe.add_mem_region(&overlap).is_err());
+}
+
+/// The transmit (dequeue) path publishes used entries in batches: not after every burst, but
+/// once enough are staged, at the next poll that finds the ring empty, or when the ring stops
+/// (`flush_used`, which the back end calls before GET_VRING_BASE answers). No buffer is kept.
+#[test]
+fn dequeue_returns_buffers_in_batches_and_on_empty_poll_or_stop() {
+    for packed in [false, true] {
+        let mut features = vf::VERSION_1 | vf::NET_MRG_RXBUF;
+        if packed {
+            features |= vf::RING_PACKED;
+        }
+        let seg = Segment::new("vhost-defer", LOG_MEM as usize, MemMode::NoHuge).unwrap();
+        let uva0 = seg.base() as u64;
+        // SAFETY: the region covers exactly the segment's mapping, alive for the whole test; no
+        // references into it are held.
+        let region = unsafe { GuestRegion::from_raw(seg.base(), LOG_MEM, 0, uva0, None) };
+        let mem = GuestMemory::new(vec![region]).unwrap();
+        let q = QueueConfig {
+            size: 256,
+            desc: 0x1_0000,
+            avail: 0x1_2000,
+            used: 0x1_3000,
+            addr_kind: AddrKind::Gpa,
+            features,
+        };
+        let setup = VringSetup {
+            index: 1,
+            size: 256,
+            addr: VringAddr {
+                index: 1,
+                flags: 0,
+                desc: uva0 + q.desc,
+                used: uva0 + q.used,
+                avail: uva0 + q.avail,
+                log: 0,
+            },
+            base: if packed { 0x8000 } else { 0 },
+            features,
+            call: None,
+            log: None,
+        };
+        let mut dev = VqRun::build(&setup, &mem).unwrap();
+        let mut drv = DriverQueue::new(&q, &mem).unwrap();
+        let p = pool("defer");
+        let mut cache = p.cache(32);
+        let stats = QueueStats::new();
+        let mut post = |drv: &mut DriverQueue, n: u64| {
+            for i in 0..n {
+                let gpa = 0x4_0000 + i * 0x800;
+                mem.write(gpa, &[0u8; 12 + 60]).unwrap();
+                drv.add(&[(gpa, 72, false)]).unwrap();
+            }
+            drv.publish_avail();
+        };
+        let mut dequeue = |dev: &mut VqRun| {
+            let mut out = Burst::new(32);
+            dev.dequeue(&mut cache, &mut out, &stats)
+        };
+        let reap_all = |drv: &mut DriverQueue| {
+            let mut n = 0;
+            while drv.reap().unwrap().is_some() {
+                n += 1;
+            }
+            n
+        };
+        // One burst of 8: staged, not yet returned; an empty poll returns them.
+        post(&mut drv, 8);
+        assert_eq!(dequeue(&mut dev), 8);
+        assert_eq!(reap_all(&mut drv), 0, "packed={packed}: returned before the batch");
+        assert_eq!(dequeue(&mut dev), 0);
+        assert_eq!(reap_all(&mut drv), 8, "packed={packed}: empty poll");
+        // Bursts of 32 back to back: returned once 64 are staged, without an empty poll.
+        post(&mut drv, 64);
+        assert_eq!(dequeue(&mut dev), 32);
+        assert_eq!(reap_all(&mut drv), 0, "packed={packed}: first burst of 32");
+        assert_eq!(dequeue(&mut dev), 32);
+        assert_eq!(reap_all(&mut drv), 64, "packed={packed}: 64 staged");
+        // Staged when the ring stops: flush_used returns them.
+        post(&mut drv, 5);
+        assert_eq!(dequeue(&mut dev), 5);
+        dev.flush_used();
+        assert_eq!(reap_all(&mut drv), 5, "packed={packed}: stop");
+        assert_eq!(stats.read().errors, 0);
+    }
 }

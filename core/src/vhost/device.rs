@@ -650,7 +650,10 @@ impl Device {
     fn stop_ring(&mut self, i: usize) -> Option<u16> {
         let base = {
             let mut g = self.shared.vqs[i].close();
-            g.state().take().map(|r| r.last_avail())
+            g.state().take().map(|mut r| {
+                r.flush_used();
+                r.last_avail()
+            })
         };
         if let Some(b) = base {
             self.vrings[i].base = Some(b);
