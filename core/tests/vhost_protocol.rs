@@ -1301,7 +1301,7 @@ fn dequeue_returns_buffers_in_batches_and_on_empty_poll_or_stop() {
         let p = pool("defer");
         let mut cache = p.cache(32);
         let stats = QueueStats::new();
-        let mut post = |drv: &mut DriverQueue, n: u64| {
+        let post = |drv: &mut DriverQueue, n: u64| {
             for i in 0..n {
                 let gpa = 0x4_0000 + i * 0x800;
                 mem.write(gpa, &[0u8; 12 + 60]).unwrap();
