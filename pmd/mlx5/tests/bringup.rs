@@ -95,6 +95,36 @@ fn hundred_queue_bring_ups_leak_nothing() {
     assert_eq!(m.stats().leaked_objects, 0);
 }
 
+/// The same in QP event mode: each cycle also makes and destroys the EQ and, per queue, a CQ,
+/// two QPs and their connection; nothing is left behind.
+#[test]
+fn hundred_qp_mode_bring_ups_leak_nothing() {
+    use vdpakit_pmd_mlx5::model::Kind;
+    let (mut dev, m) = device("model,queues=2,event_mode=qp");
+    let g = Guest::new(dev.domain());
+    let f = features(false);
+    let rings: Vec<Ring> = (0..4).map(|i| Ring::new(&g, i, 256, f, true)).collect();
+    let refs: Vec<&Ring> = rings.iter().collect();
+    let base = m.live_objects();
+    let pages = dev.hca().arena().used_pages();
+    for i in 0..100 {
+        dev.configure(&conf(f, &refs)).unwrap();
+        let c = m.census();
+        assert_eq!(
+            (c[&Kind::Eq], c[&Kind::Cq], c[&Kind::Qp], c[&Kind::Vq]),
+            (1, 4, 8, 4),
+            "round {i}"
+        );
+        dev.close().unwrap();
+        assert_eq!(m.live_objects(), base, "round {i}: {:?}", m.census());
+        assert_eq!(dev.hca().arena().used_pages(), pages, "round {i}: driver memory");
+    }
+    drop(dev);
+    assert_eq!(m.live_objects(), 0);
+    let s = m.stats();
+    assert_eq!((s.leaked_objects, s.failed, s.bad_doorbells), (0, 0, 0));
+}
+
 #[test]
 fn initializing_bit_wait_is_bounded() {
     let (_m, pci, _) = open_model(ModelOptions {
