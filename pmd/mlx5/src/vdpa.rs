@@ -730,11 +730,21 @@ impl Mlx5Vdpa {
             }
         }
         // The queue objects named the firmware QPs: the chains go after them.
-        if let Some(ev) = run.events.take()
-            && let Err(e) = ev.destroy(&self.hca)
-        {
-            tracing::warn!("{e}");
-            first.get_or_insert(e);
+        if let Some(ev) = run.events.take() {
+            let s = ev.stats();
+            tracing::info!(
+                "{}: QP events: {} wakeups, {} EQEs, {} CQEs, {} signals, {} errors",
+                self.name,
+                s.wakeups,
+                s.eqes,
+                s.cqes,
+                s.signals,
+                s.errors
+            );
+            if let Err(e) = ev.destroy(&self.hca) {
+                tracing::warn!("{e}");
+                first.get_or_insert(e);
+            }
         }
         run.keys.destroy(&self.hca);
         first.map_or(Ok(()), Err)
@@ -894,12 +904,21 @@ impl VdpaDevice for Mlx5Vdpa {
         match self.build(conf, &mut run) {
             Ok(()) => {
                 tracing::info!(
-                    "{}: configured {} queues (features {:#x}, key {:#x} over {} pieces)",
+                    "{}: configured {} queues (features {:#x}, key {:#x} over {} pieces, {})",
                     self.name,
                     conf.queues.len(),
                     conf.features,
                     run.keys.key,
-                    run.layout.pieces.len()
+                    run.layout.pieces.len(),
+                    match (&run.events, self.args.event_mode) {
+                        (Some(e), _) => format!(
+                            "event mode Qp: EQ {} on vector {}, {} chains",
+                            e.eq.eqn,
+                            e.eq.vector,
+                            e.chains.len()
+                        ),
+                        (None, m) => format!("event mode {m:?}"),
+                    }
                 );
                 self.run = Some(run);
                 Ok(())
