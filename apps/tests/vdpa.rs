@@ -490,7 +490,9 @@ fn guest_mlx5(mode: &str) -> Result<(), Failed> {
     };
     let (rx, tx) = (num("rx")?, num("tx")?);
     let counts = qp_event_counts(&vdpa.log());
-    eprintln!("guest_vdpa_mlx5_{mode}: guest rx {rx}, tx {tx}; QP events (signals, errors) {counts:?}");
+    eprintln!(
+        "guest_vdpa_mlx5_{mode}: guest rx {rx}, tx {tx}; QP events (signals, errors) {counts:?}"
+    );
     let signalled: u64 = counts.iter().map(|c| c.0).filter(|&s| s != u64::MAX).sum();
     let chain_ok = if mode == "qp" {
         signalled > 0 && counts.iter().all(|c| c.1 == 0)

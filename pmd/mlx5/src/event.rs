@@ -246,9 +246,11 @@ impl EventQueue {
         let bytes = (uar::EQE_LEN as u64) << log_size;
         let ring = hca.arena().alloc(bytes)?;
         // Owner 1 in every entry: the device's first pass writes 0.
-        for i in 0..1u64 << log_size {
-            ring.write(i * uar::EQE_LEN as u64 + uar::EQE_OWNER as u64, &[1])?;
+        let mut img = vec![0u8; bytes as usize];
+        for e in img.chunks_mut(uar::EQE_LEN) {
+            e[uar::EQE_OWNER] = 1;
         }
+        ring.write(0, &img)?;
         let eqn = hca.create_eq(&EqAttr {
             log_size,
             uar: uar_page,
@@ -329,16 +331,18 @@ impl Chain {
         let cq_ring = arena.alloc((cq::CQE_LEN as u64) << log_size)?;
         let rq_ring = arena.alloc((qp::RQ_WQE_LEN as u64) << log_size)?;
         let records = arena.alloc(PAGE)?;
-        for i in 0..n {
-            cq_ring.write(
-                i * cq::CQE_LEN as u64 + cq::CQE_OP_OWN as u64,
-                &[cq::CQE_INVALID << 4],
-            )?;
-            // One data segment: no bytes, the null key (zero-length messages scatter nothing).
-            let mut w = [0u8; qp::RQ_WQE_LEN];
-            w[4..8].copy_from_slice(&null_mkey.to_be_bytes());
-            rq_ring.write(i * qp::RQ_WQE_LEN as u64, &w)?;
+        // Every CQE invalid (opcode 0xf, owner 0); every WQE one data segment of no bytes
+        // with the null key (zero-length messages scatter nothing).
+        let mut cqes = vec![0u8; cq::CQE_LEN << log_size];
+        for e in cqes.chunks_mut(cq::CQE_LEN) {
+            e[cq::CQE_OP_OWN] = cq::CQE_INVALID << 4;
         }
+        cq_ring.write(0, &cqes)?;
+        let mut wqes = vec![0u8; qp::RQ_WQE_LEN << log_size];
+        for w in wqes.chunks_mut(qp::RQ_WQE_LEN) {
+            w[4..8].copy_from_slice(&null_mkey.to_be_bytes());
+        }
+        rq_ring.write(0, &wqes)?;
         let cqn = hca.create_cq(&CqAttr {
             log_size,
             uar: uar_page,
@@ -439,7 +443,12 @@ fn arm_cq(
     let dw = ((sn & 3) << 28) | (cq::ARM_NEXT << 24) | (ci & 0xff_ffff);
     put_be32(arena, records + CQ_DBR + 4, dw)?;
     fence(Ordering::SeqCst);
-    uar_write64(pci, u64::from(uar_page) * uar::PAGE + uar::CQ_DOORBELL, dw, cqn)
+    uar_write64(
+        pci,
+        u64::from(uar_page) * uar::PAGE + uar::CQ_DOORBELL,
+        dw,
+        cqn,
+    )
 }
 
 /// What the event thread has done.
@@ -499,6 +508,9 @@ impl Drop for Thread {
     }
 }
 
+/// A chain's ids: (virtio queue index, cqn, firmware QP, driver QP).
+pub type ChainIds = (u16, u32, u32, u32);
+
 /// The device resources the chains use.
 #[derive(Debug, Clone, Copy)]
 pub struct EventBase {
@@ -527,7 +539,10 @@ impl Events {
         queues: &[(u16, Arc<OwnedFd>)],
     ) -> Result<Events> {
         // One EQE per armed CQ at most: twice the chains is room to spare.
-        let log_eq = (2 * queues.len()).next_power_of_two().trailing_zeros().max(6) as u8;
+        let log_eq = (2 * queues.len())
+            .next_power_of_two()
+            .trailing_zeros()
+            .max(6) as u8;
         let irq = Arc::new(OwnedFd::from(efd(hca.name())?));
         let eq = EventQueue::create(hca, base.uar, vector, log_eq)?;
         let mut chains = Vec::with_capacity(queues.len());
@@ -768,7 +783,7 @@ impl Worker {
             }
             self.eq_ci = self.eq_ci.wrapping_add(1);
             n += 1;
-            if n % uar::EQ_UPDATE_EVERY == 0 {
+            if n.is_multiple_of(uar::EQ_UPDATE_EVERY) {
                 self.eq_write(false);
             }
         }
@@ -778,7 +793,11 @@ impl Worker {
     fn eq_write(&self, arm: bool) {
         let at = if arm { uar::EQ_ARM } else { uar::EQ_UPDATE };
         let v = (self.eqn << 24) | (self.eq_ci & 0xff_ffff);
-        if self.pci.write32(0, self.eq_doorbell + at, be_reg(v)).is_err() {
+        if self
+            .pci
+            .write32(0, self.eq_doorbell + at, be_reg(v))
+            .is_err()
+        {
             self.error();
         }
     }
@@ -793,11 +812,7 @@ impl Worker {
         loop {
             let at = s.ring + u64::from(s.ci & mask) * cq::CQE_LEN as u64;
             let mut b = [0u8; 1];
-            if self
-                .arena
-                .read(at + cq::CQE_OP_OWN as u64, &mut b)
-                .is_err()
-            {
+            if self.arena.read(at + cq::CQE_OP_OWN as u64, &mut b).is_err() {
                 errors += 1;
                 break;
             }

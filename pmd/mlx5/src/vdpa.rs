@@ -39,7 +39,7 @@ use vdpakit_core::virtio::features as vf;
 
 use crate::cmd::CmdOptions;
 use crate::error::{Error, Result};
-use crate::event::{EventBase, EventStats, Events};
+use crate::event::{ChainIds, EventBase, EventStats, Events};
 use crate::hca::{Hca, HcaOptions};
 use crate::model::{Mlx5Model, ModelOptions, Wire};
 use crate::prm::{cap, vq};
@@ -443,7 +443,7 @@ impl Mlx5Vdpa {
 
     /// The QP event mode's objects: the EQ number and, per queue, (index, cqn, firmware QP,
     /// driver QP).
-    pub fn event_objects(&self) -> Option<(u8, Vec<(u16, u32, u32, u32)>)> {
+    pub fn event_objects(&self) -> Option<(u8, Vec<ChainIds>)> {
         let e = self.run.as_ref()?.events.as_ref()?;
         Some((
             e.eq.eqn,
@@ -585,11 +585,7 @@ impl Mlx5Vdpa {
             if !calls.is_empty() {
                 let ev = t!(Events::create(
                     &self.hca,
-                    EventBase {
-                        pd,
-                        uar,
-                        null_mkey
-                    },
+                    EventBase { pd, uar, null_mkey },
                     EQ_VECTOR,
                     &calls
                 ));
@@ -1153,5 +1149,4 @@ mod tests {
             assert!(e.contains(says), "{bad}: {e}");
         }
     }
-
 }

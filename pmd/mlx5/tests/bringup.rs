@@ -117,7 +117,11 @@ fn hundred_qp_mode_bring_ups_leak_nothing() {
         );
         dev.close().unwrap();
         assert_eq!(m.live_objects(), base, "round {i}: {:?}", m.census());
-        assert_eq!(dev.hca().arena().used_pages(), pages, "round {i}: driver memory");
+        assert_eq!(
+            dev.hca().arena().used_pages(),
+            pages,
+            "round {i}: driver memory"
+        );
     }
     drop(dev);
     assert_eq!(m.live_objects(), 0);

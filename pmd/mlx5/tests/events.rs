@@ -144,11 +144,7 @@ fn eq_cq_qp_commands_and_failures() {
     assert_eq!(m.eq(eqn.into()).unwrap().intr, 3);
     assert!(!m.eq(eqn.into()).unwrap().armed, "an EQ starts unarmed");
     expect(h.destroy_eq(eqn ^ 0x80).unwrap_err(), 5, "DESTROY_EQ");
-    expect(
-        h.dealloc_uar(r.uar).unwrap_err(),
-        9,
-        "DEALLOC_UAR",
-    );
+    expect(h.dealloc_uar(r.uar).unwrap_err(), 9, "DEALLOC_UAR");
 
     // CQ: 128-byte CQEs, unknown EQ, doorbell record unaligned or unmapped.
     let cq_ring = mem(h, 64 * 64);
@@ -163,7 +159,11 @@ fn eq_cq_qp_commands_and_failures() {
     };
     let mut raw = cmd_in(op::CREATE_CQ, 0, 0x118);
     raw.set(vdpakit_pmd_mlx5::prm::cq::CQE_SZ, 1);
-    expect(h.exec(&raw, 16).unwrap_err(), 3, "CREATE_CQ [opcode 0x0400]");
+    expect(
+        h.exec(&raw, 16).unwrap_err(),
+        3,
+        "CREATE_CQ [opcode 0x0400]",
+    );
     assert_eq!(
         m.last_failure().unwrap().reason,
         "CQE size not supported (64 bytes only)"
@@ -206,7 +206,11 @@ fn eq_cq_qp_commands_and_failures() {
     );
     let cqn = h.create_cq(&cqa).unwrap();
     assert_eq!(m.cq(cqn).unwrap().eqn, eqn);
-    expect(h.destroy_eq(eqn).unwrap_err(), 9, "DESTROY_EQ [opcode 0x0302]");
+    expect(
+        h.destroy_eq(eqn).unwrap_err(),
+        9,
+        "DESTROY_EQ [opcode 0x0302]",
+    );
 
     // QPs: unknown PD or CQ, unsupported queue type, send queue, service type.
     let rq = mem(h, 16 * 64);
@@ -267,7 +271,11 @@ fn eq_cq_qp_commands_and_failures() {
         })
         .unwrap();
     let drv = h.create_qp(&drva).unwrap();
-    expect(h.destroy_cq(cqn).unwrap_err(), 9, "DESTROY_CQ [opcode 0x0401]");
+    expect(
+        h.destroy_cq(cqn).unwrap_err(),
+        9,
+        "DESTROY_CQ [opcode 0x0401]",
+    );
     assert_eq!(m.qp(fw).unwrap().state, qps::RST);
 
     // Transitions: only in order, towards an existing QP, on port 1.
@@ -284,7 +292,11 @@ fn eq_cq_qp_commands_and_failures() {
     let mut b = cmd_in(op::RST2INIT_QP, 0, qp::MODIFY_LEN);
     b.set(hdr::ID, fw.into());
     b.set(qp::VHCA_PORT_NUM, 2);
-    expect(h.exec(&b, 16).unwrap_err(), 3, "RST2INIT_QP [opcode 0x0502]");
+    expect(
+        h.exec(&b, 16).unwrap_err(),
+        3,
+        "RST2INIT_QP [opcode 0x0502]",
+    );
     expect(
         h.exec(&cmd_in(op::RST2INIT_QP, 0, 0x40), 16).unwrap_err(),
         0x50,
@@ -309,7 +321,11 @@ fn eq_cq_qp_commands_and_failures() {
     h.modify_qp(op::RTR2RTS_QP, fw, drv).unwrap();
     let q = m.qp(fw).unwrap();
     assert_eq!((q.state, q.remote, q.zero_rq), (qps::RTS, drv, true));
-    assert_eq!(q.path, (1, 7, 7, 14), "MTU 256, retries 7/7, ack timeout 14");
+    assert_eq!(
+        q.path,
+        (1, 7, 7, 14),
+        "MTU 256, retries 7/7, ack timeout 14"
+    );
     // 2RST from anywhere, then the connection again.
     h.modify_qp(op::QP_2RST, fw, 0).unwrap();
     assert_eq!(m.qp(fw).unwrap().state, qps::RST);
@@ -362,7 +378,11 @@ fn eq_cq_qp_commands_and_failures() {
     .unwrap();
     let back = h.query_virtq(v.id).unwrap();
     assert_eq!((back.event_mode, back.event_target), (vq::EVENT_QP, fw));
-    expect(h.destroy_qp(fw).unwrap_err(), 9, "DESTROY_QP [opcode 0x0501]");
+    expect(
+        h.destroy_qp(fw).unwrap_err(),
+        9,
+        "DESTROY_QP [opcode 0x0501]",
+    );
     let census = m.census();
     assert_eq!(
         (census[&Kind::Eq], census[&Kind::Cq], census[&Kind::Qp]),
@@ -720,7 +740,9 @@ fn cq_overrun_is_counted() {
         q.publish_avail();
         h.pci().write16(0, bell, 1).unwrap();
         wait("completion", || q.reap().unwrap());
-        wait("notification", || (m.notifies(1) == u64::from(i) + 1).then_some(()));
+        wait("notification", || {
+            (m.notifies(1) == u64::from(i) + 1).then_some(())
+        });
     }
     let s = m.stats();
     assert_eq!((s.cqes, s.cq_overruns, s.events_lost), (2, 1, 1));
@@ -842,7 +864,11 @@ fn qp_mode_both_ways_exact_counts_and_signals() {
         }
         let total: u64 = signals.iter().sum();
         let es = dev.event_stats().unwrap();
-        assert_eq!((es.cqes, es.signals, es.errors), (total, total, 0), "{es:?}");
+        assert_eq!(
+            (es.cqes, es.signals, es.errors),
+            (total, total, 0),
+            "{es:?}"
+        );
         let s = model.stats();
         assert_eq!(s.cqes, total);
         assert_eq!(es.eqes, s.eqes);
@@ -981,7 +1007,11 @@ fn qp_mode_suspend_resume() {
         st1
     );
     assert_eq!((model.notifies(0), model.notifies(1)), frozen);
-    assert_eq!(rx.interrupts() + tx.interrupts(), 0, "no signal while suspended");
+    assert_eq!(
+        rx.interrupts() + tx.interrupts(),
+        0,
+        "no signal while suspended"
+    );
 
     dev.resume().unwrap();
     pump(&g, &dev, &mut rx, &mut tx, &frames, 200..200, &mut got);
@@ -1085,7 +1115,10 @@ fn qp_mode_failure_names_the_command_and_undoes() {
     let f = features(false);
     let rx = Ring::new(&g, 0, 64, f, true);
     let tx = Ring::new(&g, 1, 64, f, true);
-    let e = dev.configure(&conf(f, &[&rx, &tx])).unwrap_err().to_string();
+    let e = dev
+        .configure(&conf(f, &[&rx, &tx]))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("CREATE_EQ [opcode 0x0301] failed: limits exceeded"),
         "{e}"

@@ -257,7 +257,7 @@ impl Fw {
 
     /// Checks a doorbell record address: 8-byte aligned and reachable.
     fn check_dbr(&self, dbr: u64, what: &str) -> Result<(), Fail> {
-        if dbr == 0 || dbr % 8 != 0 {
+        if dbr == 0 || !dbr.is_multiple_of(8) {
             return Err(bad(
                 "doorbell record address zero or not 8-byte aligned",
                 format!("{what}: {dbr:#x}"),
@@ -534,10 +534,7 @@ impl Fw {
                 }
                 let lmm = rd(inp, qpf::LOG_MSG_MAX);
                 if lmm > 30 {
-                    return Err(bad(
-                        "log_msg_max beyond 30",
-                        format!("log_msg_max {lmm}"),
-                    ));
+                    return Err(bad("log_msg_max beyond 30", format!("log_msg_max {lmm}")));
                 }
                 if remote == 0 || u64::from(remote) == qpn || self.qp(remote).is_none() {
                     return Err(bad(
@@ -674,7 +671,13 @@ impl Fw {
         true
     }
 
-    fn write_cqe(&mut self, dom: &GuestMemory, cqn: u32, counter: u16, irq: &mut Option<IrqSender>) {
+    fn write_cqe(
+        &mut self,
+        dom: &GuestMemory,
+        cqn: u32,
+        counter: u16,
+        irq: &mut Option<IrqSender>,
+    ) {
         let Some(cq) = self.cq_mut(cqn) else {
             self.stats.events_lost += 1;
             return;
@@ -701,7 +704,8 @@ impl Fw {
             }
         }
         let mut e = [0u8; entry::LEN];
-        e[entry::CQE_WQE_COUNTER..entry::CQE_WQE_COUNTER + 2].copy_from_slice(&counter.to_be_bytes());
+        e[entry::CQE_WQE_COUNTER..entry::CQE_WQE_COUNTER + 2]
+            .copy_from_slice(&counter.to_be_bytes());
         let owner = ((pi >> cq.log_size) & 1) as u8;
         e[entry::CQE_OP_OWN] = (entry::CQE_RESP_SEND << 4) | owner;
         if !self.write_entry(dom, iova, &e) {

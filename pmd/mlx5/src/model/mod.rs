@@ -50,8 +50,8 @@ use vdpakit_core::virtio::GuestMemory;
 
 use bits::{be32, be64};
 use defs::{reg, wire};
-use fw::Fw;
 pub use eq::{CqObj, EqObj, Event, QpObj, RingMem, qps};
+use fw::Fw;
 pub use fw::{Failure, FwStats, Wire, syndrome_of};
 pub use mkey::NULL_MKEY;
 pub use steer::toeplitz;
