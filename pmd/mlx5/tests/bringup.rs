@@ -276,6 +276,35 @@ fn moved_queue_size_field_fails_loudly() {
     );
 }
 
+/// A model writing the completion EQE's cqn 4 bytes late: the driver's event thread finds no
+/// CQ of that number and counts an error; the queue's notification reaches no call eventfd.
+#[test]
+fn moved_eqe_field_fails_loudly() {
+    let (m, pci, _) = open_model(ModelOptions {
+        skew: Some(Skew::EqeCqn),
+        ..ModelOptions::default()
+    });
+    let mut a = Devargs::parse("model,event_mode=qp").unwrap();
+    a.dma_mem = 4 << 20;
+    a.mem = vdpakit_core::mem::MemMode::NoHuge;
+    let mut dev = Mlx5Vdpa::open(pci, a).unwrap();
+    let g = Guest::new(dev.domain());
+    let f = features(false);
+    let mut rx = Ring::new(&g, 0, 64, f, true);
+    let mut tx = Ring::new(&g, 1, 64, f, true);
+    dev.configure(&conf(f, &[&rx, &tx])).unwrap();
+    rx.post_rx(&dev, 64);
+    let mac = dev.net_config().mac;
+    assert_eq!(tx.transmit(&g, &dev, &[frame(mac, 1, 1, 60)], 12), 1);
+    wait("the event thread to notice", || {
+        (dev.event_stats().unwrap().errors > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(m.notifies(1) > 0 && m.stats().eqes > 0);
+    assert_eq!(dev.event_stats().unwrap().signals, 0);
+    assert_eq!(rx.interrupts() + tx.interrupts(), 0);
+}
+
 /// A function left enabled by a previous user (a process that died without teardown): the
 /// next bring-up resets it and succeeds.
 #[test]

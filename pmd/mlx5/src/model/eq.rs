@@ -724,6 +724,10 @@ impl Fw {
 
     /// One completion event for `cqn` on EQ `eqn`.
     fn eq_event(&mut self, dom: &GuestMemory, eqn: u32, cqn: u32, irq: &mut Option<IrqSender>) {
+        let cqn_at = match self.opts.skew {
+            Some(super::Skew::EqeCqn) => entry::EQE_CQN + 4,
+            _ => entry::EQE_CQN,
+        };
         let Some(eq) = self.eq_mut(eqn) else {
             self.stats.events_lost += 1;
             return;
@@ -741,7 +745,7 @@ impl Fw {
         let mut e = [0u8; entry::LEN];
         e[entry::EQE_TYPE] = entry::EQE_COMP;
         e[entry::EQE_SUB_TYPE] = 0;
-        e[entry::EQE_CQN..entry::EQE_CQN + 4].copy_from_slice(&(cqn & 0xff_ffff).to_be_bytes());
+        e[cqn_at..cqn_at + 4].copy_from_slice(&(cqn & 0xff_ffff).to_be_bytes());
         e[entry::EQE_OWNER] = ((eq.pi >> eq.log_size) & 1) as u8;
         if !self.write_entry(dom, iova, &e) {
             self.stats.events_lost += 1;

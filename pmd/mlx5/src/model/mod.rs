@@ -68,6 +68,8 @@ pub enum Skew {
     VqQueueSize,
     /// ALLOC_* return their id at bit 0x40 instead of 0x48.
     AllocId,
+    /// Completion EQEs carry the cqn 4 bytes after where they should.
+    EqeCqn,
 }
 
 /// What the model is and does.
