@@ -487,6 +487,7 @@ pub struct Events {
     irq: Arc<OwnedFd>,
     counters: Arc<Counters>,
     thread: Option<Thread>,
+    started: bool,
 }
 
 /// The running event thread; dropping it stops and joins it.
@@ -577,6 +578,7 @@ impl Events {
             irq,
             counters: Arc::new(Counters::default()),
             thread: None,
+            started: false,
         })
     }
 
@@ -593,11 +595,16 @@ impl Events {
         Arc::clone(&self.irq)
     }
 
-    /// Starts the event thread (after the vector is wired).
+    /// Starts the event thread (after the vector is wired). Once only: the thread owns the
+    /// consumer indices, which a second thread would not know.
     pub fn start(&mut self, hca: &Hca) -> Result<()> {
-        if self.thread.is_some() {
-            return Ok(());
+        if self.started {
+            return Err(Error::Config {
+                dev: hca.name().to_string(),
+                what: "the event thread of these event queues was started before".into(),
+            });
         }
+        self.started = true;
         let stop = Arc::new(efd(hca.name())?);
         let mut w = Worker {
             name: hca.name().to_string(),
