@@ -14,6 +14,7 @@
 //! - [`hca`]: function bring-up, capabilities, health, teardown.
 //! - [`dma`]: driver memory mapped in the DMA domain.
 //! - [`res`], [`virtq`], [`steer`]: resources, virtio queue objects, receive steering.
+//! - [`event`]: the QP event mode (EQ, per-queue CQ and QPs, the event thread).
 //! - [`vdpa`]: the `VdpaDevice` implementation and the `mlx5:...` device specs.
 //! - [`model`]: the device model, with its own definitions.
 
@@ -22,6 +23,7 @@
 pub mod cmd;
 pub mod dma;
 pub mod error;
+pub mod event;
 pub mod hca;
 pub mod model;
 pub mod prm;

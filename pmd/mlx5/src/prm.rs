@@ -342,6 +342,12 @@ pub mod op {
     pub const DESTROY_EQ: u16 = 0x302;
     pub const CREATE_CQ: u16 = 0x400;
     pub const DESTROY_CQ: u16 = 0x401;
+    pub const CREATE_QP: u16 = 0x500;
+    pub const DESTROY_QP: u16 = 0x501;
+    pub const RST2INIT_QP: u16 = 0x502;
+    pub const INIT2RTR_QP: u16 = 0x503;
+    pub const RTR2RTS_QP: u16 = 0x504;
+    pub const QP_2RST: u16 = 0x50a;
     pub const QUERY_VPORT_STATE: u16 = 0x750;
     pub const QUERY_NIC_VPORT_CONTEXT: u16 = 0x754;
     pub const MODIFY_NIC_VPORT_CONTEXT: u16 = 0x755;
@@ -393,6 +399,12 @@ pub mod op {
             DESTROY_EQ => "DESTROY_EQ",
             CREATE_CQ => "CREATE_CQ",
             DESTROY_CQ => "DESTROY_CQ",
+            CREATE_QP => "CREATE_QP",
+            DESTROY_QP => "DESTROY_QP",
+            RST2INIT_QP => "RST2INIT_QP",
+            INIT2RTR_QP => "INIT2RTR_QP",
+            RTR2RTS_QP => "RTR2RTS_QP",
+            QP_2RST => "2RST_QP",
             QUERY_VPORT_STATE => "QUERY_VPORT_STATE",
             QUERY_NIC_VPORT_CONTEXT => "QUERY_NIC_VPORT_CONTEXT",
             MODIFY_NIC_VPORT_CONTEXT => "MODIFY_NIC_VPORT_CONTEXT",
@@ -931,6 +943,157 @@ pub mod steer {
     pub const DEST_TIR: u64 = 2;
     /// Table type: NIC receive.
     pub const TABLE_NIC_RX: u64 = 0;
+}
+
+/// CREATE_EQ / DESTROY_EQ: the event queue context at byte 0x10.
+pub mod eq {
+    use super::Field;
+    const C: u32 = 0x10;
+    /// log2 of the entries.
+    pub const LOG_EQ_SIZE: Field = Field::new(0x63, 5).at(C);
+    /// UAR page of its doorbell.
+    pub const UAR_PAGE: Field = Field::new(0x68, 24).at(C);
+    /// MSI-X vector.
+    pub const INTR: Field = Field::new(0xb8, 8).at(C);
+    /// log2 of the ring's page size above 4 KiB.
+    pub const LOG_PAGE_SIZE: Field = Field::new(0xc3, 5).at(C);
+    /// event_bitmask: four big-endian qwords from this byte.
+    pub const EVENT_BITMASK: usize = 0x58;
+    /// Page list (BE64 each) from this byte.
+    pub const PAS: usize = 0x110;
+    /// CREATE_EQ output eq_number; DESTROY_EQ names it at the same place.
+    pub const EQ_NUMBER: Field = Field::new(0x58, 8);
+    /// DESTROY_EQ input length.
+    pub const DESTROY_LEN: usize = 0x10;
+}
+
+/// CREATE_CQ / DESTROY_CQ: the completion queue context at byte 0x10; cqn at [`hdr::ID`].
+pub mod cq {
+    use super::Field;
+    const C: u32 = 0x10;
+    /// CQE size (0: 64 bytes).
+    pub const CQE_SZ: Field = Field::new(0x08, 3).at(C);
+    /// Collapsed: every CQE in entry 0.
+    pub const CC: Field = Field::new(0x0b, 1).at(C);
+    /// Overrun ignore.
+    pub const OI: Field = Field::new(0x0e, 1).at(C);
+    /// log2 of the entries.
+    pub const LOG_CQ_SIZE: Field = Field::new(0x63, 5).at(C);
+    /// UAR page of its arm doorbell.
+    pub const UAR_PAGE: Field = Field::new(0x68, 24).at(C);
+    /// Moderation period (µs).
+    pub const CQ_PERIOD: Field = Field::new(0x84, 12).at(C);
+    /// Moderation count.
+    pub const CQ_MAX_COUNT: Field = Field::new(0x90, 16).at(C);
+    /// Its event queue.
+    pub const C_EQN: Field = Field::new(0xb8, 8).at(C);
+    /// log2 of the ring's page size above 4 KiB.
+    pub const LOG_PAGE_SIZE: Field = Field::new(0xc3, 5).at(C);
+    /// Doorbell record address.
+    pub const DBR_ADDR: Field = Field::new(0x1c0, 64).at(C);
+    /// Page list from this byte.
+    pub const PAS: usize = 0x110;
+    /// CQE: byte count (BE32).
+    pub const CQE_BYTE_CNT: usize = 44;
+    /// CQE: WQE counter (BE16).
+    pub const CQE_WQE_COUNTER: usize = 60;
+    /// CQE: opcode (bits 7:4) and owner (bit 0).
+    pub const CQE_OP_OWN: usize = 63;
+    /// CQE size.
+    pub const CQE_LEN: usize = 64;
+    /// Opcode of an entry hardware has not written.
+    pub const CQE_INVALID: u8 = 0xf;
+    /// Requester error opcode.
+    pub const CQE_REQ_ERR: u8 = 0xd;
+    /// Responder error opcode.
+    pub const CQE_RESP_ERR: u8 = 0xe;
+    /// Arm command: next completion.
+    pub const ARM_NEXT: u32 = 0;
+}
+
+/// CREATE_QP, its transitions and DESTROY_QP: the QP context at byte 0x18; qpn at
+/// [`hdr::ID`].
+pub mod qp {
+    use super::Field;
+    const C: u32 = 0x18;
+    /// Transitions: optional parameter mask.
+    pub const OPT_PARAM_MASK: Field = Field::new(0x80, 32);
+    /// Service type (0 RC).
+    pub const ST: Field = Field::new(0x08, 8).at(C);
+    /// Path migration state (3 migrated).
+    pub const PM_STATE: Field = Field::new(0x13, 2).at(C);
+    /// Protection domain.
+    pub const PD: Field = Field::new(0x28, 24).at(C);
+    /// Path MTU (1: 256 bytes).
+    pub const MTU: Field = Field::new(0x40, 3).at(C);
+    /// log2 of the largest message.
+    pub const LOG_MSG_MAX: Field = Field::new(0x43, 5).at(C);
+    /// log2 of the receive WQEs.
+    pub const LOG_RQ_SIZE: Field = Field::new(0x49, 4).at(C);
+    /// log2 of the receive WQE size, minus 4.
+    pub const LOG_RQ_STRIDE: Field = Field::new(0x4d, 3).at(C);
+    /// No send queue.
+    pub const NO_SQ: Field = Field::new(0x50, 1).at(C);
+    /// UAR page.
+    pub const UAR_PAGE: Field = Field::new(0x68, 24).at(C);
+    /// log2 of the ring's page size above 4 KiB.
+    pub const LOG_PAGE_SIZE: Field = Field::new(0xa3, 5).at(C);
+    /// The connected QP.
+    pub const REMOTE_QPN: Field = Field::new(0xa8, 24).at(C);
+    /// The primary address path starts at this qpc bit.
+    const PATH: u32 = 0xc0;
+    /// Path: force loopback.
+    pub const FL: Field = Field::new(PATH, 1).at(C);
+    /// Path: ack timeout.
+    pub const ACK_TIMEOUT: Field = Field::new(PATH + 0x40, 5).at(C);
+    /// Path: port.
+    pub const VHCA_PORT_NUM: Field = Field::new(PATH + 0x128, 8).at(C);
+    /// Retries.
+    pub const RETRY_COUNT: Field = Field::new(0x38d, 3).at(C);
+    /// Receiver-not-ready retries (7: for ever).
+    pub const RNR_RETRY: Field = Field::new(0x390, 3).at(C);
+    /// Remote write enable.
+    pub const RWE: Field = Field::new(0x491, 1).at(C);
+    /// Receive CQ.
+    pub const CQN_RCV: Field = Field::new(0x4e8, 24).at(C);
+    /// Doorbell record address.
+    pub const DBR_ADDR: Field = Field::new(0x500, 64).at(C);
+    /// Receive queue type (0 regular, 3 zero-length).
+    pub const RQ_TYPE: Field = Field::new(0x565, 3).at(C);
+    /// CREATE_QP page list from this byte.
+    pub const PAS: usize = 0x110;
+    /// Transition input length.
+    pub const MODIFY_LEN: usize = 0x110;
+    /// Receive queue types.
+    pub const RQ_REGULAR: u64 = 0;
+    /// Zero-length receive queue (the firmware QP of a virtio queue).
+    pub const RQ_ZERO_LENGTH: u64 = 3;
+    /// Bytes of one receive WQE (one data segment).
+    pub const RQ_WQE_LEN: usize = 16;
+}
+
+/// UAR page doorbells, byte offsets in the page.
+pub mod uar {
+    /// Page size (log_uar_page_sz = 0).
+    pub const PAGE: u64 = 4096;
+    /// CQ arm (64-bit, big-endian {sn << 28 | cmd << 24 | ci, cqn}).
+    pub const CQ_DOORBELL: u64 = 0x20;
+    /// EQ consumer index, arming the EQ (BE32 eqn << 24 | ci).
+    pub const EQ_ARM: u64 = 0x40;
+    /// EQ consumer index only.
+    pub const EQ_UPDATE: u64 = 0x48;
+    /// EQE: type byte.
+    pub const EQE_TYPE: usize = 1;
+    /// EQE: the completion's cqn (BE32, low 24 bits).
+    pub const EQE_CQN: usize = 0x38;
+    /// EQE: owner byte.
+    pub const EQE_OWNER: usize = 63;
+    /// EQE size.
+    pub const EQE_LEN: usize = 64;
+    /// EQE type of a completion event.
+    pub const EQE_COMP: u8 = 0;
+    /// Most EQEs consumed between consumer index updates.
+    pub const EQ_UPDATE_EVERY: u32 = 0x80;
 }
 
 /// NIC vport context (MAC, MTU).

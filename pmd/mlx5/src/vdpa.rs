@@ -9,13 +9,16 @@
 //! memory, get one physical-address key that the IOMMU alone restricts), creates every queue (three UMEMs,
 //! a counters object, the VIRTIO_NET_Q in INIT with ring addresses, positions, key and event
 //! target), the steering (RQT over the receive queues, TIR, root flow table with the MAC and
-//! multicast rules), wires MSI-X vectors to the guest's call eventfds, moves the enabled queues
-//! to RDY and checks that none failed. `close` undoes it in reverse.
+//! multicast rules), wires MSI-X vectors to the guest's call eventfds (or, in QP mode, the event
+//! queue's vector to the event thread, [`crate::event`]), moves the enabled queues to RDY and
+//! checks that none failed. `close` undoes it in reverse.
 //!
 //! Devargs, in the spirit of DPDK's mlx5 vDPA driver (`mlx5:model,queues=2,event_mode=poll`):
 //! `queues` (queue pairs offered), `queue_size` (largest ring accepted), `event_mode`
-//! (`msix`: the device interrupts the guest through MSI-X; `poll`: no interrupts, NO_MSIX queues;
-//! `qp`: the event-queue chain, not implemented yet), `hw_latency_mode`, `hw_max_latency_us`,
+//! (`msix`: the device interrupts the guest through MSI-X, one vector per queue; `poll`: no
+//! interrupts, NO_MSIX queues; `qp`: each queue notifies through a firmware QP, a driver QP, a
+//! CQ and one event queue on MSI-X vector 0, and the event thread signals the call eventfds; in
+//! every mode a queue without a call eventfd is NO_MSIX, as DPDK does), `hw_latency_mode`, `hw_max_latency_us`,
 //! `hw_max_pending_comp` (completion moderation, passed to the queue objects), `mac`, `mtu`,
 //! `name`, and driver knobs `cmd_timeout_ms`, `dma_mem` (MiB), `mem` (`auto`, `2M`, `1G`,
 //! `no-huge`), `cmd_sig` (checksum mode). Model-only: `wire=loop|port`, `packed`,
@@ -36,6 +39,7 @@ use vdpakit_core::virtio::features as vf;
 
 use crate::cmd::CmdOptions;
 use crate::error::{Error, Result};
+use crate::event::{ChainIds, EventBase, EventStats, Events};
 use crate::hca::{Hca, HcaOptions};
 use crate::model::{Mlx5Model, ModelOptions, Wire};
 use crate::prm::{cap, vq};
@@ -50,7 +54,8 @@ pub enum EventMode {
     Poll,
     /// The device raises the queue's MSI-X vector, wired to the guest's call eventfd.
     Msix,
-    /// Through a firmware QP, CQ and EQ (not implemented yet).
+    /// Through a firmware QP, a driver QP, a CQ and an EQ; the event thread signals the call
+    /// eventfds.
     Qp,
 }
 
@@ -291,6 +296,7 @@ struct Running {
     layout: KeyLayout,
     vqs: Vec<Option<Vq>>,
     steering: Option<Steering>,
+    events: Option<Events>,
 }
 
 /// An mlx5 function as a vDPA device.
@@ -310,6 +316,10 @@ pub struct Mlx5Vdpa {
     retired: Vec<VqStats>,
 }
 
+/// The MSI-X vector of the QP mode's event queue (the driver has no asynchronous EQ, which
+/// would otherwise take vector 0; MSI-X mode uses vectors 1.. for the queues).
+const EQ_VECTOR: u16 = 0;
+
 /// virtio feature bit → mlx feature bit.
 const FEATURE_MAP: [(u64, u32); 9] = [
     (vf::NET_MRG_RXBUF, vq::feat::MRG_RXBUF),
@@ -326,21 +336,13 @@ const FEATURE_MAP: [(u64, u32); 9] = [
 impl Mlx5Vdpa {
     /// Brings `pci` up and makes the device's base resources.
     pub fn open(pci: PciDevice, args: Devargs) -> Result<Mlx5Vdpa> {
-        if args.event_mode == EventMode::Qp {
-            return Err(Error::NotSupported {
-                dev: pci.name().to_string(),
-                what:
-                    "event_mode=qp (the QP/CQ/EQ notification chain) is not implemented yet; use \
-                       msix or poll"
-                        .into(),
-            });
-        }
         let hca = Hca::open(pci, &args.hca_options())?;
         let name = args.name.clone().unwrap_or_else(|| hca.name().to_string());
         let caps = hca.caps().virtio.clone();
         let need = match args.event_mode {
             EventMode::Msix => cap::EVENT_MSIX,
-            _ => cap::EVENT_NO_MSIX,
+            EventMode::Qp => cap::EVENT_QP,
+            EventMode::Poll => cap::EVENT_NO_MSIX,
         };
         if caps.event_modes & need == 0 {
             return Err(Error::NotSupported {
@@ -429,6 +431,27 @@ impl Mlx5Vdpa {
     /// The model behind a `mlx5:model` device.
     pub fn model(&self) -> Option<&Arc<Mlx5Model>> {
         self.model.as_ref()
+    }
+
+    /// The QP event mode's counts (None unless configured in QP mode with a call eventfd).
+    pub fn event_stats(&self) -> Option<EventStats> {
+        self.run
+            .as_ref()
+            .and_then(|r| r.events.as_ref())
+            .map(|e| e.stats())
+    }
+
+    /// The QP event mode's objects: the EQ number and, per queue, (index, cqn, firmware QP,
+    /// driver QP).
+    pub fn event_objects(&self) -> Option<(u8, Vec<ChainIds>)> {
+        let e = self.run.as_ref()?.events.as_ref()?;
+        Some((
+            e.eq.eqn,
+            e.chains
+                .iter()
+                .map(|c| (c.index, c.cqn, c.fw_qpn, c.drv_qpn))
+                .collect(),
+        ))
     }
 
     /// The booted function.
@@ -521,8 +544,11 @@ impl Mlx5Vdpa {
 
     /// Builds everything into `run` (which the caller tears down on failure).
     fn build(&mut self, conf: &DevConf, run: &mut Running) -> std::result::Result<(), VdpaError> {
-        let base = self.base.as_ref().map(|b| (b.pd, b.td, b.tis, b.null_mkey));
-        let Some((pd, td, tis, null_mkey)) = base else {
+        let base = self
+            .base
+            .as_ref()
+            .map(|b| (b.pd, b.td, b.tis, b.null_mkey, b.uar));
+        let Some((pd, td, tis, null_mkey, uar)) = base else {
             return Err(self.cfg_err("device has no base resources".into()));
         };
         macro_rules! t {
@@ -550,6 +576,23 @@ impl Mlx5Vdpa {
             .unwrap_or(0);
         run.vqs.resize_with(nq, || None);
         let mut fds: Vec<Option<Arc<OwnedFd>>> = Vec::new();
+        if self.args.event_mode == EventMode::Qp {
+            let calls: Vec<(u16, Arc<OwnedFd>)> = conf
+                .queues
+                .iter()
+                .filter_map(|q| q.call.clone().map(|c| (q.index, c)))
+                .collect();
+            if !calls.is_empty() {
+                let ev = t!(Events::create(
+                    &self.hca,
+                    EventBase { pd, uar, null_mkey },
+                    EQ_VECTOR,
+                    &calls
+                ));
+                fds = vec![Some(ev.irq_fd())];
+                run.events = Some(ev);
+            }
+        }
         for q in &conf.queues {
             let va = |iova: u64, len: u64, what: &str| {
                 if run.layout.covers(iova, len) {
@@ -567,6 +610,7 @@ impl Mlx5Vdpa {
             let used = va(q.device, ul, "device area")?;
             let msix = self.args.event_mode == EventMode::Msix && q.call.is_some();
             let vector = u32::from(q.index) + 1;
+            let qpn = run.events.as_ref().and_then(|e| e.fw_qpn(q.index));
             if msix {
                 let v = vector as usize;
                 if fds.len() <= v {
@@ -580,12 +624,16 @@ impl Mlx5Vdpa {
                 packed,
                 version_1,
                 features,
-                event_mode: if msix {
-                    vq::EVENT_MSIX
-                } else {
-                    vq::EVENT_NO_MSIX
+                event_mode: match (msix, qpn) {
+                    (true, _) => vq::EVENT_MSIX,
+                    (_, Some(_)) => vq::EVENT_QP,
+                    _ => vq::EVENT_NO_MSIX,
                 },
-                event_target: if msix { vector } else { 0 },
+                event_target: match (msix, qpn) {
+                    (true, _) => vector,
+                    (_, Some(qpn)) => qpn,
+                    _ => 0,
+                },
                 desc,
                 avail,
                 used,
@@ -614,6 +662,9 @@ impl Mlx5Vdpa {
             &self.hca, td, &rqt, self.pairs, self.mac
         )));
         t!(self.hca.pci().set_msix(&fds));
+        if let Some(ev) = run.events.as_mut() {
+            t!(ev.start(&self.hca));
+        }
         for q in conf.queues.iter().filter(|q| q.enabled) {
             if let Some(v) = run.vqs[usize::from(q.index)].as_mut() {
                 t!(v.set_state(&self.hca, vq::STATE_RDY));
@@ -645,6 +696,9 @@ impl Mlx5Vdpa {
 
     fn teardown(&mut self, mut run: Running) -> Result<()> {
         let mut first: Option<Error> = None;
+        if let Some(ev) = run.events.as_mut() {
+            ev.stop();
+        }
         if let Err(e) = self.hca.pci().set_msix(&[]) {
             first.get_or_insert(e.into());
         }
@@ -667,6 +721,23 @@ impl Mlx5Vdpa {
                 Err(e) => tracing::warn!("{e}"),
             }
             if let Err(e) = v.destroy(&self.hca) {
+                tracing::warn!("{e}");
+                first.get_or_insert(e);
+            }
+        }
+        // The queue objects named the firmware QPs: the chains go after them.
+        if let Some(ev) = run.events.take() {
+            let s = ev.stats();
+            tracing::info!(
+                "{}: QP events: {} wakeups, {} EQEs, {} CQEs, {} signals, {} errors",
+                self.name,
+                s.wakeups,
+                s.eqes,
+                s.cqes,
+                s.signals,
+                s.errors
+            );
+            if let Err(e) = ev.destroy(&self.hca) {
                 tracing::warn!("{e}");
                 first.get_or_insert(e);
             }
@@ -824,16 +895,26 @@ impl VdpaDevice for Mlx5Vdpa {
             layout: KeyLayout::default(),
             vqs: Vec::new(),
             steering: None,
+            events: None,
         };
         match self.build(conf, &mut run) {
             Ok(()) => {
                 tracing::info!(
-                    "{}: configured {} queues (features {:#x}, key {:#x} over {} pieces)",
+                    "{}: configured {} queues (features {:#x}, key {:#x} over {} pieces, {})",
                     self.name,
                     conf.queues.len(),
                     conf.features,
                     run.keys.key,
-                    run.layout.pieces.len()
+                    run.layout.pieces.len(),
+                    match (&run.events, self.args.event_mode) {
+                        (Some(e), _) => format!(
+                            "event mode Qp: EQ {} on vector {}, {} chains",
+                            e.eq.eqn,
+                            e.eq.vector,
+                            e.chains.len()
+                        ),
+                        (None, m) => format!("event mode {m:?}"),
+                    }
                 );
                 self.run = Some(run);
                 Ok(())
@@ -1067,14 +1148,5 @@ mod tests {
             );
             assert!(e.contains(says), "{bad}: {e}");
         }
-    }
-
-    #[test]
-    fn qp_event_mode_is_refused_clearly() {
-        let mut a = Devargs::parse("model,event_mode=qp").unwrap();
-        a.mem = MemMode::NoHuge;
-        a.dma_mem = 4 << 20;
-        let e = Mlx5Vdpa::with_model(a).unwrap_err().to_string();
-        assert!(e.contains("event_mode=qp"), "{e}");
     }
 }

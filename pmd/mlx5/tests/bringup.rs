@@ -95,6 +95,40 @@ fn hundred_queue_bring_ups_leak_nothing() {
     assert_eq!(m.stats().leaked_objects, 0);
 }
 
+/// The same in QP event mode: each cycle also makes and destroys the EQ and, per queue, a CQ,
+/// two QPs and their connection; nothing is left behind.
+#[test]
+fn hundred_qp_mode_bring_ups_leak_nothing() {
+    use vdpakit_pmd_mlx5::model::Kind;
+    let (mut dev, m) = device("model,queues=2,event_mode=qp");
+    let g = Guest::new(dev.domain());
+    let f = features(false);
+    let rings: Vec<Ring> = (0..4).map(|i| Ring::new(&g, i, 256, f, true)).collect();
+    let refs: Vec<&Ring> = rings.iter().collect();
+    let base = m.live_objects();
+    let pages = dev.hca().arena().used_pages();
+    for i in 0..100 {
+        dev.configure(&conf(f, &refs)).unwrap();
+        let c = m.census();
+        assert_eq!(
+            (c[&Kind::Eq], c[&Kind::Cq], c[&Kind::Qp], c[&Kind::Vq]),
+            (1, 4, 8, 4),
+            "round {i}"
+        );
+        dev.close().unwrap();
+        assert_eq!(m.live_objects(), base, "round {i}: {:?}", m.census());
+        assert_eq!(
+            dev.hca().arena().used_pages(),
+            pages,
+            "round {i}: driver memory"
+        );
+    }
+    drop(dev);
+    assert_eq!(m.live_objects(), 0);
+    let s = m.stats();
+    assert_eq!((s.leaked_objects, s.failed, s.bad_doorbells), (0, 0, 0));
+}
+
 #[test]
 fn initializing_bit_wait_is_bounded() {
     let (_m, pci, _) = open_model(ModelOptions {
@@ -240,6 +274,35 @@ fn moved_queue_size_field_fails_loudly() {
         e.contains("CREATE_GENERAL_OBJECT(VIRTIO_NET_Q) [opcode 0x0a00] failed: bad parameter"),
         "{e}"
     );
+}
+
+/// A model writing the completion EQE's cqn 4 bytes late: the driver's event thread finds no
+/// CQ of that number and counts an error; the queue's notification reaches no call eventfd.
+#[test]
+fn moved_eqe_field_fails_loudly() {
+    let (m, pci, _) = open_model(ModelOptions {
+        skew: Some(Skew::EqeCqn),
+        ..ModelOptions::default()
+    });
+    let mut a = Devargs::parse("model,event_mode=qp").unwrap();
+    a.dma_mem = 4 << 20;
+    a.mem = vdpakit_core::mem::MemMode::NoHuge;
+    let mut dev = Mlx5Vdpa::open(pci, a).unwrap();
+    let g = Guest::new(dev.domain());
+    let f = features(false);
+    let mut rx = Ring::new(&g, 0, 64, f, true);
+    let mut tx = Ring::new(&g, 1, 64, f, true);
+    dev.configure(&conf(f, &[&rx, &tx])).unwrap();
+    rx.post_rx(&dev, 64);
+    let mac = dev.net_config().mac;
+    assert_eq!(tx.transmit(&g, &dev, &[frame(mac, 1, 1, 60)], 12), 1);
+    wait("the event thread to notice", || {
+        (dev.event_stats().unwrap().errors > 0).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(m.notifies(1) > 0 && m.stats().eqes > 0);
+    assert_eq!(dev.event_stats().unwrap().signals, 0);
+    assert_eq!(rx.interrupts() + tx.interrupts(), 0);
 }
 
 /// A function left enabled by a previous user (a process that died without teardown): the

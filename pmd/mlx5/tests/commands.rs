@@ -520,8 +520,8 @@ fn virtq_create_checks() {
             event_mode: vq::EVENT_QP,
             ..attr.clone()
         },
-        3,
-    );
+        5,
+    ); // QP mode naming no QP (tests/events.rs has the rest)
     bad(
         VirtqAttr {
             packed: true,

@@ -118,6 +118,16 @@ fn loopback_packed_msix() {
 }
 
 #[test]
+fn loopback_split_qp() {
+    loop_once("model,event_mode=qp", false);
+}
+
+#[test]
+fn loopback_packed_qp() {
+    loop_once("model,event_mode=qp", true);
+}
+
+#[test]
 fn poll_mode_raises_no_interrupts() {
     let (mut dev, model) = device("model,event_mode=poll");
     let g = Guest::new(dev.domain());

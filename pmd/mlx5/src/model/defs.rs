@@ -341,3 +341,119 @@ pub const DEST_TYPE_TIR: u8 = 2;
 pub const VPORT_OUT_BYTES: usize = 0x110;
 pub const VPORT_PERM_ADDR: Fld = Fld(0x80 + 0x7a0, 64);
 pub const VPORT_MTU: Fld = Fld(0x80 + 0x130, 16);
+
+// --- event queues, completion queues, QPs (QP event mode) ---
+/// Opcodes of the event chain.
+pub mod eopc {
+    pub const CREATE_EQ: u16 = 0x301;
+    pub const DESTROY_EQ: u16 = 0x302;
+    pub const CREATE_CQ: u16 = 0x400;
+    pub const DESTROY_CQ: u16 = 0x401;
+    pub const CREATE_QP: u16 = 0x500;
+    pub const DESTROY_QP: u16 = 0x501;
+    pub const RST2INIT: u16 = 0x502;
+    pub const INIT2RTR: u16 = 0x503;
+    pub const RTR2RTS: u16 = 0x504;
+    pub const TO_RST: u16 = 0x50a;
+}
+/// Command status: the QP is in the wrong state for the transition.
+pub const ST_BAD_QP_STATE: u8 = 0x10;
+
+/// General capabilities of the event chain (output byte 0x10 = bit 0x80).
+pub mod ecap {
+    use super::Fld;
+    pub const LOG_MAX_QP_SZ: Fld = Fld(0x80 + 0x88, 8);
+    pub const LOG_MAX_QP: Fld = Fld(0x80 + 0x9b, 5);
+    pub const LOG_MAX_CQ: Fld = Fld(0x80 + 0xdb, 5);
+}
+
+/// CREATE_EQ / DESTROY_EQ (eq_context at byte 0x10 = bit 0x80).
+pub mod eqf {
+    use super::Fld;
+    pub const LOG_SIZE: Fld = Fld(0x80 + 0x63, 5);
+    pub const UAR: Fld = Fld(0x80 + 0x68, 24);
+    pub const INTR: Fld = Fld(0x80 + 0xb8, 8);
+    pub const LOG_PG: Fld = Fld(0x80 + 0xc3, 5);
+    /// event_bitmask: four big-endian qwords from this byte.
+    pub const BITMASK_BYTE: usize = 0x58;
+    pub const PAS_BYTE: usize = 0x110;
+    /// CREATE_EQ output: eq_number. The model reads DESTROY_EQ's at the same place (its choice:
+    /// the facts give the output position only).
+    pub const NUMBER: Fld = Fld(0x58, 8);
+}
+
+/// CREATE_CQ / DESTROY_CQ (cq_context at byte 0x10 = bit 0x80; cqn at ID24 both ways).
+pub mod cqf {
+    use super::Fld;
+    pub const CQE_SZ: Fld = Fld(0x80 + 0x08, 3);
+    pub const CC: Fld = Fld(0x80 + 0x0b, 1);
+    pub const OI: Fld = Fld(0x80 + 0x0e, 1);
+    pub const LOG_SIZE: Fld = Fld(0x80 + 0x63, 5);
+    pub const UAR: Fld = Fld(0x80 + 0x68, 24);
+    pub const PERIOD: Fld = Fld(0x80 + 0x84, 12);
+    pub const MAX_COUNT: Fld = Fld(0x80 + 0x90, 16);
+    pub const EQN: Fld = Fld(0x80 + 0xb8, 8);
+    pub const LOG_PG: Fld = Fld(0x80 + 0xc3, 5);
+    pub const DBR: Fld = Fld(0x80 + 0x1c0, 64);
+    pub const PAS_BYTE: usize = 0x110;
+}
+
+/// CREATE_QP, the transitions, DESTROY_QP (qpc at byte 0x18 = bit 0xc0; qpn at ID24 both ways).
+pub mod qpf {
+    use super::Fld;
+    const Q: usize = 0xc0;
+    pub const OPT_MASK: Fld = Fld(0x80, 32);
+    pub const STATE: Fld = Fld(Q, 4);
+    pub const ST: Fld = Fld(Q + 0x08, 8);
+    pub const PM_STATE: Fld = Fld(Q + 0x13, 2);
+    pub const PD: Fld = Fld(Q + 0x28, 24);
+    pub const MTU: Fld = Fld(Q + 0x40, 3);
+    pub const LOG_MSG_MAX: Fld = Fld(Q + 0x43, 5);
+    pub const LOG_RQ_SIZE: Fld = Fld(Q + 0x49, 4);
+    pub const LOG_RQ_STRIDE: Fld = Fld(Q + 0x4d, 3);
+    pub const NO_SQ: Fld = Fld(Q + 0x50, 1);
+    pub const UAR: Fld = Fld(Q + 0x68, 24);
+    pub const LOG_PG: Fld = Fld(Q + 0xa3, 5);
+    pub const REMOTE_QPN: Fld = Fld(Q + 0xa8, 24);
+    /// Primary address path (ads) at qpc bit 0xc0: fl, ack_timeout, vhca_port_num.
+    pub const PATH_FL: Fld = Fld(Q + 0xc0, 1);
+    pub const PATH_ACK_TIMEOUT: Fld = Fld(Q + 0xc0 + 0x40, 5);
+    pub const PATH_PORT: Fld = Fld(Q + 0xc0 + 0x128, 8);
+    pub const RETRY: Fld = Fld(Q + 0x38d, 3);
+    pub const RNR_RETRY: Fld = Fld(Q + 0x390, 3);
+    pub const RWE: Fld = Fld(Q + 0x491, 1);
+    pub const CQN_RCV: Fld = Fld(Q + 0x4e8, 24);
+    pub const DBR: Fld = Fld(Q + 0x500, 64);
+    pub const RQ_TYPE: Fld = Fld(Q + 0x565, 3);
+    pub const PAS_BYTE: usize = 0x110;
+    /// Input length of the transition commands (header, qpn, mask, qpc).
+    pub const MODIFY_BYTES: usize = 0x110;
+    pub const RQ_REGULAR: u64 = 0;
+    pub const RQ_ZERO_LEN: u64 = 3;
+}
+
+/// UAR page doorbells (byte offsets in a UAR page).
+pub mod uar {
+    /// CQ arm: 64-bit, {BE32 sn << 28 | cmd << 24 | ci, BE32 cqn}.
+    pub const CQ_ARM: u64 = 0x20;
+    /// EQ consumer index and arm: BE32 eqn << 24 | ci.
+    pub const EQ_ARM: u64 = 0x40;
+    /// EQ consumer index, no arm.
+    pub const EQ_UPDATE: u64 = 0x48;
+    pub const PAGE: u64 = 4096;
+}
+
+/// Completion and event entries (byte offsets in a 64-byte entry).
+pub mod entry {
+    pub const LEN: usize = 64;
+    pub const CQE_BYTE_CNT: usize = 44;
+    pub const CQE_WQE_COUNTER: usize = 60;
+    pub const CQE_OP_OWN: usize = 63;
+    /// CQE opcode of a received send (responder).
+    pub const CQE_RESP_SEND: u8 = 2;
+    pub const EQE_TYPE: usize = 1;
+    pub const EQE_SUB_TYPE: usize = 3;
+    pub const EQE_CQN: usize = 0x38;
+    pub const EQE_OWNER: usize = 63;
+    pub const EQE_COMP: u8 = 0;
+}

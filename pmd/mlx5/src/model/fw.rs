@@ -86,6 +86,25 @@ pub struct FwStats {
     pub backlog_drops: u64,
     /// Frames dropped for not fitting a receive chain or being malformed.
     pub bad_frames: u64,
+    /// Used-ring publishes that asked for an interrupt (every event mode).
+    pub notifies: u64,
+    /// CQEs written (QP event mode).
+    pub cqes: u64,
+    /// EQEs written.
+    pub eqes: u64,
+    /// MSI-X interrupts raised by EQs.
+    pub eq_interrupts: u64,
+    /// QP-mode notifications not delivered (QPs not connected or ready, a CQ or EQ overrun,
+    /// ring memory not reachable, a QP reset or destroyed with notifications waiting).
+    pub events_lost: u64,
+    /// Times a notification found no receive WQE and waited.
+    pub rnr_waits: u64,
+    /// CQEs dropped because the CQ was full.
+    pub cq_overruns: u64,
+    /// EQEs dropped because the EQ was full.
+    pub eq_overruns: u64,
+    /// UAR writes naming no object of that UAR page, or of a width or offset with no meaning.
+    pub bad_doorbells: u64,
 }
 
 /// Where transmitted frames go.
@@ -114,6 +133,8 @@ pub struct Fw {
     pub stats: FwStats,
     pub last_failure: Option<Failure>,
     pub port_tx: VecDeque<Vec<u8>>,
+    /// Notifications asked for, by virtio queue index.
+    pub notifies: Vec<u64>,
 }
 
 /// Most frames the port's transmit queue holds before dropping.
@@ -136,6 +157,7 @@ impl Fw {
             stats: FwStats::default(),
             last_failure: None,
             port_tx: VecDeque::new(),
+            notifies: Vec::new(),
         }
     }
 
@@ -386,6 +408,7 @@ impl Fw {
             opc::DESTROY_FG => self.destroy_fg(inp),
             opc::SET_FTE => self.set_fte(inp),
             opc::DELETE_FTE => self.delete_fte(inp),
+            o if super::eq::is_event_op(o) => self.event_command(o, inp, out),
             _ => Err(Fail::new(
                 st::BAD_OP,
                 "unknown opcode",
@@ -440,6 +463,7 @@ impl Fw {
             DESTROY_UMEM,
         ]
         .contains(&opcode)
+            || super::eq::is_event_op(opcode)
     }
 
     fn alloc_plain(&mut self, kind: Kind, out: &mut [u8]) -> Result<(), Fail> {
@@ -551,10 +575,13 @@ impl Fw {
         match kind {
             CAP_GENERAL => {
                 wr(out, gcap::VHCA_ID, u64::from(o.vhca_id));
-                wr(out, gcap::LOG_MAX_CQ_SZ, 22);
-                wr(out, gcap::LOG_MAX_EQ_SZ, 22);
+                wr(out, gcap::LOG_MAX_CQ_SZ, super::eq::LOG_MAX_CQ_SZ.into());
+                wr(out, gcap::LOG_MAX_EQ_SZ, super::eq::LOG_MAX_EQ_SZ.into());
+                wr(out, ecap::LOG_MAX_QP_SZ, super::eq::LOG_MAX_QP_SZ.into());
+                wr(out, ecap::LOG_MAX_QP, 16);
+                wr(out, ecap::LOG_MAX_CQ, 16);
                 wr(out, gcap::LOG_MAX_MKEY, 20);
-                wr(out, gcap::LOG_MAX_EQ, 4);
+                wr(out, gcap::LOG_MAX_EQ, super::eq::LOG_MAX_EQ.into());
                 wr(out, gcap::FAST_TEARDOWN, 1);
                 wr(out, gcap::LOG_MAX_KLM, u64::from(o.log_max_klm));
                 wr(out, gcap::NIC_FLOW_TABLE, 1);
@@ -575,7 +602,7 @@ impl Fw {
                 wr(out, gcap::LOG_MAX_RQT_SZ, u64::from(o.log_max_rqt_size));
                 let types = (1u64 << OT_VIRTIO_NET_Q) | (1u64 << OT_VIRTIO_Q_COUNTERS);
                 wr(out, gcap::OBJ_TYPES, types);
-                wr(out, gcap::MAX_NUM_EQS, 64);
+                wr(out, gcap::MAX_NUM_EQS, 1 << super::eq::LOG_MAX_EQ);
                 wr(out, gcap::LOG_UAR_PG_SZ, 0);
                 Ok(())
             }

@@ -20,13 +20,18 @@
 //!   transmitted frame goes to the wire (looped back into receive steering, or out of a port the
 //!   test reads), a received frame is steered by destination MAC through a TIR and RQT into a
 //!   receive queue. MSI-X interrupts per queue; no interrupts in NO_MSIX mode.
+//! - The QP event mode ([`eq`]): EQs, CQs and QPs with their commands and state transitions,
+//!   CQEs and EQEs written into rings in DMA memory, UAR doorbells (CQ arm, EQ consumer index),
+//!   a queue's notification travelling firmware QP → driver QP receive WQE → CQE → EQE → the
+//!   EQ's MSI-X vector.
 //!
-//! What it leaves out: event queues, completion queues and QPs (the QP event mode is refused),
-//! asynchronous page requests, checksum and TSO offloads, mergeable receive buffers, dirty
-//! bitmap writes, and firmware timing.
+//! What it leaves out: asynchronous events and the command-completion EQ, asynchronous page
+//! requests, event moderation, send queues, checksum and TSO offloads, mergeable receive
+//! buffers, dirty bitmap writes, and firmware timing.
 
 mod bits;
 mod defs;
+mod eq;
 mod fw;
 mod mkey;
 mod steer;
@@ -45,6 +50,7 @@ use vdpakit_core::virtio::GuestMemory;
 
 use bits::{be32, be64};
 use defs::{reg, wire};
+pub use eq::{CqObj, EqObj, Event, QpObj, RingMem, qps};
 use fw::Fw;
 pub use fw::{Failure, FwStats, Wire, syndrome_of};
 pub use mkey::NULL_MKEY;
@@ -62,6 +68,8 @@ pub enum Skew {
     VqQueueSize,
     /// ALLOC_* return their id at bit 0x40 instead of 0x48.
     AllocId,
+    /// Completion EQEs carry the cqn 4 bytes after where they should.
+    EqeCqn,
 }
 
 /// What the model is and does.
@@ -646,6 +654,10 @@ impl DeviceModel for Mlx5Model {
                 k.fetch_add(1, Ordering::Relaxed);
             }
             self.wake();
+            return;
+        }
+        if offset >= u64::from(reg::FIRST_UAR) * 4096 {
+            self.uar_write(offset, buf);
             return;
         }
         if buf.len() == 4 && offset < 0x2000 {

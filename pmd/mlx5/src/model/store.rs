@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use super::defs::st;
+use super::eq::{CqObj, EqObj, QpObj};
 use super::fw::Fail;
 use super::mkey::MkeyObj;
 use super::vq::VqObj;
@@ -38,6 +39,12 @@ pub enum Kind {
     Vq,
     /// VIRTIO_Q_COUNTERS.
     Counters,
+    /// Event queue (id = eq_number, 8 bits).
+    Eq,
+    /// Completion queue.
+    Cq,
+    /// Queue pair.
+    Qp,
 }
 
 impl Kind {
@@ -57,6 +64,9 @@ impl Kind {
             Kind::Fte => "flow table entry",
             Kind::Vq => "VIRTIO_NET_Q",
             Kind::Counters => "VIRTIO_Q_COUNTERS",
+            Kind::Eq => "EQ",
+            Kind::Cq => "CQ",
+            Kind::Qp => "QP",
         }
     }
 }
@@ -162,6 +172,12 @@ pub enum Body {
     Vq(Box<VqObj>),
     /// Counters.
     Counters(Cnt),
+    /// Event queue.
+    Eq(EqObj),
+    /// Completion queue.
+    Cq(CqObj),
+    /// Queue pair.
+    Qp(QpObj),
 }
 
 /// One object.
@@ -182,22 +198,27 @@ pub struct Store {
     next: u32,
     next_uar: u32,
     next_mkey: u32,
+    next_eq: u32,
 }
 
 /// Frames waiting for receive buffers, per queue (bounded).
 pub type Backlog = VecDeque<Vec<u8>>;
 
 impl Store {
-    /// A fresh id for `kind` (24 bits, never 0, unique across kinds except keys and UARs).
+    /// A fresh id for `kind` (24 bits, never 0, unique across kinds except keys, UARs and EQs;
+    /// EQ numbers are 8 bits). The caller checks the kind's limit first (the EQ range must
+    /// not be full).
     pub fn fresh(&mut self, kind: Kind) -> u32 {
-        let (ctr, base) = match kind {
-            Kind::Uar => (&mut self.next_uar, super::defs::reg::FIRST_UAR),
+        let (ctr, base, end) = match kind {
+            Kind::Uar => (&mut self.next_uar, super::defs::reg::FIRST_UAR, 0xff_ffff),
             // Key index 1 is the null key.
-            Kind::Mkey => (&mut self.next_mkey, 2),
-            _ => (&mut self.next, 0x10),
+            Kind::Mkey => (&mut self.next_mkey, 2, 0xff_ffff),
+            // EQ numbers from 5: a driver assuming 0 is caught.
+            Kind::Eq => (&mut self.next_eq, 5, 0xff),
+            _ => (&mut self.next, 0x10, 0xff_ffff),
         };
         loop {
-            let id = base + (*ctr % (0xff_ffff - base));
+            let id = base + (*ctr % (end - base));
             *ctr = ctr.wrapping_add(1);
             if !self.map.contains_key(&(kind, u64::from(id))) {
                 return id;

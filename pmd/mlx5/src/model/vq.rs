@@ -13,6 +13,7 @@ use vdpakit_core::virtio::{AddrKind, DeviceQueue, GuestMemory, QueueConfig, Queu
 
 use super::bits::{rd, wr};
 use super::defs::*;
+use super::eq::Event;
 use super::fw::{Fail, Fw, PORT_TX_MAX, Wire};
 use super::mkey::{self, Piece};
 use super::store::{Backlog, Body, Kind};
@@ -41,7 +42,7 @@ pub struct Runtime {
     generation: u64,
     segs: Segs,
     hdr_len: usize,
-    vector: Option<u16>,
+    event: Event,
 }
 
 /// A VIRTIO_NET_Q.
@@ -149,12 +150,6 @@ impl Fw {
             return Err(bad("event mode not supported", format!("mode {mode}")));
         }
         let target = rd(raw, vqf::EVENT_TARGET);
-        if mode == 1 {
-            return Err(bad(
-                "QP event mode needs a firmware QP; the model has none",
-                format!("qpn {target:#x}"),
-            ));
-        }
         if mode == 2 && target >= u64::from(o.msix_vectors) {
             return Err(bad(
                 "MSI-X vector beyond the function's",
@@ -177,6 +172,9 @@ impl Fw {
         let pd = rd(raw, vqf::PD);
         self.store.get(Kind::Pd, pd)?;
         let mut deps = vec![(Kind::Pd, pd)];
+        if mode == 1 {
+            deps.push(self.event_qp_dep(target)?);
+        }
         let key = rd(raw, vqf::MKEY) as u32;
         if key != 0 {
             let m = mkey::lookup(&self.store, key)?;
@@ -450,7 +448,7 @@ impl Fw {
             generation,
             segs: Segs::new(),
             hdr_len: if v1 || feats & 4 != 0 { 12 } else { 10 },
-            vector: (mode == 2).then(|| rd(&raw, vqf::EVENT_TARGET) as u16),
+            event: Event::of(mode, rd(&raw, vqf::EVENT_TARGET)),
         };
         self.vq_mut(id)?.rt = Some(rt);
         Ok(())
@@ -588,8 +586,10 @@ impl Fw {
         let mut failed = None;
         let mut n = 0;
         let mut bad_frames = 0;
+        let mut notify = None;
         {
             let Ok(v) = self.vq_mut(id) else { return false };
+            let index = v.index();
             let Some(rt) = v.rt.as_mut() else {
                 return false;
             };
@@ -617,11 +617,12 @@ impl Fw {
                 }
                 n += 1;
             }
-            if rt.q.publish_used()
-                && let (Some(vec), Some(s)) = (rt.vector, irq.as_mut())
-            {
-                s.signal(vec);
+            if rt.q.publish_used() {
+                notify = Some((index, rt.event));
             }
+        }
+        if let Some((index, ev)) = notify {
+            self.raise(index, ev, irq);
         }
         self.stats.tx_frames += d.completed - bad_frames;
         self.stats.bad_frames += bad_frames;
@@ -638,8 +639,10 @@ impl Fw {
         let mut n = 0;
         let mut delivered = 0;
         let mut dropped = 0;
+        let mut notify = None;
         {
             let Ok(v) = self.vq_mut(id) else { return false };
+            let index = v.index();
             let VqObj { rt, backlog, .. } = v;
             let Some(rt) = rt.as_mut() else { return false };
             while n < BUDGET {
@@ -675,11 +678,12 @@ impl Fw {
                 }
                 n += 1;
             }
-            if rt.q.publish_used()
-                && let (Some(vec), Some(s)) = (rt.vector, irq.as_mut())
-            {
-                s.signal(vec);
+            if rt.q.publish_used() {
+                notify = Some((index, rt.event));
             }
+        }
+        if let Some((index, ev)) = notify {
+            self.raise(index, ev, irq);
         }
         self.stats.rx_frames += delivered;
         self.stats.bad_frames += dropped;
