@@ -599,6 +599,19 @@ impl Mbuf {
         self.hdr().pool
     }
 
+    /// Prefetches the cache line at `off` bytes from the data start (negative: into the
+    /// headroom). A hint: the address is never dereferenced, so any offset is harmless.
+    #[inline(always)]
+    pub fn prefetch_at(&self, off: isize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let p = self.data_ptr().wrapping_offset(off) as *const i8;
+            // SAFETY: a prefetch never faults and has no architectural effect, whatever the
+            // address; SSE is part of the x86-64 baseline.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
+        }
+    }
+
     /// Prefetches the first data cache line (a hint; no effect on correctness).
     #[inline(always)]
     pub fn prefetch_data(&self) {

@@ -95,6 +95,11 @@ pub(super) const KIND: PortKind = PortKind {
 
 /// Receive buffers are refilled once this many ring entries are free (or the ring is empty).
 const REFILL_BATCH: u16 = 32;
+/// Used receive buffers reaped before any is taken (see `RxRun::burst`).
+const RX_REAP: usize = 32;
+/// The transmit path reclaims used buffers when fewer descriptors than this (or than the burst
+/// needs) are free.
+const TX_FREE_THRESH: usize = 64;
 
 /// A feature the user may require, refuse or leave to negotiation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -474,6 +479,8 @@ struct RxRun {
     broken: bool,
     /// `q.implied()` as last reported to [`Shared::implied`].
     implied_seen: u64,
+    /// Mbufs taken from the cache in bulk for a refill.
+    fill: Burst,
 }
 
 /// What became of one used receive buffer.
@@ -513,6 +520,30 @@ impl RxRun {
             return;
         }
         let mut added = 0;
+        let mut left = usize::from(free);
+        // Whole bursts from the cache at once, then the remainder one by one.
+        while left > 0 {
+            let n = left.min(MAX_BURST);
+            if !cache.alloc_bulk(&mut self.fill, n) {
+                break;
+            }
+            let (fill, q, slots) = (&mut self.fill, &mut self.q, &mut self.slots);
+            let (h, buf_len) = (self.hdr_len, self.buf_len);
+            fill.drain_front(n, |m| {
+                let addr = m.data_iova() - h as u64;
+                let room = h + m.tailroom();
+                let len = buf_len.map_or(room, |b| b.min(room)) as u32;
+                match q.add(&[(addr, len, true)]) {
+                    Ok(id) => {
+                        slots[id as usize] = Some(m);
+                        added += 1;
+                    }
+                    // Not reached: `free` descriptors were free.
+                    Err(_) => cache.free(m),
+                }
+            });
+            left -= n;
+        }
         while self.q.free_count() > 0 {
             let Some(m) = cache.alloc() else { break };
             if let Err(m) = self.post(m) {
@@ -605,9 +636,20 @@ impl RxRun {
             return 0;
         }
         let (mut got, mut bytes, mut drops, mut errors) = (0usize, 0u64, 0u64, 0u64);
-        while pkts.room() > 0 {
-            let (id, len) = match self.q.reap() {
-                Ok(Some(x)) => x,
+        // Reap first, requesting each buffer's header line (the back end just wrote it, and
+        // `take` reads num_buffers there), then take them: the misses overlap instead of
+        // costing one round trip between the cores per packet.
+        let mut used = [(0u16, 0u32); RX_REAP];
+        let mut n = 0;
+        while n < pkts.room().min(RX_REAP) {
+            match self.q.reap() {
+                Ok(Some((id, len))) => {
+                    if let Some(Some(m)) = self.slots.get(id as usize) {
+                        m.prefetch_at(-(self.hdr_len as isize));
+                    }
+                    used[n] = (id, len);
+                    n += 1;
+                }
                 Ok(None) => break,
                 Err(_) => {
                     // The back end wrote a used entry for a buffer it does not have.
@@ -615,7 +657,9 @@ impl RxRun {
                     errors += 1;
                     break;
                 }
-            };
+            }
+        }
+        for &(id, len) in &used[..n] {
             let Some(m) = self.slots.get_mut(id as usize).and_then(Option::take) else {
                 errors += 1;
                 continue;
@@ -732,7 +776,7 @@ impl TxRun {
             if m.headroom() >= h && self.shared_span((start, m.buf_len())) {
                 let len = m.data_len();
                 if let Some(hdr) = m.prepend(h) {
-                    hdr.fill(0);
+                    crate::virtio::net::clear_hdr(hdr);
                 }
                 return self.add(&[(m.data_iova(), (len + h) as u32, false)], m, cache);
             }
@@ -741,7 +785,7 @@ impl TxRun {
             && m.segments().all(|s| self.shared_span(s.buf_span()))
         {
             if let Some(hdr) = m.prepend(h) {
-                hdr.fill(0);
+                crate::virtio::net::clear_hdr(hdr);
             }
             let mut bufs = [(0u64, 0u32, false); TX_MAX_SEGS];
             let segs = m.nb_segs() as usize;
@@ -778,7 +822,7 @@ impl TxRun {
             let ok = c.append(len).map(|d| m.read_at(0, d)) == Some(len);
             match c.prepend(h) {
                 Some(hdr) if ok => {
-                    hdr.fill(0);
+                    crate::virtio::net::clear_hdr(hdr);
                     Some(c)
                 }
                 _ => {
@@ -793,16 +837,35 @@ impl TxRun {
         self.add(&[(iova, (len + h) as u32, false)], c, cache)
     }
 
+    /// How many packets from the front of `pkts` fit in the free descriptors.
+    #[inline(always)]
+    fn fitting(&self, pkts: &Burst) -> usize {
+        let free = self.q.free_count() as usize;
+        let n = pkts.len().min(free);
+        if pkts.as_slice()[..n].iter().any(|m| m.nb_segs() > 1) {
+            return Self::fit(pkts, free);
+        }
+        n
+    }
+
     #[inline]
     fn burst(&mut self, pkts: &mut Burst, cache: &mut MempoolCache, stats: &QueueStats) -> usize {
         if self.broken {
             return 0;
         }
-        self.reclaim(cache);
-        let free = self.q.free_count() as usize;
-        let mut n = pkts.len().min(free);
-        if pkts.as_slice()[..n].iter().any(|m| m.nb_segs() > 1) {
-            n = Self::fit(pkts, free);
+        // Transmitted buffers are taken back only when the ring runs short (fewer free
+        // descriptors than the threshold, or than this burst needs): reading the used entries
+        // every burst meets the back end on the lines it is writing them to.
+        let mut reclaimed = false;
+        if (self.q.free_count() as usize) < pkts.len().max(TX_FREE_THRESH) {
+            self.reclaim(cache);
+            reclaimed = true;
+        }
+        let mut n = self.fitting(pkts);
+        if n < pkts.len() && !reclaimed {
+            // Chains need more descriptors than one per packet.
+            self.reclaim(cache);
+            n = self.fitting(pkts);
         }
         let (mut posted, mut bytes, mut drops) = (0u64, 0u64, 0u64);
         pkts.drain_front(n, |m| {
@@ -1445,6 +1508,7 @@ impl Control {
                     skip: 0,
                     broken: false,
                     implied_seen: 0,
+                    fill: Burst::new(MAX_BURST),
                 };
                 // Fill the ring before the back end may look at it: parked buffers first.
                 let parked = &mut self.parked[vring / 2];

@@ -290,6 +290,16 @@ pub mod net {
         }
     }
 
+    /// Clears a header in a buffer the other side will read, writing only when it is not clear
+    /// already. A recycled transmit buffer's header usually is (nothing sets its fields), and
+    /// a store would take the line back from the other core, which has just read it.
+    #[inline(always)]
+    pub fn clear_hdr(hdr: &mut [u8]) {
+        if hdr.iter().any(|&b| b != 0) {
+            hdr.fill(0);
+        }
+    }
+
     impl VirtioNetHdr {
         /// The 12 wire bytes (take the first [`hdr_len`] of them).
         pub fn to_bytes(&self) -> [u8; 12] {

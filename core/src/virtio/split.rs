@@ -676,7 +676,12 @@ impl SplitDriver {
     #[inline(always)]
     fn stage_avail(&mut self, head: u16, bufs: &[(u64, u32, bool)]) {
         let slot = self.avail_idx & self.mask;
-        self.avail.store_u16(avail_slot(slot), head);
+        // Only the driver writes the ring: an entry that already holds `head` (the usual case
+        // once the ring has gone round with in-order or one-descriptor chains) is left alone,
+        // so the device's cached copy of the line stays valid.
+        if self.avail.load_u16(avail_slot(slot)) != head {
+            self.avail.store_u16(avail_slot(slot), head);
+        }
         if self.in_order {
             self.heads[usize::from(slot)] = head;
             self.writable[usize::from(head)] = writable_len(bufs);

@@ -878,7 +878,7 @@ impl TxRun {
             }
             let len = m.data_len();
             if let Some(hdr) = m.prepend(h) {
-                hdr.fill(0);
+                vdpakit_core::virtio::net::clear_hdr(hdr);
             }
             let mut pieces = [(0u64, 0u32, false); MAX_PIECES];
             let k = self
