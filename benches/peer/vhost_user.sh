@@ -6,19 +6,15 @@
 # receives (rxonly), and the back end transmits (txonly) while the front end only receives;
 # split and packed rings. Runs alternate DPDK / vdpakit, ROUNDS times per case. The rate is
 # measured the same way for both back ends: on the front end, testpmd's "show port stats" pps
-# averaged over SECS seconds after a warm-up.
+# averaged over SECS seconds after a warm-up; each side's figure is the median of its rounds.
 #
-# Usage: benches/peer/vhost_user.sh [SECS=8] [ROUNDS=2]   (root, hugepages, dpdk-dev installed)
+# Usage: benches/peer/vhost_user.sh [SECS=8] [ROUNDS=5]   (root, hugepages, dpdk-dev installed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-8}
-ROUNDS=${2:-2}
+ROUNDS=${2:-5}
 WARM=3
-command -v dpdk-testpmd >/dev/null || { echo "dpdk-testpmd not found: apt-get install dpdk-dev" >&2; exit 2; }
-grep -q " hugetlbfs " /proc/mounts || { mkdir -p /dev/hugepages; mount -t hugetlbfs nodev /dev/hugepages; }
-(( $(cat /proc/sys/vm/nr_hugepages) >= 512 )) || echo 512 > /proc/sys/vm/nr_hugepages
-cargo build --release -q -p vdpakit-apps
-VK=target/release/vdpakit
+. benches/peer/common.sh
 work=$(mktemp -d /tmp/vk-bench.XXXXXX)
 trap 'pkill -f "file-prefix=vkb" 2>/dev/null; rm -rf "$work"' EXIT
 
@@ -55,19 +51,16 @@ for ring in split packed; do
     [[ $ring == packed ]] && dev="packed_vq=1,mrg_rxbuf=1,in_order=0" || dev="packed_vq=0,mrg_rxbuf=1,in_order=0"
     for dir in "virtio-user->backend" "backend->virtio-user"; do
         if [[ $dir == "virtio-user->backend" ]]; then fe=txonly; be=rxonly; else fe=rxonly; be=txonly; fi
-        declare -A sum=([dpdk]=0 [vdpakit]=0)
+        declare -A all=([dpdk]="" [vdpakit]="")
         for _ in $(seq "$ROUNDS"); do
             for kind in dpdk vdpakit; do
                 backend $kind $be
                 pps=$(frontend $fe "$dev")
                 kill $BE 2>/dev/null || true; wait $BE 2>/dev/null || true
-                sum[$kind]=$(( ${sum[$kind]} + ${pps:-0} ))
+                all[$kind]+=" ${pps:-0}"
             done
         done
-        d=$(echo "scale=3; ${sum[dpdk]} / $ROUNDS / 1000000" | bc)
-        v=$(echo "scale=3; ${sum[vdpakit]} / $ROUNDS / 1000000" | bc)
-        r=$(echo "scale=3; if (${sum[dpdk]} > 0) ${sum[vdpakit]} / ${sum[dpdk]} else 0" | bc)
-        printf "%-8s %-22s %10s %10s %8s\n" $ring "$dir" "$d" "$v" "$r"
+        report $ring "$dir" "${all[dpdk]}" "${all[vdpakit]}"
     done
 done
 echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $(nproc) cores; $(date -u +%F)"

@@ -5,21 +5,17 @@
 #
 # Cases (64 B, one queue, one core per side): the front end transmits (txonly) into the back end
 # (rxonly), and the back end transmits (txonly) into the front end (rxonly); split and packed
-# rings. Runs alternate DPDK / vdpakit front end, ROUNDS times per case. The rate is measured the
+# rings. Runs alternate DPDK / vdpakit front end, ROUNDS times per case (median reported). The rate is measured the
 # same way for both front ends: on the DPDK back end, testpmd's "show port stats" pps (Rx-pps of
 # what it received, or Tx-pps of what the front end's receive ring accepted) after a warm-up.
 #
-# Usage: benches/peer/virtio_user.sh [SECS=8] [ROUNDS=2]   (root, hugepages, dpdk-dev installed)
+# Usage: benches/peer/virtio_user.sh [SECS=8] [ROUNDS=5]   (root, hugepages, dpdk-dev installed)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-8}
-ROUNDS=${2:-2}
+ROUNDS=${2:-5}
 WARM=3
-command -v dpdk-testpmd >/dev/null || { echo "dpdk-testpmd not found: apt-get install dpdk-dev" >&2; exit 2; }
-grep -q " hugetlbfs " /proc/mounts || { mkdir -p /dev/hugepages; mount -t hugetlbfs nodev /dev/hugepages; }
-(( $(cat /proc/sys/vm/nr_hugepages) >= 512 )) || echo 512 > /proc/sys/vm/nr_hugepages
-cargo build --release -q -p vdpakit-apps
-VK=target/release/vdpakit
+. benches/peer/common.sh
 work=$(mktemp -d /tmp/vk-bench-vu.XXXXXX)
 trap 'pkill -f "file-prefix=vkv" 2>/dev/null; pkill -f "path=$work/sock" 2>/dev/null; rm -rf "$work"' EXIT
 
@@ -63,7 +59,7 @@ for packed in 0 1; do
     [[ $packed == 1 ]] && ring=packed || ring=split
     for dir in "front-end->back-end" "back-end->front-end"; do
         if [[ $dir == "front-end->back-end" ]]; then fe=txonly; be=rxonly; else fe=rxonly; be=txonly; fi
-        declare -A sum=([dpdk]=0 [vdpakit]=0)
+        declare -A all=([dpdk]="" [vdpakit]="")
         for _ in $(seq "$ROUNDS"); do
             for kind in dpdk vdpakit; do
                 rm -f "$work/sock"
@@ -72,13 +68,10 @@ for packed in 0 1; do
                 wait $BE 2>/dev/null || true
                 pps=$(measured $be)
                 kill $FE 2>/dev/null || true; wait $FE 2>/dev/null || true
-                sum[$kind]=$(( ${sum[$kind]} + ${pps:-0} ))
+                all[$kind]+=" ${pps:-0}"
             done
         done
-        d=$(echo "scale=3; ${sum[dpdk]} / $ROUNDS / 1000000" | bc)
-        v=$(echo "scale=3; ${sum[vdpakit]} / $ROUNDS / 1000000" | bc)
-        r=$(echo "scale=3; if (${sum[dpdk]} > 0) ${sum[vdpakit]} / ${sum[dpdk]} else 0" | bc)
-        printf "%-8s %-22s %10s %10s %8s\n" $ring "$dir" "$d" "$v" "$r"
+        report $ring "$dir" "${all[dpdk]}" "${all[vdpakit]}"
     done
 done
 
