@@ -463,6 +463,64 @@ fn eq_doorbell(h: &Hca, uar: u32, eqn: u8, ci: u32, arm: bool) {
 /// completions pending, the EQ vector only when armed, a driver QP out of receive WQEs
 /// (the notification waits, then comes once WQEs are posted and the CQ armed), and a collapsed
 /// CQ (every CQE in entry 0, the WQE counter telling them apart).
+/// A firmware QP and a driver QP (8 receive WQEs in `rq`, doorbell record at `rec` + 64,
+/// completions on `cqn`, doorbells through `uar` if given) connected to each other with
+/// `wqes` receive WQEs posted, and transmit queue 1 (64 entries, split) as a VIRTIO_NET_Q in
+/// QP mode naming the firmware QP, in RDY. Returns (firmware QP, driver QP, vdpakit's driver
+/// side of the ring, the queue object).
+fn qp_queue(
+    r: &Rig,
+    cqn: u32,
+    uar: Option<u32>,
+    rec: &DmaBuf,
+    rq: &DmaBuf,
+    wqes: u32,
+) -> (u32, u32, DriverQueue, Vq) {
+    let h = &r.h;
+    let fw = h
+        .create_qp(&QpAttr {
+            pd: r.pd,
+            zero_length: true,
+            ..QpAttr::default()
+        })
+        .unwrap();
+    let drv = h
+        .create_qp(&QpAttr {
+            pd: r.pd,
+            uar: uar.unwrap_or_default(),
+            cqn,
+            log_rq_size: 3,
+            dbr: rec.iova() + 64,
+            pages: rq.pages().collect(),
+            ..QpAttr::default()
+        })
+        .unwrap();
+    h.connect_qps(fw, drv).unwrap();
+    rec.write(64, &wqes.to_be_bytes()).unwrap();
+    let cfg = QueueConfig::at(ring_base(1), 64, features(false));
+    let q = DriverQueue::new(&cfg, &r.g.mem).unwrap();
+    let v = Vq::create(
+        h,
+        &VirtqAttr {
+            index: 1,
+            size: 64,
+            version_1: true,
+            desc: cfg.desc,
+            avail: cfg.avail,
+            used: cfg.used,
+            mkey: r.key,
+            pd: r.pd,
+            tisn: r.tis,
+            event_mode: vq::EVENT_QP,
+            event_target: fw,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    h.set_virtq_state(v.id, vq::STATE_RDY).unwrap();
+    (fw, drv, q, v)
+}
+
 #[test]
 fn notification_chain_by_hand() {
     for collapsed in [false, true] {
@@ -503,49 +561,8 @@ fn notification_chain_by_hand() {
             })
             .unwrap();
         let rq = mem(h, 16 * 8);
-        let fw = h
-            .create_qp(&QpAttr {
-                pd: r.pd,
-                zero_length: true,
-                ..QpAttr::default()
-            })
-            .unwrap();
-        let drv = h
-            .create_qp(&QpAttr {
-                pd: r.pd,
-                uar: r.uar,
-                cqn,
-                log_rq_size: 3,
-                dbr: rec.iova() + 64,
-                pages: rq.pages().collect(),
-                ..QpAttr::default()
-            })
-            .unwrap();
-        h.connect_qps(fw, drv).unwrap();
         // Four receive WQEs posted.
-        rec.write(64, &4u32.to_be_bytes()).unwrap();
-
-        let f = features(false);
-        let cfg = QueueConfig::at(ring_base(1), 64, f);
-        let mut q = DriverQueue::new(&cfg, &r.g.mem).unwrap();
-        let v = Vq::create(
-            h,
-            &VirtqAttr {
-                index: 1,
-                size: 64,
-                version_1: true,
-                desc: cfg.desc,
-                avail: cfg.avail,
-                used: cfg.used,
-                mkey: r.key,
-                pd: r.pd,
-                tisn: r.tis,
-                event_mode: vq::EVENT_QP,
-                event_target: fw,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (fw, drv, mut q, v) = qp_queue(&r, cqn, Some(r.uar), &rec, &rq, 4);
         h.set_virtq_state(v.id, vq::STATE_RDY).unwrap();
         let bell = h.caps().virtio.doorbell_offset;
         let mut sent = 0u32;
@@ -688,46 +705,7 @@ fn cq_overrun_is_counted() {
         })
         .unwrap();
     let rq = mem(h, 4096);
-    let fw = h
-        .create_qp(&QpAttr {
-            pd: r.pd,
-            zero_length: true,
-            ..QpAttr::default()
-        })
-        .unwrap();
-    let drv = h
-        .create_qp(&QpAttr {
-            pd: r.pd,
-            cqn,
-            log_rq_size: 3,
-            dbr: rec.iova() + 64,
-            pages: rq.pages().collect(),
-            ..QpAttr::default()
-        })
-        .unwrap();
-    h.connect_qps(fw, drv).unwrap();
-    rec.write(64, &8u32.to_be_bytes()).unwrap();
-    let f = features(false);
-    let cfg = QueueConfig::at(ring_base(1), 64, f);
-    let mut q = DriverQueue::new(&cfg, &r.g.mem).unwrap();
-    let v = Vq::create(
-        h,
-        &VirtqAttr {
-            index: 1,
-            size: 64,
-            version_1: true,
-            desc: cfg.desc,
-            avail: cfg.avail,
-            used: cfg.used,
-            mkey: r.key,
-            pd: r.pd,
-            tisn: r.tis,
-            event_mode: vq::EVENT_QP,
-            event_target: fw,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (_, _, mut q, v) = qp_queue(&r, cqn, None, &rec, &rq, 8);
     h.set_virtq_state(v.id, vq::STATE_RDY).unwrap();
     let bell = h.caps().virtio.doorbell_offset;
     for i in 0..3u32 {
