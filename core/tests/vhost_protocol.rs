@@ -1323,7 +1323,11 @@ fn dequeue_returns_buffers_in_batches_and_on_empty_poll_or_stop() {
         // One burst of 8: staged, not yet returned; an empty poll returns them.
         post(&mut drv, 8);
         assert_eq!(dequeue(&mut dev), 8);
-        assert_eq!(reap_all(&mut drv), 0, "packed={packed}: returned before the batch");
+        assert_eq!(
+            reap_all(&mut drv),
+            0,
+            "packed={packed}: returned before the batch"
+        );
         assert_eq!(dequeue(&mut dev), 0);
         assert_eq!(reap_all(&mut drv), 8, "packed={packed}: empty poll");
         // Bursts of 32 back to back: returned once 64 are staged, without an empty poll.
