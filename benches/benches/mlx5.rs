@@ -59,7 +59,7 @@ fn opts() -> HcaOptions {
 }
 
 fn commands(c: &mut Criterion) {
-    let m = Mlx5Model::new(ModelOptions::default());
+    let m = Mlx5Model::new(ModelOptions::default()).unwrap();
     let dom = DmaDomain::model();
     let hca = Hca::open(model::open(m.clone(), &dom).expect("open"), &opts()).expect("up");
     let mut g = c.benchmark_group("mlx5_cmd");
@@ -76,7 +76,7 @@ fn commands(c: &mut Criterion) {
 fn queue_pair(c: &mut Criterion) {
     let mut g = c.benchmark_group("mlx5_queue_pair");
 
-    let m = Mlx5Model::new(ModelOptions::default());
+    let m = Mlx5Model::new(ModelOptions::default()).unwrap();
     let dom = DmaDomain::model();
     let hca = Hca::open(model::open(m.clone(), &dom).expect("open"), &opts()).expect("up");
     let _mem = guest(&dom);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use model_common::*;
 use vdpakit_core::model::PollMode;
-use vdpakit_core::model::engine::{self, EngineShared, QueueSetup, VfShared};
+use vdpakit_core::model::engine::{self, EngineShared, QueueSetup, QueueView, VfShared};
 use vdpakit_core::model::eswitch::Wire;
 use vdpakit_core::pci::model::{DeviceModel, ModelBus};
 use vdpakit_core::pci::{DmaDomain, PciDevice};
@@ -103,7 +103,8 @@ fn a_vendor_model_with_its_own_translation_and_steering() {
         c.queues[1] = setup(&tx0, engine::NO_VECTOR);
         c.queues[2] = setup(&rx1, 2);
         c.queues[3] = setup(&tx1, engine::NO_VECTOR);
-        c.queue_mem = vec![Some(keyed.mem.clone()), Some(keyed.mem.clone()), None, None];
+        let view: Arc<dyn QueueView> = Arc::new(keyed.mem.clone());
+        c.queue_mem = vec![Some(Arc::clone(&view)), Some(view), None, None];
         // Steering: an odd last destination byte → pair 1, 0xff → a pair that does not exist.
         c.steer = Some(Arc::new(|f: &[u8]| match f[5] {
             0xff => 7,

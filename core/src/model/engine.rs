@@ -48,9 +48,15 @@
 //! # Hooks for vendor models
 //!
 //! [`VfControl::queue_mem`] gives a queue its own memory view (a model that translates ring and
-//! buffer addresses its own way, e.g. through memory keys) instead of the domain's;
+//! buffer addresses its own way, e.g. through memory keys) instead of the domain's, rebuilt from
+//! the domain's view whenever the mappings change; [`VfControl::queue_log`] gives a queue its own
+//! dirty log (a bitmap the model addresses through such a view, set per queue);
 //! [`VfControl::steer`] chooses the receive pair of each frame arriving from the wire (a flow
-//! table, RSS) instead of the wire's own pair. See [`spawn`] for how a model runs the engine.
+//! table, RSS) instead of the wire's own pair; [`VfControl::notify`] replaces the MSI-X vector
+//! with the model's own interrupt point (a queue that notifies through the model's event
+//! objects); [`VfShared::with_shared_bell`] gives a VF one doorbell page for all its queues, the
+//! value written naming the queue (a device whose doorbell is "write the queue index here").
+//! See [`spawn`] for how a model runs the engine.
 //!
 //! # Control
 //!
@@ -198,6 +204,47 @@ impl QueueSetup {
     }
 }
 
+/// A queue's own view of memory ([`VfControl::queue_mem`]), built from the VF's domain view:
+/// when the engine builds the queue and again whenever the domain's mappings change, so a
+/// translation the model keeps (memory keys) follows the IOMMU. Control path only.
+pub trait QueueView: Send + Sync + std::fmt::Debug {
+    /// The memory the queue's rings and buffers are addressed in, over `domain` (the VF's
+    /// domain view: IOVA = address).
+    fn view(&self, domain: &GuestMemory) -> GuestMemory;
+}
+
+/// A fixed view, whatever the domain maps.
+impl QueueView for GuestMemory {
+    fn view(&self, _domain: &GuestMemory) -> GuestMemory {
+        self.clone()
+    }
+}
+
+/// A queue's own dirty log ([`VfControl::queue_log`]): the bitmap at `[addr, addr + size)` of
+/// `view`'s memory (vhost log format: bit `n` = 4 KiB page `n` of the addresses the queue
+/// writes).
+#[derive(Debug, Clone)]
+pub struct QueueLog {
+    /// Where the bitmap is addressed.
+    pub view: Arc<dyn QueueView>,
+    /// Bitmap address in that view.
+    pub addr: u64,
+    /// Bitmap bytes.
+    pub size: u64,
+}
+
+impl QueueLog {
+    fn same(&self, o: &QueueLog) -> bool {
+        Arc::ptr_eq(&self.view, &o.view) && self.addr == o.addr && self.size == o.size
+    }
+}
+
+/// A model's interrupt point ([`VfControl::notify`]): called on the engine thread with the queue
+/// index whenever a used-ring publish asks for an interrupt, instead of raising the queue's
+/// MSI-X vector. It gets the engine's interrupt sender (an MSI-X vector costs no lock) and
+/// returns whether it raised anything (counted as `interrupts`). It must not block for long.
+pub type QueueNotify = Arc<dyn Fn(u16, &mut Option<IrqSender>) -> bool + Send + Sync>;
+
 /// One VF's control state: what the driver asked for.
 #[derive(Default)]
 pub struct VfControl {
@@ -217,9 +264,14 @@ pub struct VfControl {
     pub rep: Option<Vec<RepQueueEnds>>,
     /// Per-queue memory views replacing the domain's for that queue's rings and buffers (a
     /// model whose queues translate addresses their own way, e.g. through memory keys). `None`
-    /// (or a shorter vector): the domain view. The model keeps them current; the engine rebuilds
-    /// a queue when its view changes (`GuestMemory::ptr_eq`).
-    pub queue_mem: Vec<Option<GuestMemory>>,
+    /// (or a shorter vector): the domain view. The engine rebuilds a queue when its view changes
+    /// (another `Arc`) and re-reads every view when the domain's mappings change.
+    pub queue_mem: Vec<Option<Arc<dyn QueueView>>>,
+    /// Per-queue dirty logs replacing [`VfControl::log`] for that queue (a model that logs per
+    /// queue, through its own translation). `None` (or a shorter vector): the VF's log.
+    pub queue_log: Vec<Option<QueueLog>>,
+    /// The model's interrupt point instead of the queues' MSI-X vectors (`None`: the vectors).
+    pub notify: Option<QueueNotify>,
     /// Receive steering for frames arriving from the wire: the queue pair a frame goes to (a
     /// model's flow table or RSS). `None`: the wire's own pair (loop, cable, representor) or pair
     /// 0 (TAP). A pair the VF does not have drops the frame (counted on queue 0).
@@ -240,6 +292,7 @@ impl std::fmt::Debug for VfControl {
             .field("queues", &self.queues)
             .field("log", &self.log)
             .field("steer", &self.steer.is_some())
+            .field("notify", &self.notify.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -260,8 +313,11 @@ pub struct VfShared {
     /// Bumped by every `set_bus` (a function opened again, in another domain).
     bus_gen: AtomicU64,
     counters: Box<[QueueCounters]>,
-    /// Doorbell pages: queue `q` at `q * 4096`, as guest memory at address 0.
+    /// Doorbell pages: queue `q` at `q * 4096` (or one page for all, see `shared_bell`), as
+    /// guest memory at address 0.
     bells: GuestMemory,
+    /// One doorbell page for every queue: the value written names the queue.
+    shared_bell: bool,
     bell_seg: Arc<Segment>,
     /// Whether a representor port is attached.
     pub(crate) rep_taken: AtomicBool,
@@ -270,16 +326,27 @@ pub struct VfShared {
 impl VfShared {
     /// A VF with `pairs` queue pairs (its doorbell pages in a fresh memfd, one per queue).
     pub fn new(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
+        VfShared::build(index, pairs, mac, false)
+    }
+
+    /// A VF with `pairs` queue pairs whose queues share one doorbell page: a write of the queue
+    /// index (its low 16 bits) at offset 0 rings that queue (a host notifier maps the page).
+    pub fn with_shared_bell(index: u16, pairs: u16, mac: [u8; 6]) -> Result<VfShared, String> {
+        VfShared::build(index, pairs, mac, true)
+    }
+
+    fn build(index: u16, pairs: u16, mac: [u8; 6], shared_bell: bool) -> Result<VfShared, String> {
         let nq = usize::from(pairs) * 2;
+        let pages = if shared_bell { 1 } else { nq };
         let seg = Segment::new(
             &format!("sim-doorbells-{index}"),
-            nq * BELL_PAGE as usize,
+            pages * BELL_PAGE as usize,
             crate::mem::MemMode::NoHuge,
         )
         .map_err(|e| format!("doorbell pages: {e}"))?;
         let region = crate::virtio::GuestRegion::from_segment(&seg).rebased(0, 0);
         let bells = GuestMemory::new(vec![region]).map_err(|e| format!("doorbell pages: {e}"))?;
-        for q in 0..nq as u64 {
+        for q in 0..pages as u64 {
             bells
                 .write(q * BELL_PAGE, &BELL_IDLE.to_le_bytes())
                 .map_err(|e| format!("doorbell pages: {e}"))?;
@@ -298,6 +365,7 @@ impl VfShared {
             bus_gen: AtomicU64::new(0),
             counters: (0..nq).map(|_| QueueCounters::default()).collect(),
             bells,
+            shared_bell,
             bell_seg: seg,
             rep_taken: AtomicBool::new(false),
         })
@@ -325,7 +393,8 @@ impl VfShared {
         self.bus_gen.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// The memfd backing the doorbell pages (queue `q`'s page at offset `q * 4096`).
+    /// The memfd backing the doorbell pages (queue `q`'s page at offset `q * 4096`, or the one
+    /// shared page at 0).
     pub fn bell_segment(&self) -> &Arc<Segment> {
         &self.bell_seg
     }
@@ -337,13 +406,29 @@ impl VfShared {
         }
     }
 
-    /// Rings queue `q`'s doorbell as a register write would (the engine notices the page).
+    /// Rings queue `q`'s doorbell as a register write would (the engine notices the page). With
+    /// a shared page, `q` itself is written there.
     pub fn ring_bell(&self, q: u16, value: u32) {
-        if q < self.queues() {
-            let _ = self
-                .bells
-                .write(u64::from(q) * BELL_PAGE, &value.to_le_bytes());
+        if q >= self.queues() {
+            return;
         }
+        let (at, v) = if self.shared_bell {
+            (0, u32::from(q))
+        } else {
+            (u64::from(q) * BELL_PAGE, value)
+        };
+        let _ = self.bells.write(at, &v.to_le_bytes());
+    }
+
+    /// Whether the queues share one doorbell page.
+    pub fn has_shared_bell(&self) -> bool {
+        self.shared_bell
+    }
+
+    /// Doorbell pages to poll.
+    #[inline(always)]
+    fn bell_pages(&self) -> u16 {
+        if self.shared_bell { 1 } else { self.queues() }
     }
 }
 
@@ -500,8 +585,14 @@ fn spawn_thread(
 #[derive(Debug)]
 struct QRun {
     setup: QueueSetup,
-    /// The model's view for this queue (None: the domain's).
+    /// Where the model's view comes from (None: the domain's).
+    view: Option<Arc<dyn QueueView>>,
+    /// The model's view for this queue, built from `view` (None: the domain's).
     mem: Option<GuestMemory>,
+    /// The model's log for this queue (None: the VF's).
+    log_src: Option<QueueLog>,
+    /// The log this queue's writes are marked in (its own or the VF's).
+    log: Option<DirtyLog>,
     dq: Option<DeviceQueue>,
     broken: bool,
     notify: bool,
@@ -528,6 +619,7 @@ struct VfRun {
     wire: Wire,
     rep: Vec<RepQueueEnds>,
     steer: Option<RxSteer>,
+    notify: Option<QueueNotify>,
 }
 
 impl VfRun {
@@ -582,7 +674,19 @@ fn fail(sh: &VfShared, bus: Option<&ModelBus>, q: &mut QRun, qi: usize, e: &Queu
 }
 
 #[inline(always)]
-fn raise(irq: &mut Option<IrqSender>, c: &QueueCounters, vector: u16) {
+fn raise(
+    irq: &mut Option<IrqSender>,
+    notify: Option<&QueueNotify>,
+    qi: usize,
+    c: &QueueCounters,
+    vector: u16,
+) {
+    if let Some(n) = notify {
+        if n(qi as u16, irq) {
+            bump(&c.interrupts, 1);
+        }
+        return;
+    }
     if vector != NO_VECTOR {
         if let Some(s) = irq.as_mut() {
             s.signal(vector);
@@ -723,7 +827,10 @@ impl Engine {
                 queues: (0..nq)
                     .map(|_| QRun {
                         setup: QueueSetup::default(),
+                        view: None,
                         mem: None,
+                        log_src: None,
+                        log: None,
                         dq: None,
                         broken: false,
                         notify: false,
@@ -732,6 +839,7 @@ impl Engine {
                 wire,
                 rep: Vec::new(),
                 steer: None,
+                notify: None,
             });
         }
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
@@ -872,7 +980,7 @@ impl Engine {
                     return true;
                 }
             }
-            for q in 0..vf.sh.queues() {
+            for q in 0..vf.sh.bell_pages() {
                 let mut b = [0u8; 4];
                 if vf.sh.bells.read(u64::from(q) * BELL_PAGE, &mut b).is_ok()
                     && u32::from_le_bytes(b) != BELL_IDLE
@@ -928,6 +1036,7 @@ impl Engine {
             None => false,
         };
         vf.steer = ctl.steer.clone();
+        vf.notify = ctl.notify.clone();
         vf.features = ctl.features;
         vf.hdr_len = hdr_len(ctl.features);
         vf.mrg = ctl.features & vf::NET_MRG_RXBUF != 0;
@@ -956,14 +1065,14 @@ impl Engine {
             let want = ctl.running && s.enabled && s.size > 0;
             let q = &mut vf.queues[qi];
             let c = &sh.counters[qi];
-            let new_mem = ctl.queue_mem.get(qi).cloned().flatten();
-            let mem_changed = match (&q.mem, &new_mem) {
-                (Some(a), Some(b)) => !a.ptr_eq(b),
+            let new_view = ctl.queue_mem.get(qi).cloned().flatten();
+            let view_changed = match (&q.view, &new_view) {
+                (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
                 (None, None) => false,
                 _ => true,
             };
             if let Some(dq) = &q.dq
-                && (!want || !q.setup.same_ring(&s) || mem_changed)
+                && (!want || !q.setup.same_ring(&s) || view_changed)
             {
                 let (a, u) = positions(dq);
                 ctl.queues[qi].avail = Some(a);
@@ -977,11 +1086,31 @@ impl Engine {
                 q.broken = false;
                 c.broken.store(false, Ordering::Release);
             }
-            q.mem = new_mem;
+            if view_changed {
+                q.view = new_view;
+                q.mem = q.view.as_ref().map(|v| v.view(&vf.mem));
+            }
+            let new_log = ctl.queue_log.get(qi).cloned().flatten();
+            let qlog_changed = match (&q.log_src, &new_log) {
+                (Some(a), Some(b)) => !a.same(b),
+                (None, None) => false,
+                _ => true,
+            };
+            if qlog_changed || log_changed {
+                q.log_src = new_log;
+                q.log = queue_log(
+                    q.log_src.as_ref(),
+                    &vf.mem,
+                    vf.log.as_ref(),
+                    vf.bus.as_ref(),
+                    sh.index,
+                    qi,
+                );
+            }
             let s = ctl.queues[qi];
             if want && q.dq.is_none() && !q.broken {
                 let mem = q.mem.as_ref().unwrap_or(&vf.mem);
-                match Self::build(vf.features, mem, &s, vf.log.as_ref()) {
+                match Self::build(vf.features, mem, &s, q.log.as_ref()) {
                     Ok(dq) => {
                         let (a, u) = positions(&dq);
                         c.avail.store(u32::from(a), Ordering::Release);
@@ -992,8 +1121,8 @@ impl Engine {
                     Err(e) => fail(&sh, vf.bus.as_ref(), q, qi, &e),
                 }
             } else if want && let Some(dq) = &mut q.dq {
-                if log_changed {
-                    dq.set_log(vf.log.clone().map(|l| (l, s.device)));
+                if qlog_changed || log_changed {
+                    dq.set_log(q.log.clone().map(|l| (l, s.device)));
                 }
                 // Positions the driver set while the queue was stopped (suspended).
                 let (a, _) = positions(dq);
@@ -1070,6 +1199,16 @@ impl Engine {
             }
         }
         for (qi, q) in vf.queues.iter_mut().enumerate() {
+            // Views and logs follow the new mappings.
+            q.mem = q.view.as_ref().map(|v| v.view(&vf.mem));
+            q.log = queue_log(
+                q.log_src.as_ref(),
+                &vf.mem,
+                vf.log.as_ref(),
+                vf.bus.as_ref(),
+                vf.sh.index,
+                qi,
+            );
             let Some(old) = q.dq.take() else { continue };
             let (a, _) = positions(&old);
             let s = QueueSetup {
@@ -1078,7 +1217,7 @@ impl Engine {
             };
             drop(old);
             let mem = q.mem.as_ref().unwrap_or(&vf.mem);
-            match Self::build(vf.features, mem, &s, vf.log.as_ref()) {
+            match Self::build(vf.features, mem, &s, q.log.as_ref()) {
                 Ok(dq) => {
                     q.dq = Some(dq);
                     q.notify = false;
@@ -1117,16 +1256,28 @@ impl Engine {
         work
     }
 
-    /// Counts and clears rung doorbells.
+    /// Counts and clears rung doorbells (a shared page: the queue its value names).
     #[inline]
     fn check_bells(vf: &mut VfRun) -> usize {
         let mut n = 0;
-        for q in 0..vf.sh.queues() {
-            let at = u64::from(q) * BELL_PAGE;
+        let shared = vf.sh.shared_bell;
+        for p in 0..vf.sh.bell_pages() {
+            let at = u64::from(p) * BELL_PAGE;
             let mut b = [0u8; 4];
-            if vf.sh.bells.read(at, &mut b).is_ok() && u32::from_le_bytes(b) != BELL_IDLE {
+            if vf.sh.bells.read(at, &mut b).is_ok() {
+                let v = u32::from_le_bytes(b);
+                if v == BELL_IDLE {
+                    continue;
+                }
                 let _ = vf.sh.bells.write(at, &BELL_IDLE.to_le_bytes());
-                bump(&vf.sh.counters[usize::from(q)].kicks, 1);
+                let q = if shared {
+                    (v & 0xffff) as usize
+                } else {
+                    usize::from(p)
+                };
+                if let Some(c) = vf.sh.counters.get(q) {
+                    bump(&c.kicks, 1);
+                }
                 n += 1;
             }
         }
@@ -1209,7 +1360,7 @@ impl Engine {
             fail(sh, vf.bus.as_ref(), q, qi, &e);
         }
         if notify {
-            raise(&mut vf.irq, c, vector);
+            raise(&mut vf.irq, vf.notify.as_ref(), qi, c, vector);
         }
         bump(&c.packets, taken as u64);
         bump(&c.bytes, bytes);
@@ -1352,6 +1503,34 @@ impl Engine {
     }
 }
 
+/// The log queue `qi` marks: its own (`src`, through its view over `domain`), or the VF's. A
+/// bitmap its view does not reach is an IOMMU fault (recorded; the queue does not log).
+fn queue_log(
+    src: Option<&QueueLog>,
+    domain: &GuestMemory,
+    vf_log: Option<&DirtyLog>,
+    bus: Option<&ModelBus>,
+    vfi: u16,
+    qi: usize,
+) -> Option<DirtyLog> {
+    let Some(src) = src else {
+        return vf_log.cloned();
+    };
+    let mem = src.view.view(domain);
+    let log = DirtyLog::from_memory(&mem, src.addr, src.size);
+    if log.is_none() {
+        if let Some(b) = bus {
+            b.dma.record_fault(src.addr, src.size);
+        }
+        tracing::warn!(
+            "VF {vfi} queue {qi}: dirty log at {:#x} ({} bytes) does not translate: IOMMU fault, not logging",
+            src.addr,
+            src.size
+        );
+    }
+    log
+}
+
 #[inline(always)]
 fn q_store(c: &QueueCounters, a: u16, u: u16) {
     c.avail.store(u32::from(a), Ordering::Release);
@@ -1448,7 +1627,7 @@ fn rx_write<'a>(
     for (i, ch) in rx.staged_chains.iter().enumerate().take(first) {
         let data = frame(i);
         let w = rx.staged.write2(i, &hdr[..hl], data);
-        if let Some(l) = &vf.log {
+        if let Some(l) = &q.log {
             l.mark(rx.staged.gpa(i), w as u64);
         }
         dq.push_used(ch, w as u32);
@@ -1509,7 +1688,7 @@ fn rx_write<'a>(
                 let de = done + take - hl;
                 w += segs.write(w, &data[ds..de]);
             }
-            if let Some(l) = &vf.log {
+            if let Some(l) = &q.log {
                 segs.log_written(l, w as u32);
             }
             rx.chains[used] = (ch, w as u32);
@@ -1542,7 +1721,7 @@ fn rx_write<'a>(
         fail(sh, vf.bus.as_ref(), q, qi, &e);
     }
     if notify {
-        raise(&mut vf.irq, c, vector);
+        raise(&mut vf.irq, vf.notify.as_ref(), qi, c, vector);
     }
     bump(&c.packets, packets);
     bump(&c.bytes, bytes);

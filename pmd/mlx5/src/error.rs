@@ -126,6 +126,15 @@ pub enum Error {
         what: String,
     },
 
+    /// The device model could not be built (memory, threads, a TAP uplink).
+    #[error("mlx5 model {name}: {what}")]
+    Model {
+        /// Model name.
+        name: String,
+        /// What failed.
+        what: String,
+    },
+
     /// A device spec (`mlx5:...`) that does not parse.
     #[error("invalid mlx5 device spec '{spec}': {what}")]
     Spec {

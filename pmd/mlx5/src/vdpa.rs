@@ -21,8 +21,11 @@
 //! every mode a queue without a call eventfd is NO_MSIX, as DPDK does), `hw_latency_mode`, `hw_max_latency_us`,
 //! `hw_max_pending_comp` (completion moderation, passed to the queue objects), `mac`, `mtu`,
 //! `name`, and driver knobs `cmd_timeout_ms`, `dma_mem` (MiB), `mem` (`auto`, `2M`, `1G`,
-//! `no-huge`), `cmd_sig` (checksum mode). Model-only: `wire=loop|port`, `packed`,
-//! `freeze_to_rdy`.
+//! `no-huge`), `cmd_sig` (checksum mode). Model-only: `model=NAME` (the model device, created
+//! on first use and found by name after), `vfs` (functions of a new model), `vf` (the function
+//! this spec drives; without it a device spec drives all of them), `wire=loop|cable|port|tap:NAME|none`,
+//! `poll=adaptive|busy` (the engine thread), `packed`, `freeze_to_rdy`, `log` (0: the model
+//! cannot modify ready queues, so no hardware dirty logging: the binding's software relay).
 
 use std::os::fd::OwnedFd;
 use std::str::FromStr;
@@ -30,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vdpakit_core::mem::MemMode;
-use vdpakit_core::pci::{Bdf, DmaDomain, Doorbell, PciDevice};
+use vdpakit_core::pci::{Bdf, DmaDomain, Doorbell, NotifyArea, PciDevice};
 use vdpakit_core::vdpa::{
     DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqState, VqStats,
 };
@@ -41,7 +44,7 @@ use crate::cmd::CmdOptions;
 use crate::error::{Error, Result};
 use crate::event::{ChainIds, EventBase, EventStats, Events};
 use crate::hca::{Hca, HcaOptions};
-use crate::model::{Mlx5Model, ModelOptions, Wire};
+use crate::model::{Mlx5Device, Mlx5Model, ModelOptions, Wire};
 use crate::prm::{cap, vq};
 use crate::res::{KeyPiece, KeySet};
 use crate::steer::Steering;
@@ -78,6 +81,16 @@ pub struct Devargs {
     pub pci: Option<Bdf>,
     /// `model`: an in-process model.
     pub model: bool,
+    /// `model=NAME`: the model device's name.
+    pub model_name: Option<String>,
+    /// Model: functions of a new device.
+    pub vfs: u16,
+    /// Model: the function this spec drives (None: all).
+    pub vf: Option<u16>,
+    /// Model: the engine's polling.
+    pub poll: vdpakit_core::model::PollMode,
+    /// Model: modify_ext (hardware dirty logging possible).
+    pub log: bool,
     /// Device name.
     pub name: Option<String>,
     /// Queue pairs offered (default: what the device has, at most 8).
@@ -113,6 +126,11 @@ impl Default for Devargs {
         Devargs {
             pci: None,
             model: false,
+            model_name: None,
+            vfs: 1,
+            vf: None,
+            poll: vdpakit_core::model::PollMode::Adaptive,
+            log: true,
             name: None,
             queues: None,
             queue_size: 1024,
@@ -165,7 +183,28 @@ impl Devargs {
                 }
             };
             match k {
-                "model" => a.model = true,
+                "model" => {
+                    a.model = true;
+                    if !v.is_empty() {
+                        a.model_name = Some(v.to_string());
+                    }
+                }
+                "vfs" => {
+                    let n = num(64)?;
+                    if n == 0 {
+                        return Err(err("vfs=0: at least one function".into()));
+                    }
+                    a.vfs = n as u16;
+                }
+                "vf" => a.vf = Some(num(63)? as u16),
+                "poll" => {
+                    a.poll = match v {
+                        "adaptive" => vdpakit_core::model::PollMode::Adaptive,
+                        "busy" => vdpakit_core::model::PollMode::Busy,
+                        _ => return Err(err(format!("poll={v}: accepted are adaptive, busy"))),
+                    }
+                }
+                "log" => a.log = flag()?,
                 "pci" => a.pci = Some(v.parse::<Bdf>().map_err(|e| err(format!("pci={v}: {e}")))?),
                 "name" if !v.is_empty() => a.name = Some(v.to_string()),
                 "queues" => {
@@ -215,7 +254,16 @@ impl Devargs {
                     a.wire = match v {
                         "loop" => Wire::Loop,
                         "port" => Wire::Port,
-                        _ => return Err(err(format!("wire={v}: accepted are loop, port"))),
+                        "cable" => Wire::Cable,
+                        "none" => Wire::None,
+                        t if t.starts_with("tap:") && t.len() > 4 && t.len() <= 4 + 13 => {
+                            Wire::Tap(t[4..].to_string())
+                        }
+                        _ => {
+                            return Err(err(format!(
+                                "wire={v}: accepted are loop, cable, port, tap:IFNAME (1..=13 characters), none"
+                            )));
+                        }
                     }
                 }
                 "packed" => a.packed = flag()?,
@@ -224,10 +272,19 @@ impl Devargs {
                     return Err(err(format!(
                         "unknown key '{k}': accepted are model, pci, name, queues, queue_size, \
                          event_mode, mac, mtu, hw_latency_mode, hw_max_latency_us, hw_max_pending_comp, \
-                         cmd_timeout_ms, dma_mem, mem, cmd_sig, wire, packed, freeze_to_rdy"
+                         cmd_timeout_ms, dma_mem, mem, cmd_sig, vfs, vf, wire, poll, packed, freeze_to_rdy, log"
                     )));
                 }
             }
+        }
+        if let Some(k) = a.vf
+            && k >= a.vfs
+            && a.model_name.is_none()
+        {
+            return Err(err(format!(
+                "vf={k}: the model has functions 0..{} (vfs=)",
+                a.vfs
+            )));
         }
         match (a.model, a.pci.is_some()) {
             (true, true) => Err(err("model and pci= exclude each other".into())),
@@ -312,6 +369,8 @@ pub struct Mlx5Vdpa {
     run: Option<Running>,
     doorbell: Doorbell,
     model: Option<Arc<Mlx5Model>>,
+    /// The model device the function belongs to (kept alive).
+    device: Option<Arc<Mlx5Device>>,
     /// Counts of queue objects already destroyed, by queue index.
     retired: Vec<VqStats>,
 }
@@ -380,6 +439,7 @@ impl Mlx5Vdpa {
             run: None,
             doorbell,
             model: None,
+            device: None,
             retired: Vec::new(),
         };
         dev.base = Some(dev.make_base()?);
@@ -396,16 +456,19 @@ impl Mlx5Vdpa {
         Ok(dev)
     }
 
-    /// A device over a new model in its own DMA domain (`mlx5:model`).
-    pub fn with_model(args: Devargs) -> Result<Mlx5Vdpa> {
+    /// The model device a `mlx5:model` spec names: the live one of that name, or a new one built
+    /// from the devargs.
+    pub fn model_device(args: &Devargs) -> Result<Arc<Mlx5Device>> {
         let mut o = ModelOptions {
-            wire: args.wire,
+            wire: args.wire.clone(),
             packed: args.packed,
             freeze_to_rdy: args.freeze_to_rdy,
             verify_signatures: args.cmd_sig,
+            modify_ext: args.log,
+            poll: args.poll,
             ..ModelOptions::default()
         };
-        if let Some(n) = &args.name {
+        if let Some(n) = args.model_name.as_ref().or(args.name.as_ref()) {
             o.name = n.clone();
         }
         if let Some(m) = args.mac {
@@ -420,12 +483,39 @@ impl Mlx5Vdpa {
             let log = (32 - u32::from(q).saturating_sub(1).leading_zeros()) as u8;
             o.log_max_rqt_size = o.log_max_rqt_size.max(log);
         }
-        let model = Mlx5Model::new(o);
+        let name = o.name.clone();
+        let vfs = args.vfs;
+        Mlx5Device::get_or_create(&name, move || Mlx5Device::new(o, vfs))
+    }
+
+    /// A device over function `vf` of `model`, opened in a DMA domain of its own.
+    pub fn on_model(model: &Arc<Mlx5Device>, vf: u16, args: Devargs) -> Result<Mlx5Vdpa> {
+        let Some(f) = model.functions().get(usize::from(vf)).cloned() else {
+            return Err(Error::Config {
+                dev: model.name().to_string(),
+                what: format!(
+                    "vf={vf}: the model has functions 0..{}",
+                    model.functions().len()
+                ),
+            });
+        };
+        let mut args = args;
+        if model.functions().len() > 1 {
+            args.name = Some(f.options().name.clone());
+        }
         let domain = DmaDomain::model();
-        let pci = vdpakit_core::pci::model::open(model.clone(), &domain)?;
+        let pci = vdpakit_core::pci::model::open(f.clone(), &domain)?;
         let mut dev = Mlx5Vdpa::open(pci, args)?;
-        dev.model = Some(model);
+        dev.model = Some(f);
+        dev.device = Some(Arc::clone(model));
         Ok(dev)
+    }
+
+    /// A device over a model in its own DMA domain (`mlx5:model`): function `vf` (default 0).
+    pub fn with_model(args: Devargs) -> Result<Mlx5Vdpa> {
+        let d = Mlx5Vdpa::model_device(&args)?;
+        let vf = args.vf.unwrap_or(0);
+        Mlx5Vdpa::on_model(&d, vf, args)
     }
 
     /// The model behind a `mlx5:model` device.
@@ -760,12 +850,22 @@ impl Mlx5Vdpa {
             })
     }
 
+    /// Moves every queue in state `from` to `to`: transmit queues first when stopping, receive
+    /// queues first when starting, so no frame in flight finds its receive queue stopped.
     fn set_all(&mut self, from: u8, to: u8) -> std::result::Result<(), VdpaError> {
         let Some(run) = self.run.as_mut() else {
             return Ok(());
         };
-        for v in run.vqs.iter_mut().flatten().filter(|v| v.state == from) {
-            v.set_state(&self.hca, to)?;
+        let first = if to == vq::STATE_RDY { 0 } else { 1 };
+        for parity in [first, 1 - first] {
+            for v in run
+                .vqs
+                .iter_mut()
+                .flatten()
+                .filter(|v| v.state == from && v.index % 2 == parity)
+            {
+                v.set_state(&self.hca, to)?;
+            }
         }
         Ok(())
     }
@@ -1019,6 +1119,16 @@ impl VdpaDevice for Mlx5Vdpa {
         Ok((self.doorbell.clone(), u32::from(qid)))
     }
 
+    /// The doorbell page (every queue's: the queue index written there), when the function
+    /// lets it be mapped (a model's shared doorbell page; a VFIO BAR page).
+    fn notify_area(&self, qid: u16) -> Option<NotifyArea> {
+        if qid >= self.pairs * 2 {
+            return None;
+        }
+        let off = self.hca.caps().virtio.doorbell_offset;
+        self.hca.pci().notify_area(0, off, 4)
+    }
+
     fn stats(&self, qid: u16) -> std::result::Result<VqStats, VdpaError> {
         if qid >= self.pairs * 2 {
             return Err(VdpaError::BadQueue {
@@ -1087,9 +1197,19 @@ fn to_stats(c: &QCounters) -> VqStats {
 /// Creates the devices of an `mlx5:` spec (`model` or `pci=BDF`, with devargs).
 pub fn create(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
     let args = Devargs::parse(params)?;
-    let dev = if args.model {
-        Mlx5Vdpa::with_model(args)?
-    } else {
+    if args.model {
+        let d = Mlx5Vdpa::model_device(&args)?;
+        let vfs: Vec<u16> = match args.vf {
+            Some(k) => vec![k],
+            None => (0..d.functions().len() as u16).collect(),
+        };
+        let mut out: Vec<Box<dyn VdpaDevice>> = Vec::new();
+        for k in vfs {
+            out.push(Box::new(Mlx5Vdpa::on_model(&d, k, args.clone())?));
+        }
+        return Ok(out);
+    }
+    let dev = {
         let bdf = args.pci.ok_or_else(|| Error::Spec {
             spec: format!("mlx5:{params}"),
             what: "pci=BDF missing".into(),

@@ -21,7 +21,8 @@ fn mac(dev: &dyn VdpaDevice) -> [u8; 6] {
 }
 
 /// Moves `n` frames from the guest's transmit ring through the looped wire into its receive
-/// ring, keeping both rings fed; returns the frames received in order.
+/// ring, keeping both rings fed and never more frames in flight than receive buffers posted (a
+/// frame finding no buffer is dropped, as on a wire); returns the frames received in order.
 fn pump(
     g: &Guest,
     dev: &dyn VdpaDevice,
@@ -31,9 +32,11 @@ fn pump(
 ) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut sent = 0;
+    let window = rx.posted();
     wait("all frames through the loop", || {
-        if sent < frames.len() {
-            sent += tx.transmit(g, dev, &frames[sent..], HDR);
+        let end = frames.len().min(got.len() + window);
+        if sent < end {
+            sent += tx.transmit(g, dev, &frames[sent..end], HDR);
         }
         tx.reap_tx();
         let r = rx.reap_rx(g, HDR);
@@ -171,16 +174,18 @@ fn both_ways_through_a_port() {
     });
     assert_eq!(wire, out);
 
-    // Wire → guest: the backlog holds what does not fit until buffers come.
+    // Wire → guest, never more frames in flight than the ring has buffers.
     let inbound: Vec<Vec<u8>> = (0..700)
         .map(|i| frame(m, 4, i, 64 + (i as usize % 900)))
         .collect();
-    for fr in &inbound {
-        model.inject(fr.clone());
-    }
     rx.post_rx(&dev, 128);
     let mut got = Vec::new();
+    let mut sent = 0;
     wait("receive from the wire", || {
+        while sent < inbound.len() && sent - got.len() < 128 {
+            assert!(model.inject(&inbound[sent]));
+            sent += 1;
+        }
         let r = rx.reap_rx(&g, HDR);
         let n = r.len();
         got.extend(r);
@@ -188,11 +193,27 @@ fn both_ways_through_a_port() {
         (got.len() >= inbound.len()).then_some(())
     });
     assert_eq!(got, inbound);
-    let s = model.stats();
+    // 128 buffers posted, 138 frames: the last 10 find none and are dropped, counted.
+    for i in 0..138 {
+        assert!(model.inject(&frame(m, 4, 1000 + i, 80)));
+    }
+    let s = wait("the frames counted", || {
+        let s = model.stats();
+        (s.rx_frames + s.rx_drops >= 838).then_some(s)
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(model.stats(), s, "nothing more");
     assert_eq!(
-        (s.tx_frames, s.rx_frames, s.backlog_drops, s.steer_drops),
-        (500, 700, 0, 0)
+        (
+            s.tx_frames,
+            s.rx_frames,
+            s.rx_drops,
+            s.steer_drops,
+            s.tx_drops
+        ),
+        (500, 828, 10, 0, 0)
     );
+    assert_eq!(rx.reap_rx(&g, HDR).len(), 128);
 }
 
 /// Four queue pairs: the RQT spreads flows over the receive queues by a symmetric Toeplitz
@@ -233,7 +254,7 @@ fn multiqueue_steering_by_flow() {
             let data = [lo.0, hi.0, lo.1, hi.1].concat();
             let q = (toeplitz(&RSS_KEY, &data) & 3) as u16 * 2;
             expect.entry(q).or_default().push(n);
-            model.inject(fr);
+            assert!(model.inject(&fr));
             n += 1;
         }
     }
@@ -415,7 +436,7 @@ fn enabling_pairs_follows_in_the_rqt() {
     let m = mac(&dev);
     let round = |dev: &Mlx5Vdpa, rings: &mut [Ring], seq0: u32| -> [usize; 2] {
         for flow in 0..64u16 {
-            model.inject(frame(m, flow, seq0 + u32::from(flow), 80));
+            assert!(model.inject(&frame(m, flow, seq0 + u32::from(flow), 80)));
         }
         let mut got = [0usize; 2];
         wait("a round of flows", || {
@@ -436,4 +457,47 @@ fn enabling_pairs_follows_in_the_rqt() {
     dev.set_vring_state(2, false).unwrap();
     assert_eq!(round(&dev, &mut rings, 200), [64, 0]);
     assert_eq!(model.stats().steer_drops, 0);
+}
+
+/// The doorbell page as a host notifier: every queue's notify area is the one page at the
+/// doorbell offset, and writing a queue's index into it (as a guest does through QEMU's mapping
+/// of it) rings that queue, without a register write.
+#[test]
+fn doorbell_page_is_every_queues_host_notifier() {
+    use std::os::fd::AsFd;
+    let (mut dev, model) = device("model");
+    let g = Guest::new(dev.domain());
+    let f = features(false);
+    let mut rx = Ring::new(&g, 0, 64, f, true);
+    let mut tx = Ring::new(&g, 1, 64, f, true);
+    dev.configure(&conf(f, &[&rx, &tx])).unwrap();
+    rx.post_rx(&dev, 64);
+    let a0 = dev.notify_area(0).expect("queue 0 has a notify area");
+    let a1 = dev.notify_area(1).expect("queue 1 has a notify area");
+    assert!(dev.notify_area(2 * dev.max_queue_pairs()).is_none());
+    assert_eq!((a0.offset, a0.size, a1.offset), (0, 4096, 0));
+    let ino =
+        |a: &vdpakit_core::pci::NotifyArea| nix::sys::stat::fstat(a.fd.as_fd()).unwrap().st_ino;
+    assert_eq!(ino(&a0), ino(&a1), "one page for every queue");
+    let m = mac(&dev);
+    for (i, q) in [(0u32, 1u16), (1, 0), (2, 1)] {
+        let before = model.kicks(q);
+        if q == 1 {
+            // A frame posted without a register doorbell: the page write is the kick.
+            let fr = frame(m, 3, i, 70);
+            assert_eq!(tx.transmit_quiet(&g, &[fr.clone()], HDR), 1);
+            nix::sys::uio::pwrite(a1.fd.as_fd(), &q.to_le_bytes(), a1.offset as i64).unwrap();
+            let got = wait("the frame", || {
+                let r = rx.reap_rx(&g, HDR);
+                (!r.is_empty()).then_some(r)
+            });
+            assert_eq!(got, vec![fr]);
+            rx.post_rx(&dev, 1);
+        } else {
+            nix::sys::uio::pwrite(a0.fd.as_fd(), &q.to_le_bytes(), a0.offset as i64).unwrap();
+        }
+        wait("the kick counted on its queue", || {
+            (model.kicks(q) == before + 1).then_some(())
+        });
+    }
 }

@@ -286,6 +286,10 @@ pub const VQ_SELECT_FIELDS: &[(u32, &[Fld])] = &[
     (14, &[vqf::DESC_GROUP_MKEY]),
 ];
 pub const SEL_STATE: u64 = 1;
+pub const SEL_DIRTY_PARAMS: u64 = 1 << 3;
+pub const SEL_DIRTY_DUMP: u64 = 1 << 4;
+/// The mlx feature index of MRG_RXBUF (queue_feature_bit_mask).
+pub const MLX_MRG_RXBUF: u64 = 2;
 pub const VQ_INIT: u8 = 0;
 pub const VQ_RDY: u8 = 1;
 pub const VQ_SUSPEND: u8 = 2;

@@ -4,8 +4,9 @@
 //! consumer index at +0x40 with arm and +0x48 without), and the notification chain.
 //!
 //! A queue in QP mode names a firmware QP (zero-length receive queue) connected to a driver QP.
-//! Each notification the queue raises ([`Fw::raise`], the queue engine's single interrupt
-//! point) is a zero-length send on that connection: it consumes one receive WQE of the driver
+//! Each notification the queue raises (the model's single interrupt point,
+//! `model::interrupt`, which the kit's engine calls for the queue, lands here in
+//! [`Fw::qp_notify`]) is a zero-length send on that connection: it consumes one receive WQE of the driver
 //! QP (the RQ doorbell record holds the driver's posted count), writes a CQE into the driver
 //! QP's receive CQ (in DMA memory through the domain; owner bit = pass parity, wqe_counter =
 //! the WQE consumed), and, when that CQ is armed, one EQE (type COMP, the cqn) into the CQ's
@@ -74,6 +75,20 @@ impl Event {
             2 => Event::Msix(target as u16),
             _ => Event::None,
         }
+    }
+
+    /// As one word (the interrupt point reads it without a lock): mode << 32 | target.
+    pub fn encode(self) -> u64 {
+        match self {
+            Event::None => 0,
+            Event::Qp(q) => 1 << 32 | u64::from(q),
+            Event::Msix(v) => 2 << 32 | u64::from(v),
+        }
+    }
+
+    /// Back from [`Event::encode`].
+    pub fn decode(w: u64) -> Event {
+        Event::of(w >> 32, w & 0xffff_ffff)
     }
 }
 
@@ -580,24 +595,9 @@ impl Fw {
         }
     }
 
-    /// A queue's interrupt point: its used-ring publish asked for an interrupt. MSI-X signals
-    /// the vector, QP mode sends on the firmware QP, NO_MSIX does nothing.
-    pub fn raise(&mut self, index: u16, ev: Event, irq: &mut Option<IrqSender>) {
-        self.stats.notifies += 1;
-        let i = usize::from(index);
-        if self.notifies.len() <= i {
-            self.notifies.resize(i + 1, 0);
-        }
-        self.notifies[i] += 1;
-        match ev {
-            Event::None => {}
-            Event::Msix(v) => {
-                if let Some(s) = irq.as_mut() {
-                    s.signal(v);
-                }
-            }
-            Event::Qp(qpn) => self.qp_send(qpn, irq),
-        }
+    /// A queue in QP mode asked for an interrupt: a send on its firmware QP `fw`.
+    pub fn qp_notify(&mut self, fw: u32, irq: &mut Option<IrqSender>) {
+        self.qp_send(fw, irq);
     }
 
     /// The driver QP `fw` is connected to, if both ends are connected and ready.
@@ -835,7 +835,9 @@ impl Mlx5Model {
     pub(super) fn uar_write(&self, off: u64, buf: &[u8]) {
         let page = (off / uar::PAGE) as u32;
         let at = off % uar::PAGE;
-        let mut irq = self.shared.bus.get().map(|b| b.irq.sender());
+        let mut irq = super::lock(&self.shared.bus)
+            .as_ref()
+            .map(|b| b.irq.sender());
         let mut fw = super::lock(&self.shared.fw);
         if !fw.store.has(Kind::Uar, page.into()) {
             fw.stats.bad_doorbells += 1;
@@ -862,15 +864,5 @@ impl Mlx5Model {
     /// QP `qpn` as the model holds it.
     pub fn qp(&self, qpn: u32) -> Option<QpObj> {
         super::lock(&self.shared.fw).qp(qpn).cloned()
-    }
-
-    /// Notifications queue `index` asked for (used-ring publishes that requested an
-    /// interrupt), in any event mode.
-    pub fn notifies(&self, index: u16) -> u64 {
-        super::lock(&self.shared.fw)
-            .notifies
-            .get(usize::from(index))
-            .copied()
-            .unwrap_or(0)
     }
 }

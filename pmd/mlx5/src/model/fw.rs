@@ -1,8 +1,10 @@
 //! The model's firmware: function state (enabled, ISSI, pages, initialized), capabilities, and
 //! the execution of every command it knows, with firmware-style failures (status + syndrome).
 
-use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
+use vdpakit_core::model::engine::{QueueSetup, VfShared};
 use vdpakit_core::pci::DmaDomain;
 use vdpakit_core::virtio::GuestMemory;
 
@@ -76,15 +78,18 @@ pub struct FwStats {
     pub leaked_objects: u64,
     /// Pages still given when DISABLE_HCA arrived.
     pub leaked_pages: u64,
-    /// Frames the device transmitted (all queues).
+    /// Frames the device transmitted (all queues; the engine's transmit counts).
     pub tx_frames: u64,
     /// Frames delivered into receive rings.
     pub rx_frames: u64,
-    /// Received frames no steering rule (or no ready queue) took.
+    /// Received frames no steering rule took.
     pub steer_drops: u64,
-    /// Received frames dropped because a queue's backlog was full.
-    pub backlog_drops: u64,
-    /// Frames dropped for not fitting a receive chain or being malformed.
+    /// Received frames steered to a receive queue that had no buffer for them (or was not
+    /// ready): dropped and counted, as the engine does.
+    pub rx_drops: u64,
+    /// Transmitted frames the wire refused (counted on the transmit queues).
+    pub tx_drops: u64,
+    /// Transmit chains too short to hold a frame, and ring errors.
     pub bad_frames: u64,
     /// Used-ring publishes that asked for an interrupt (every event mode).
     pub notifies: u64,
@@ -108,13 +113,19 @@ pub struct FwStats {
 }
 
 /// Where transmitted frames go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wire {
     /// Back into this function's receive steering (a loopback cable).
     Loop,
     /// Out of the model: [`super::Mlx5Model::take_tx`] collects them, [`super::Mlx5Model::inject`]
     /// feeds receive steering.
     Port,
+    /// Function 2k's transmit into function 2k + 1's receive steering and back.
+    Cable,
+    /// A host TAP interface of this name (function `k > 0` of a device: `NAMEk`).
+    Tap(String),
+    /// Nowhere: transmitted frames are dropped (counted).
+    None,
 }
 
 /// Function-level state and the object table.
@@ -132,16 +143,18 @@ pub struct Fw {
     pub root: Option<u32>,
     pub stats: FwStats,
     pub last_failure: Option<Failure>,
-    pub port_tx: VecDeque<Vec<u8>>,
-    /// Notifications asked for, by virtio queue index.
-    pub notifies: Vec<u64>,
+    /// The engine's view of this function (control state, counters).
+    pub vf: Arc<VfShared>,
+    /// The engine's control state changed: sync before the command completes.
+    pub sync_pending: bool,
+    /// The interrupt point's table (event mode per queue).
+    pub events: Option<Arc<super::IrqCtx>>,
+    /// Frames no steering rule took (counted by the steering function on the engine thread).
+    pub steer_drops: Arc<AtomicU64>,
 }
 
-/// Most frames the port's transmit queue holds before dropping.
-pub const PORT_TX_MAX: usize = 1 << 16;
-
 impl Fw {
-    pub fn new(opts: ModelOptions) -> Fw {
+    pub fn new(opts: ModelOptions, vf: Arc<VfShared>) -> Fw {
         let cmdif_checksum = u8::from(opts.verify_signatures);
         Fw {
             opts,
@@ -156,18 +169,44 @@ impl Fw {
             root: None,
             stats: FwStats::default(),
             last_failure: None,
-            port_tx: VecDeque::new(),
-            notifies: Vec::new(),
+            vf,
+            sync_pending: false,
+            events: None,
+            steer_drops: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Back to the power-on state (function-level reset).
+    /// Back to the power-on state (function-level reset): every queue stops.
     pub fn reset(&mut self) {
         let dma = self.dma.take();
         let stats = self.stats;
-        *self = Fw::new(self.opts.clone());
+        let events = self.events.take();
+        let drops = Arc::clone(&self.steer_drops);
+        *self = Fw::new(self.opts.clone(), Arc::clone(&self.vf));
         self.dma = dma;
         self.stats = stats;
+        self.events = events;
+        self.steer_drops = drops;
+        self.stop_all_queues();
+        self.install_steering();
+    }
+
+    /// Stops every engine queue of the function (the queue objects are gone).
+    pub fn stop_all_queues(&mut self) {
+        {
+            let mut c = self.vf.ctl();
+            for q in c.queues.iter_mut() {
+                *q = QueueSetup::default();
+            }
+            c.queue_mem.clear();
+            c.queue_log.clear();
+        }
+        if let Some(ev) = &self.events {
+            for e in ev.events.iter() {
+                e.store(0, std::sync::atomic::Ordering::Release);
+            }
+        }
+        self.sync_pending = true;
     }
 
     /// The domain's current memory.
@@ -195,6 +234,31 @@ impl Fw {
         } else {
             self.dispatch(opcode, inp, &mut out)
         };
+        if r.is_ok() {
+            use opc::*;
+            if opcode == TEARDOWN_HCA {
+                self.stop_all_queues();
+            }
+            // The receive steering the engine applies follows the flow table, TIRs and RQTs.
+            if [
+                SET_FTE,
+                DELETE_FTE,
+                SET_FT_ROOT,
+                DESTROY_FT,
+                CREATE_FG,
+                DESTROY_FG,
+                CREATE_TIR,
+                DESTROY_TIR,
+                CREATE_RQT,
+                MODIFY_RQT,
+                DESTROY_RQT,
+                TEARDOWN_HCA,
+            ]
+            .contains(&opcode)
+            {
+                self.install_steering();
+            }
+        }
         if let Err(f) = r {
             self.stats.failed += 1;
             tracing::debug!(
@@ -862,6 +926,18 @@ impl Fw {
             }
             (opc::QUERY_OBJ, OT_VIRTIO_Q_COUNTERS) => {
                 Self::need_out(out, 16 + CNT_OBJ_BYTES)?;
+                // What the engine counted since the last look, for the queues counting here.
+                let users: Vec<u64> = self
+                    .store
+                    .iter_kind(Kind::Vq)
+                    .filter(
+                        |(_, o)| matches!(&o.body, Body::Vq(v) if rd(&v.raw, vqf::COUNTERS) == id),
+                    )
+                    .map(|(q, _)| q)
+                    .collect();
+                for q in users {
+                    self.fold_counts(q);
+                }
                 let o = self.store.get(Kind::Counters, id)?;
                 let Body::Counters(c) = &o.body else {
                     return Err(Fail::new(

@@ -7,6 +7,7 @@
 //! view, so an address outside the key, a hole of an indirect key (null key), a page without
 //! the read bit or an IOVA the domain does not map is simply not there: the access fails.
 
+use vdpakit_core::model::engine::QueueView;
 use vdpakit_core::virtio::GuestMemory;
 
 use super::defs::st;
@@ -182,24 +183,6 @@ pub fn coalesce(mut v: Vec<Piece>) -> Vec<Piece> {
     out
 }
 
-/// Every piece of `key` (its whole range; a physical whole-space key covers what `domain` maps).
-pub fn key_pieces(store: &Store, key: u32, domain: &GuestMemory) -> Result<Vec<Piece>, Fail> {
-    let m = lookup(store, key)?;
-    let mut v = Vec::new();
-    if m.whole {
-        for r in domain.regions() {
-            v.push(Piece {
-                va: r.gpa(),
-                iova: r.gpa(),
-                len: r.size(),
-            });
-        }
-    } else {
-        translate(store, key, m.start, m.len, 0, &mut v)?;
-    }
-    Ok(coalesce(v))
-}
-
 /// The memory a key reaches: key addresses backed by the domain's memory at the translated
 /// IOVAs. Pieces (or parts) the domain does not map are left out (an access there fails).
 pub fn view(pieces: &[Piece], domain: &GuestMemory) -> Result<GuestMemory, String> {
@@ -221,10 +204,39 @@ pub fn view(pieces: &[Piece], domain: &GuestMemory) -> Result<GuestMemory, Strin
     GuestMemory::new(regions).map_err(|e| e.to_string())
 }
 
-/// The IOVA of key address `va`, if the pieces cover it.
-pub fn iova_of(pieces: &[Piece], va: u64) -> Option<u64> {
-    pieces
-        .iter()
-        .find(|p| va >= p.va && va - p.va < p.len)
-        .map(|p| p.iova + (va - p.va))
+/// A key's translation as the engine sees it ([`QueueView`]): key addresses over whatever the
+/// domain maps at the time the engine (re)builds the queue, so an IOVA the binding unmapped is
+/// gone from the key's view too (an access there is an IOMMU fault).
+#[derive(Debug, Clone)]
+pub enum KeyView {
+    /// A physical key over the whole space: the domain itself.
+    Whole,
+    /// Key addresses → IOVAs.
+    Pieces(Vec<Piece>),
+}
+
+impl KeyView {
+    /// The view of `key` (its translation taken now; the domain's mappings are applied at each
+    /// build).
+    pub fn of(store: &Store, key: u32) -> Result<KeyView, Fail> {
+        let m = lookup(store, key)?;
+        if m.whole {
+            return Ok(KeyView::Whole);
+        }
+        let mut v = Vec::new();
+        translate(store, key, m.start, m.len, 0, &mut v)?;
+        Ok(KeyView::Pieces(coalesce(v)))
+    }
+}
+
+impl QueueView for KeyView {
+    fn view(&self, domain: &GuestMemory) -> GuestMemory {
+        match self {
+            KeyView::Whole => domain.clone(),
+            KeyView::Pieces(p) => view(p, domain).unwrap_or_else(|e| {
+                tracing::warn!("model: a key's view cannot be built: {e}");
+                GuestMemory::empty()
+            }),
+        }
+    }
 }

@@ -1,5 +1,9 @@
-//! A command-accurate model of an mlx5 vDPA function (a ConnectX-6 Dx VF by default), written
-//! from the reference facts with its own definitions ([`defs`]), independent of the driver's.
+//! A command-accurate model of an mlx5 vDPA device (ConnectX-6 Dx VFs by default), written from
+//! the reference facts with its own definitions ([`defs`]), independent of the driver's.
+//!
+//! A device has one or more functions ([`Mlx5Model`], each its own PCI function in its own DMA
+//! domain, with its own firmware) served by one virtqueue engine thread: the model kit's
+//! (`vdpakit_core::model::engine`).
 //!
 //! What it models:
 //! - PCI: vendor/device ids, BAR0, an MSI-X capability; a function-level reset.
@@ -15,19 +19,24 @@
 //!   INIT/TEARDOWN_HCA, and id-returning resources ([`store`]) that check references: UAR, PD,
 //!   transport domain, TIS, UMEM, memory keys (physical, page list, indirect, with a null key;
 //!   [`mkey`]), VIRTIO_NET_Q and its counters ([`vq`]), RQT, TIR, flow tables, groups and entries.
-//! - The datapath ([`vq`], [`steer`]): a doorbell write (the queue index at the doorbell page)
-//!   wakes the engine thread, which runs every ready queue's device side through its key; a
-//!   transmitted frame goes to the wire (looped back into receive steering, or out of a port the
-//!   test reads), a received frame is steered by destination MAC through a TIR and RQT into a
-//!   receive queue. MSI-X interrupts per queue; no interrupts in NO_MSIX mode.
-//! - The QP event mode ([`eq`]): EQs, CQs and QPs with their commands and state transitions,
-//!   CQEs and EQEs written into rings in DMA memory, UAR doorbells (CQ arm, EQ consumer index),
-//!   a queue's notification travelling firmware QP → driver QP receive WQE → CQE → EQE → the
-//!   EQ's MSI-X vector.
+//! - The datapath, on the kit's engine ([`vq`], [`steer`]): a queue object made ready becomes an
+//!   engine queue whose every ring and buffer access goes through its memory key's translation
+//!   (re-read whenever the domain's mappings change); the doorbell page (the queue index written
+//!   at `doorbell_bar_offset`) is the engine's shared doorbell page, which a host notifier maps;
+//!   frames arriving from the wire are steered by the root flow table (destination MAC), a TIR
+//!   and its RQT (Toeplitz hash) into a receive queue; suspend and resume stop and restart the
+//!   engine queue at the positions it reached; hardware dirty logging writes the vhost bitmap
+//!   named by the queue's DIRTY_BITMAP_PARAMS through the bitmap's key.
+//! - Interrupts: one interrupt point ([`interrupt`]) that the engine calls for queue `i`: an
+//!   MSI-X vector, nothing (NO_MSIX), or the QP event mode ([`eq`]): a send on the firmware QP →
+//!   a receive WQE of the driver QP → a CQE → an EQE → the EQ's MSI-X vector.
+//! - Wires: `loop` (back into its own steering), `cable` (function 2k with 2k + 1), `tap:NAME`
+//!   (a host TAP uplink), `port` (frames out collected by [`Mlx5Model::take_tx`], frames in
+//!   through [`Mlx5Model::inject`]), `none`.
 //!
 //! What it leaves out: asynchronous events and the command-completion EQ, asynchronous page
 //! requests, event moderation, send queues, checksum and TSO offloads, mergeable receive
-//! buffers, dirty bitmap writes, and firmware timing.
+//! buffers, and firmware timing.
 
 mod bits;
 mod defs;
@@ -39,15 +48,21 @@ mod store;
 mod vq;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use vdpakit_core::pci::model::{DeviceModel, ModelBus};
-use vdpakit_core::pci::{DmaDomain, cap_id};
+use vdpakit_core::mbuf::Burst;
+use vdpakit_core::mem::MemMode;
+use vdpakit_core::mempool::{Mempool, MempoolConfig};
+use vdpakit_core::model::PollMode;
+use vdpakit_core::model::engine::{self, EngineShared, EngineThread, VfShared};
+use vdpakit_core::model::eswitch::{self, RepPortEnds};
+use vdpakit_core::pci::model::{DeviceModel, IrqSender, ModelBus};
+use vdpakit_core::pci::{DmaDomain, NotifyArea, cap_id};
 use vdpakit_core::virtio::GuestMemory;
 
+use crate::error::{Error, Result};
 use bits::{be32, be64};
 use defs::{reg, wire};
 pub use eq::{CqObj, EqObj, Event, QpObj, RingMem, qps};
@@ -75,11 +90,11 @@ pub enum Skew {
 /// What the model is and does.
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
-    /// Model name (`mlx5-0`).
+    /// Model name (`mlx5-0`); functions of a device of several are `NAME-fK`.
     pub name: String,
     /// PCI device id.
     pub device_id: u16,
-    /// MAC address (NIC vport permanent address).
+    /// MAC address (NIC vport permanent address; function `k` adds `k` to the last byte).
     pub mac: [u8; 6],
     /// MTU.
     pub mtu: u16,
@@ -95,6 +110,10 @@ pub struct ModelOptions {
     pub feature_mask: u16,
     /// SUSPEND → RDY allowed.
     pub freeze_to_rdy: bool,
+    /// vnet_modify_ext: fields of a ready queue may be modified (the model allows the dirty
+    /// bitmap fields, what hardware dirty logging needs); off, they change only in INIT or
+    /// SUSPEND.
+    pub modify_ext: bool,
     /// UMEM a/b parameters.
     pub umem: [(u32, u32); 3],
     /// Boot pages firmware asks for.
@@ -119,6 +138,8 @@ pub struct ModelOptions {
     pub verify_signatures: bool,
     /// Where transmitted frames go.
     pub wire: Wire,
+    /// How the engine thread waits for work.
+    pub poll: PollMode,
     /// A deliberately wrong field (tests).
     pub skew: Option<Skew>,
 }
@@ -139,6 +160,7 @@ impl Default for ModelOptions {
             packed: false,
             feature_mask: 0,
             freeze_to_rdy: true,
+            modify_ext: true,
             umem: [(128, 4096), (64, 4096), (0, 4096)],
             boot_pages: 8,
             init_pages: 24,
@@ -151,6 +173,7 @@ impl Default for ModelOptions {
             log_cmdq_stride: 6,
             verify_signatures: false,
             wire: Wire::Loop,
+            poll: PollMode::Adaptive,
             skew: None,
         }
     }
@@ -167,36 +190,300 @@ struct Regs {
     hang: bool,
 }
 
-#[derive(Debug, Default)]
-struct Kick {
-    work: bool,
-    stop: bool,
-}
-
+/// One function's state shared with the engine's interrupt point.
 #[derive(Debug)]
 struct Shared {
     fw: Mutex<Fw>,
     regs: Mutex<Regs>,
-    kick: Mutex<Kick>,
-    cv: Condvar,
-    bus: OnceLock<ModelBus>,
+    bus: Mutex<Option<ModelBus>>,
     config: Mutex<[u8; 256]>,
-    kicks: Vec<AtomicU64>,
     started: Instant,
-    engine_alive: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The model. Hand it to `core::pci::model::open` as an `Arc<dyn DeviceModel>` and keep a
-/// clone to inspect it.
+/// What the engine's interrupt point needs of one function, readable without a lock.
+#[derive(Debug)]
+pub(crate) struct IrqCtx {
+    /// Per queue index: how it interrupts ([`Event::encode`]).
+    events: Box<[AtomicU64]>,
+    /// Per queue index: used-ring publishes that asked for an interrupt.
+    notifies: Box<[AtomicU64]>,
+    /// The firmware (QP mode needs its objects).
+    shared: Weak<Shared>,
+}
+
+/// The one interrupt point of the model: queue `index`'s used-ring publish asked for an
+/// interrupt (the engine calls this, with its own interrupt sender). MSI-X signals the queue's
+/// vector, QP mode sends on the firmware QP ([`eq`]'s chain, under the firmware's lock), NO_MSIX
+/// does nothing. Returns whether anything was raised.
+fn interrupt(ctx: &IrqCtx, index: u16, irq: &mut Option<IrqSender>) -> bool {
+    let i = usize::from(index);
+    if let Some(n) = ctx.notifies.get(i) {
+        // One writer (the engine thread).
+        n.store(n.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+    let ev = ctx
+        .events
+        .get(i)
+        .map_or(Event::None, |e| Event::decode(e.load(Ordering::Acquire)));
+    match ev {
+        Event::None => false,
+        Event::Msix(v) => {
+            if let Some(s) = irq.as_mut() {
+                s.signal(v);
+            }
+            true
+        }
+        Event::Qp(qpn) => match ctx.shared.upgrade() {
+            Some(sh) => {
+                lock(&sh.fw).qp_notify(qpn, irq);
+                true
+            }
+            None => false,
+        },
+    }
+}
+
+/// The port wire's far end (`wire=port`): what tests and `inject` / `take_tx` use.
+#[derive(Debug)]
+struct PortEnd {
+    pool: Arc<Mempool>,
+    ends: Vec<RepPortEnds>,
+    burst: Burst,
+}
+
+/// Frames the port wire's channels hold each way, per queue pair.
+const PORT_DEPTH: usize = 1024;
+
+impl PortEnd {
+    fn new(name: &str, pairs: u16) -> Result<(PortEnd, Vec<eswitch::RepQueueEnds>)> {
+        let err = |what: String| Error::Model {
+            name: name.to_string(),
+            what,
+        };
+        let pool = Mempool::new(
+            &format!("{name}-port"),
+            MempoolConfig {
+                count: (u32::from(pairs) * 2 * PORT_DEPTH as u32 + 512).min(1 << 20),
+                data_room: 2048,
+                cache_size: 0,
+                mem: MemMode::NoHuge,
+            },
+        )
+        .map_err(|e| err(format!("port wire buffers: {e}")))?;
+        let mut q = Vec::new();
+        let mut p = Vec::new();
+        for _ in 0..pairs {
+            let (qe, pe) =
+                eswitch::rep_channels(PORT_DEPTH).map_err(|e| err(format!("port wire: {e}")))?;
+            q.push(qe);
+            p.push(pe);
+        }
+        let mut end = PortEnd {
+            pool,
+            ends: p,
+            burst: Burst::new(64),
+        };
+        end.top_up();
+        Ok((end, q))
+    }
+
+    /// Keeps every pair's blank channel full (the engine fills blanks with transmitted frames).
+    fn top_up(&mut self) {
+        for e in &mut self.ends {
+            while e.blanks.len() < e.blanks.capacity() {
+                while self.burst.room() > 0 {
+                    match self.pool.alloc() {
+                        Some(m) => {
+                            let _ = self.burst.push(m);
+                        }
+                        None => break,
+                    }
+                }
+                if self.burst.is_empty() || e.blanks.send_burst(&mut self.burst) == 0 {
+                    break;
+                }
+            }
+            // Blanks the channel did not take go back to the pool.
+            while self.burst.pop().is_some() {}
+        }
+    }
+}
+
+/// A device: its functions' engine thread and wires.
+#[derive(Debug)]
+struct DevCore {
+    name: String,
+    engine: Arc<EngineShared>,
+    ports: Vec<Mutex<Option<PortEnd>>>,
+    // Dropped last: stops and joins the engine thread.
+    _thread: EngineThread,
+}
+
+/// One function of an mlx5 model device. Hand it to `core::pci::model::open` as an
+/// `Arc<dyn DeviceModel>` and keep a clone to inspect it.
 #[derive(Debug)]
 pub struct Mlx5Model {
     opts: ModelOptions,
+    index: usize,
     shared: Arc<Shared>,
-    engine: Mutex<Option<JoinHandle<()>>>,
+    vf: Arc<VfShared>,
+    irq: Arc<IrqCtx>,
+    dev: Arc<DevCore>,
+}
+
+/// A device of several functions (`vfs`), found again by name while it lives.
+#[derive(Debug)]
+pub struct Mlx5Device {
+    name: String,
+    functions: Vec<Arc<Mlx5Model>>,
+}
+
+impl Mlx5Device {
+    /// The functions.
+    pub fn functions(&self) -> &[Arc<Mlx5Model>] {
+        &self.functions
+    }
+
+    /// Device name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A new device of `vfs` functions built from `opts` (`opts.name` names the device; function
+    /// `k`'s MAC ends in `mac[5] + k`, its vhca_id is `vhca_id + k`). With `Wire::Cable`,
+    /// function 2k is cabled to 2k + 1 (an odd count leaves the last one unwired); a TAP wire
+    /// gives function `k > 0` the interface `NAMEk`.
+    pub fn new(opts: ModelOptions, vfs: u16) -> Result<Arc<Mlx5Device>> {
+        let name = opts.name.clone();
+        let err = |what: String| Error::Model {
+            name: name.clone(),
+            what,
+        };
+        if vfs == 0 {
+            return Err(err("a device needs at least one function".into()));
+        }
+        let pairs = opts.max_queues.div_ceil(2).clamp(1, 0x7fff) as u16;
+        let mut fopts = Vec::new();
+        let mut vfss = Vec::new();
+        for k in 0..vfs {
+            let mut o = opts.clone();
+            if vfs > 1 {
+                o.name = format!("{name}-f{k}");
+            }
+            o.mac[5] = o.mac[5].wrapping_add(k as u8);
+            o.vhca_id = o.vhca_id.wrapping_add(k);
+            vfss.push(Arc::new(
+                VfShared::with_shared_bell(k, pairs, o.mac).map_err(&err)?,
+            ));
+            fopts.push(o);
+        }
+        let engine =
+            Arc::new(EngineShared::new(&name, vfss.clone(), opts.poll).map_err(|e| err(e))?);
+        let mut wires = Vec::new();
+        let mut ports = Vec::new();
+        let mut rep_ends = Vec::new();
+        for k in 0..usize::from(vfs) {
+            let w = match &opts.wire {
+                Wire::Loop => eswitch::Wire::Loop(None),
+                Wire::None => eswitch::Wire::None,
+                Wire::Cable => {
+                    let peer = k ^ 1;
+                    if peer < usize::from(vfs) {
+                        eswitch::Wire::Cable(peer)
+                    } else {
+                        eswitch::Wire::None
+                    }
+                }
+                Wire::Tap(t) => {
+                    let ifname = if k == 0 { t.clone() } else { format!("{t}{k}") };
+                    eswitch::Wire::tap(&ifname).map_err(|e| err(e.to_string()))?
+                }
+                Wire::Port => eswitch::Wire::Rep,
+            };
+            wires.push(w);
+            if opts.wire == Wire::Port {
+                let (end, q) = PortEnd::new(&fopts[k].name, pairs)?;
+                ports.push(Mutex::new(Some(end)));
+                rep_ends.push(Some(q));
+            } else {
+                ports.push(Mutex::new(None));
+                rep_ends.push(None);
+            }
+        }
+        let thread = engine::spawn(Arc::clone(&engine), wires).map_err(&err)?;
+        let dev = Arc::new(DevCore {
+            name: name.clone(),
+            engine: Arc::clone(&engine),
+            ports,
+            _thread: thread,
+        });
+        let mut functions = Vec::new();
+        for (k, (o, vf)) in fopts.into_iter().zip(vfss).enumerate() {
+            let nq = usize::from(vf.queues());
+            let shared = Arc::new(Shared {
+                fw: Mutex::new(Fw::new(o.clone(), Arc::clone(&vf))),
+                regs: Mutex::new(Regs {
+                    cmdq: 0,
+                    nic_interface: 0,
+                    init_left: o.init_delay_reads,
+                    synd: 0,
+                    ext_synd: 0,
+                    counter_frozen: None,
+                    hang: false,
+                }),
+                bus: Mutex::new(None),
+                config: Mutex::new(config_space(&o)),
+                started: Instant::now(),
+            });
+            let irq = Arc::new(IrqCtx {
+                events: (0..nq).map(|_| AtomicU64::new(0)).collect(),
+                notifies: (0..nq).map(|_| AtomicU64::new(0)).collect(),
+                shared: Arc::downgrade(&shared),
+            });
+            {
+                let ctx = Arc::clone(&irq);
+                let mut c = vf.ctl();
+                c.running = true;
+                c.notify = Some(Arc::new(move |q, s| interrupt(&ctx, q, s)));
+                if let Some(q) = rep_ends[k].take() {
+                    c.rep = Some(q);
+                }
+            }
+            lock(&shared.fw).events = Some(Arc::clone(&irq));
+            lock(&shared.fw).install_steering();
+            engine.sync(&vf).map_err(&err)?;
+            functions.push(Arc::new(Mlx5Model {
+                opts: o,
+                index: k,
+                shared,
+                vf,
+                irq,
+                dev: Arc::clone(&dev),
+            }));
+        }
+        Ok(Arc::new(Mlx5Device { name, functions }))
+    }
+
+    /// The live device `name`, or a new one from `make()` (registered under `name`).
+    pub fn get_or_create(
+        name: &str,
+        make: impl FnOnce() -> Result<Arc<Mlx5Device>>,
+    ) -> Result<Arc<Mlx5Device>> {
+        static T: OnceLock<Mutex<BTreeMap<String, Weak<Mlx5Device>>>> = OnceLock::new();
+        let t = T.get_or_init(|| Mutex::new(BTreeMap::new()));
+        let mut t = lock(t);
+        if let Some(d) = t.get(name).and_then(Weak::upgrade) {
+            return Ok(d);
+        }
+        t.retain(|_, w| w.strong_count() > 0);
+        let d = make()?;
+        t.insert(name.to_string(), Arc::downgrade(&d));
+        Ok(d)
+    }
 }
 
 const MSIX_CAP: usize = 0x40;
@@ -232,38 +519,29 @@ fn config_space(o: &ModelOptions) -> [u8; 256] {
 }
 
 impl Mlx5Model {
-    /// A model in its power-on state.
-    pub fn new(opts: ModelOptions) -> Arc<Mlx5Model> {
-        let kicks = (0..opts.max_queues).map(|_| AtomicU64::new(0)).collect();
-        let shared = Arc::new(Shared {
-            fw: Mutex::new(Fw::new(opts.clone())),
-            regs: Mutex::new(Regs {
-                cmdq: 0,
-                nic_interface: 0,
-                init_left: opts.init_delay_reads,
-                synd: 0,
-                ext_synd: 0,
-                counter_frozen: None,
-                hang: false,
-            }),
-            kick: Mutex::new(Kick::default()),
-            cv: Condvar::new(),
-            bus: OnceLock::new(),
-            config: Mutex::new(config_space(&opts)),
-            kicks,
-            started: Instant::now(),
-            engine_alive: AtomicBool::new(false),
-        });
-        Arc::new(Mlx5Model {
-            opts,
-            shared,
-            engine: Mutex::new(None),
+    /// A one-function device in its power-on state.
+    pub fn new(opts: ModelOptions) -> Result<Arc<Mlx5Model>> {
+        let name = opts.name.clone();
+        let d = Mlx5Device::new(opts, 1)?;
+        d.functions.first().cloned().ok_or(Error::Model {
+            name,
+            what: "no function".into(),
         })
     }
 
     /// The options it was made with.
     pub fn options(&self) -> &ModelOptions {
         &self.opts
+    }
+
+    /// The function's index in its device.
+    pub fn function(&self) -> usize {
+        self.index
+    }
+
+    /// The engine's view of this function (counters, positions, doorbells).
+    pub fn engine_vf(&self) -> &Arc<VfShared> {
+        &self.vf
     }
 
     /// Live firmware objects plus pages held by firmware (0 after a clean teardown).
@@ -281,9 +559,33 @@ impl Mlx5Model {
         lock(&self.shared.fw).pages.len()
     }
 
-    /// Counters.
+    /// Counters (command counts from the firmware, frame counts from the engine's queues).
     pub fn stats(&self) -> FwStats {
-        lock(&self.shared.fw).stats
+        let mut s = lock(&self.shared.fw).stats;
+        let mut rx_dropped = 0;
+        for q in 0..self.vf.queues() {
+            let Some(c) = self.vf.counters(q) else {
+                continue;
+            };
+            let c = c.snapshot();
+            if q % 2 == 1 {
+                s.tx_frames += c.packets;
+                s.bad_frames += c.errors;
+                s.tx_drops += c.dropped;
+            } else {
+                s.rx_frames += c.packets;
+                rx_dropped += c.dropped;
+            }
+        }
+        s.steer_drops = lock(&self.shared.fw).steer_drops.load(Ordering::Relaxed);
+        s.rx_drops = rx_dropped.saturating_sub(s.steer_drops);
+        s.notifies = self
+            .irq
+            .notifies
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum();
+        s
     }
 
     /// The last failed command.
@@ -296,23 +598,80 @@ impl Mlx5Model {
         lock(&self.shared.fw).initialized
     }
 
-    /// Doorbells rung for virtio queue `index`.
+    /// Doorbells the engine saw for virtio queue `index` (writes between two looks of the
+    /// engine count once).
     pub fn kicks(&self, index: u16) -> u64 {
-        self.shared
-            .kicks
+        self.vf.counters(index).map_or(0, |c| c.snapshot().kicks)
+    }
+
+    /// Notifications queue `index` asked for (used-ring publishes that requested an
+    /// interrupt), in any event mode.
+    pub fn notifies(&self, index: u16) -> u64 {
+        self.irq
+            .notifies
             .get(usize::from(index))
-            .map_or(0, |k| k.load(Ordering::Relaxed))
+            .map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
-    /// Feeds a frame into receive steering (as if it came from the wire).
-    pub fn inject(&self, frame: Vec<u8>) {
-        lock(&self.shared.fw).receive(frame);
-        self.wake();
+    /// Feeds a frame into receive steering as if it came from the wire (`wire=port` only; waits
+    /// up to a second while the wire's channel is full). Returns whether it went in.
+    pub fn inject(&self, frame: &[u8]) -> bool {
+        let Some(port) = self.dev.ports.get(self.index) else {
+            return false;
+        };
+        let end = Instant::now() + Duration::from_secs(1);
+        loop {
+            {
+                let mut g = lock(port);
+                let Some(p) = g.as_mut() else { return false };
+                let Some(mut m) = p.pool.alloc() else {
+                    return false;
+                };
+                match m.append(frame.len()) {
+                    Some(d) => d.copy_from_slice(frame),
+                    None => return false,
+                }
+                let _ = p.burst.push(m);
+                let sent = p
+                    .ends
+                    .first_mut()
+                    .map_or(0, |e| e.to_vf.send_burst(&mut p.burst));
+                while p.burst.pop().is_some() {}
+                p.top_up();
+                self.dev.engine.wake();
+                if sent == 1 {
+                    return true;
+                }
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
     }
 
-    /// Frames transmitted out of the port so far (with [`Wire::Port`]); takes them.
+    /// Frames transmitted out of the port so far (`wire=port`); takes them.
     pub fn take_tx(&self) -> Vec<Vec<u8>> {
-        lock(&self.shared.fw).port_tx.drain(..).collect()
+        let mut out = Vec::new();
+        let Some(port) = self.dev.ports.get(self.index) else {
+            return out;
+        };
+        let mut g = lock(port);
+        let Some(p) = g.as_mut() else { return out };
+        for e in 0..p.ends.len() {
+            loop {
+                let n = p.ends[e].from_vf.recv_burst(&mut p.burst);
+                if n == 0 {
+                    break;
+                }
+                for m in p.burst.iter() {
+                    out.push(m.data().to_vec());
+                }
+                while p.burst.pop().is_some() {}
+            }
+        }
+        p.top_up();
+        out
     }
 
     /// Sets the health syndrome (0: healthy).
@@ -335,23 +694,25 @@ impl Mlx5Model {
 
     /// State, error type and positions of queue object `id`, if it exists.
     pub fn queue(&self, id: u32) -> Option<(u8, u8, u16, u16)> {
-        let fw = lock(&self.shared.fw);
-        match &fw.store.get(Kind::Vq, id.into()).ok()?.body {
-            store::Body::Vq(v) => {
-                let (a, u) = v.positions();
-                Some((v.state, v.error_type, a, u))
-            }
-            _ => None,
-        }
+        lock(&self.shared.fw).queue_info(id.into())
     }
 
     fn counter_now(&self) -> u32 {
         (self.shared.started.elapsed().as_millis() as u32) & 0xff_ffff
     }
 
-    fn wake(&self) {
-        lock(&self.shared.kick).work = true;
-        self.shared.cv.notify_one();
+    /// Applies what the last commands changed in the engine's control state, outside the
+    /// firmware lock (the engine's interrupt point may take it), then reads back what the
+    /// engine wrote (positions of stopped queues).
+    fn settle(&self) {
+        let pending = std::mem::take(&mut lock(&self.shared.fw).sync_pending);
+        if !pending {
+            return;
+        }
+        if let Err(e) = self.dev.engine.sync(&self.vf) {
+            tracing::warn!("{}: {e}", self.opts.name);
+        }
+        lock(&self.shared.fw).after_sync();
     }
 
     fn read_reg(&self, off: u64) -> u32 {
@@ -413,7 +774,7 @@ impl Mlx5Model {
 
     /// Executes the commands in the slots of `mask`.
     fn run_commands(&self, base: u64, mask: u32) {
-        let Some(bus) = self.shared.bus.get() else {
+        let Some(bus) = lock(&self.shared.bus).clone() else {
             return;
         };
         let dom = bus.dma.view().1;
@@ -442,6 +803,8 @@ impl Mlx5Model {
             Ok((input, outs, outlen)) => {
                 let out = fw.execute(&input, outlen);
                 drop(fw);
+                // The engine follows before the command completes.
+                self.settle();
                 let mut inline = [0u8; 16];
                 inline.copy_from_slice(&out[..16]);
                 let mut ok = dom.write(at + wire::D_OUT as u64, &inline).is_ok();
@@ -477,7 +840,7 @@ impl Mlx5Model {
         dma: &DmaDomain,
         dom: &GuestMemory,
         d: &[u8; wire::D_LEN],
-    ) -> Result<(Vec<u8>, Vec<u64>, usize), u8> {
+    ) -> std::result::Result<(Vec<u8>, Vec<u64>, usize), u8> {
         let csum = fw.cmdif_checksum != 0;
         if d[wire::D_TYPE] != wire::XPORT_PCI {
             return Err(wire::DS_TYPE);
@@ -503,7 +866,7 @@ impl Mlx5Model {
                     n: usize,
                     input_side: bool,
                     data: &mut Option<&mut Vec<u8>>|
-         -> Result<Vec<u64>, u8> {
+         -> std::result::Result<Vec<u64>, u8> {
             let (align_ds, len_ds) = if input_side {
                 (wire::DS_IN_ALIGN, wire::DS_IN_LEN)
             } else {
@@ -551,59 +914,11 @@ impl Mlx5Model {
         let outs = walk(be64(d, wire::D_OUT_PTR), n_out, false, &mut None)?;
         Ok((input, outs, outlen.max(16)))
     }
-
-    fn start_engine(&self) {
-        if self.shared.engine_alive.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let shared = Arc::clone(&self.shared);
-        let name = format!("{}-engine", self.opts.name);
-        let h = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || engine(shared));
-        match h {
-            Ok(h) => *lock(&self.engine) = Some(h),
-            Err(e) => {
-                tracing::error!("{}: cannot start the queue engine: {e}", self.opts.name);
-                self.shared.engine_alive.store(false, Ordering::Release);
-            }
-        }
-    }
 }
 
-/// The engine thread: a pass over every ready queue whenever a doorbell or frame arrives (and
-/// every 20 ms regardless), until the model goes away.
-fn engine(shared: Arc<Shared>) {
-    let mut irq = shared.bus.get().map(|b| b.irq.sender());
-    loop {
-        {
-            let mut k = lock(&shared.kick);
-            if !k.work && !k.stop {
-                k = shared
-                    .cv
-                    .wait_timeout(k, Duration::from_millis(20))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-            if k.stop {
-                return;
-            }
-            k.work = false;
-        }
-        let more = lock(&shared.fw).run(&mut irq);
-        if more {
-            lock(&shared.kick).work = true;
-        }
-    }
-}
-
-impl Drop for Mlx5Model {
+impl Drop for DevCore {
     fn drop(&mut self) {
-        lock(&self.shared.kick).stop = true;
-        self.shared.cv.notify_all();
-        if let Some(h) = lock(&self.engine).take() {
-            let _ = h.join();
-        }
+        tracing::debug!("model {}: device gone, engine stops", self.name);
     }
 }
 
@@ -647,13 +962,10 @@ impl DeviceModel for Mlx5Model {
             return;
         }
         if offset == reg::VQ_DOORBELL_PAGE && (buf.len() == 2 || buf.len() == 4) {
-            let mut b = [0u8; 4];
-            b[..buf.len()].copy_from_slice(buf);
-            let q = u32::from_le_bytes(b) & 0xffff;
-            if let Some(k) = self.shared.kicks.get(q as usize) {
-                k.fetch_add(1, Ordering::Relaxed);
-            }
-            self.wake();
+            // The queue index, as the engine's shared doorbell page takes it.
+            let q = u16::from_le_bytes([buf[0], buf[1]]);
+            self.vf.ring_bell(q, u32::from(q));
+            self.dev.engine.wake();
             return;
         }
         if offset >= u64::from(reg::FIRST_UAR) * 4096 {
@@ -673,19 +985,37 @@ impl DeviceModel for Mlx5Model {
 
     fn reset(&self) {
         lock(&self.shared.fw).reset();
-        let mut r = lock(&self.shared.regs);
-        r.cmdq = 0;
-        r.nic_interface = 0;
-        r.init_left = self.opts.init_delay_reads;
-        r.synd = 0;
-        r.ext_synd = 0;
-        r.hang = false;
+        {
+            let mut r = lock(&self.shared.regs);
+            r.cmdq = 0;
+            r.nic_interface = 0;
+            r.init_left = self.opts.init_delay_reads;
+            r.synd = 0;
+            r.ext_synd = 0;
+            r.hang = false;
+        }
         *lock(&self.shared.config) = config_space(&self.opts);
+        self.settle();
     }
 
     fn attach(&self, bus: ModelBus) {
         lock(&self.shared.fw).dma = Some(bus.dma.clone());
-        let _ = self.shared.bus.set(bus);
-        self.start_engine();
+        *lock(&self.shared.bus) = Some(bus.clone());
+        self.vf.set_bus(bus);
+        if let Err(e) = self.dev.engine.sync(&self.vf) {
+            tracing::warn!("{}: {e}", self.opts.name);
+        }
+    }
+
+    fn notify_area(&self, bar: u8, offset: u64, len: u64) -> Option<NotifyArea> {
+        if bar != 0 || offset != reg::VQ_DOORBELL_PAGE || len > engine::BELL_PAGE {
+            return None;
+        }
+        let fd = self.vf.bell_segment().file().try_clone().ok()?;
+        Some(NotifyArea {
+            fd: Arc::new(std::os::fd::OwnedFd::from(fd)),
+            offset: 0,
+            size: engine::BELL_PAGE,
+        })
     }
 }

@@ -2,6 +2,10 @@
 //! matching the outer destination MAC under its group's mask and forwarding to a TIR, whose RQT
 //! entry is chosen by a Toeplitz hash of the IPv4 addresses and ports (symmetric when the TIR
 //! asks: the two endpoints are hashed in a fixed order, so both directions land on one queue).
+//! The engine applies it as a snapshot ([`SteerTable`]) installed as its steering function
+//! whenever a steering command succeeds.
+
+use vdpakit_core::model::engine::RxSteer;
 
 use super::fw::Fw;
 use super::store::{Body, Kind};
@@ -25,8 +29,9 @@ pub fn toeplitz(key: &[u8], data: &[u8]) -> u32 {
     h
 }
 
-/// The hash input of an IPv4 TCP/UDP frame (addresses, then ports), if it is one.
-fn ipv4_tuple(f: &[u8], symmetric: bool) -> Option<Vec<u8>> {
+/// The hash input of an IPv4 TCP/UDP frame (addresses, then ports) into `out`; its length, if
+/// the frame is one (12 bytes with ports, 8 without: a fragment or another protocol).
+fn ipv4_tuple(f: &[u8], symmetric: bool, out: &mut [u8; 12]) -> Option<usize> {
     let mut l3 = 14;
     let mut et = u16::from_be_bytes([*f.get(12)?, *f.get(13)?]);
     if et == 0x8100 {
@@ -39,59 +44,65 @@ fn ipv4_tuple(f: &[u8], symmetric: bool) -> Option<Vec<u8>> {
     let ihl = usize::from(f.get(l3)? & 0xf) * 4;
     let proto = *f.get(l3 + 9)?;
     let frag = u16::from_be_bytes([*f.get(l3 + 6)?, *f.get(l3 + 7)?]) & 0x3fff;
-    let mut src = f.get(l3 + 12..l3 + 16)?.to_vec();
-    let mut dst = f.get(l3 + 16..l3 + 20)?.to_vec();
-    let (mut sp, mut dp) = (Vec::new(), Vec::new());
-    if (proto == 6 || proto == 17) && frag == 0 {
+    let mut src = [0u8; 6];
+    let mut dst = [0u8; 6];
+    src[..4].copy_from_slice(f.get(l3 + 12..l3 + 16)?);
+    dst[..4].copy_from_slice(f.get(l3 + 16..l3 + 20)?);
+    let ports = (proto == 6 || proto == 17) && frag == 0;
+    if ports {
         let l4 = l3 + ihl;
-        sp = f.get(l4..l4 + 2)?.to_vec();
-        dp = f.get(l4 + 2..l4 + 4)?.to_vec();
+        src[4..].copy_from_slice(f.get(l4..l4 + 2)?);
+        dst[4..].copy_from_slice(f.get(l4 + 2..l4 + 4)?);
     }
-    if symmetric && (src.clone(), sp.clone()) > (dst.clone(), dp.clone()) {
+    // Addresses compare first, then ports: the order of (address, port) pairs.
+    if symmetric && src > dst {
         std::mem::swap(&mut src, &mut dst);
-        std::mem::swap(&mut sp, &mut dp);
     }
-    let mut v = src;
-    v.extend(dst);
-    v.extend(sp);
-    v.extend(dp);
-    Some(v)
+    out[..4].copy_from_slice(&src[..4]);
+    out[4..8].copy_from_slice(&dst[..4]);
+    if !ports {
+        return Some(8);
+    }
+    out[8..10].copy_from_slice(&src[4..]);
+    out[10..12].copy_from_slice(&dst[4..]);
+    Some(12)
 }
 
-impl Fw {
-    /// The receive queue object a frame goes to, if a rule takes it.
-    pub fn steer(&self, frame: &[u8]) -> Option<u64> {
-        let root = u64::from(self.root?);
-        let dmac: [u8; 6] = frame.get(..6)?.try_into().ok()?;
-        let mut tir = None;
-        for (key, o) in self.store.iter_kind(Kind::Fte) {
-            if key >> 32 != root {
-                continue;
-            }
-            let Body::Fte(e) = &o.body else { continue };
-            let Ok(g) = self.store.get(Kind::Group, e.group.into()) else {
-                continue;
-            };
-            let Body::Group(g) = &g.body else { continue };
-            let hit = (0..6).all(|i| dmac[i] & g.mask[i] == e.dmac[i] & g.mask[i]);
-            if hit {
-                tir = Some(e.tir);
-                break;
-            }
-        }
-        let Body::Tir(t) = &self.store.get(Kind::Tir, tir?.into()).ok()?.body else {
-            return None;
-        };
-        let Body::Rqt(r) = &self.store.get(Kind::Rqt, t.rqt.into()).ok()?.body else {
-            return None;
-        };
-        let n = r.list.len();
-        let pick = if n <= 1 || t.hash_fn != 2 || t.fields & 0xf == 0 {
+/// One TIR as steering applies it: its RQT as queue pairs.
+#[derive(Debug, Clone)]
+struct TirRule {
+    pairs: Vec<u16>,
+    key: [u8; 40],
+    hash: bool,
+    symmetric: bool,
+}
+
+/// The receive steering of one function as the engine applies it: a snapshot of the root
+/// table's entries (index order), taken whenever a steering command succeeds. No lock and no
+/// allocation per frame.
+#[derive(Debug, Clone, Default)]
+pub struct SteerTable {
+    rules: Vec<([u8; 6], [u8; 6], usize)>,
+    tirs: Vec<TirRule>,
+}
+
+impl SteerTable {
+    /// The queue pair `frame` goes to, if a rule takes it.
+    pub fn pick(&self, frame: &[u8]) -> Option<u16> {
+        let dmac = frame.get(..6)?;
+        let &(_, _, t) = self
+            .rules
+            .iter()
+            .find(|(mask, val, _)| (0..6).all(|i| dmac[i] & mask[i] == val[i] & mask[i]))?;
+        let t = self.tirs.get(t)?;
+        let n = t.pairs.len();
+        let pick = if n <= 1 || !t.hash {
             0
         } else {
-            match ipv4_tuple(frame, t.symmetric) {
-                Some(data) => {
-                    let h = toeplitz(&t.key, &data) as usize;
+            let mut data = [0u8; 12];
+            match ipv4_tuple(frame, t.symmetric, &mut data) {
+                Some(len) => {
+                    let h = toeplitz(&t.key, &data[..len]) as usize;
                     if n.is_power_of_two() {
                         h & (n - 1)
                     } else {
@@ -101,7 +112,72 @@ impl Fw {
                 None => 0,
             }
         };
-        r.list.get(pick).map(|&q| u64::from(q))
+        t.pairs.get(pick).copied()
+    }
+}
+
+impl Fw {
+    /// The steering snapshot of the current flow table, TIRs and RQTs.
+    pub fn steer_table(&self) -> SteerTable {
+        let mut t = SteerTable::default();
+        let Some(root) = self.root.map(u64::from) else {
+            return t;
+        };
+        let mut tir_ids: Vec<u32> = Vec::new();
+        for (key, o) in self.store.iter_kind(Kind::Fte) {
+            if key >> 32 != root {
+                continue;
+            }
+            let Body::Fte(e) = &o.body else { continue };
+            let Ok(g) = self.store.get(Kind::Group, e.group.into()) else {
+                continue;
+            };
+            let Body::Group(g) = &g.body else { continue };
+            let ti = match tir_ids.iter().position(|&x| x == e.tir) {
+                Some(i) => i,
+                None => {
+                    let Ok(o) = self.store.get(Kind::Tir, e.tir.into()) else {
+                        continue;
+                    };
+                    let Body::Tir(tir) = &o.body else { continue };
+                    let Ok(r) = self.store.get(Kind::Rqt, tir.rqt.into()) else {
+                        continue;
+                    };
+                    let Body::Rqt(r) = &r.body else { continue };
+                    let pairs = r
+                        .list
+                        .iter()
+                        .filter_map(|&q| self.vq_index(q.into()).ok())
+                        .map(|i| i / 2)
+                        .collect();
+                    t.tirs.push(TirRule {
+                        pairs,
+                        key: tir.key,
+                        hash: tir.hash_fn == 2 && tir.fields & 0xf != 0,
+                        symmetric: tir.symmetric,
+                    });
+                    tir_ids.push(e.tir);
+                    t.tirs.len() - 1
+                }
+            };
+            t.rules.push((g.mask, e.dmac, ti));
+        }
+        t
+    }
+
+    /// Gives the engine the current steering (a frame no rule takes is counted and dropped).
+    pub fn install_steering(&mut self) {
+        let table = self.steer_table();
+        let drops = std::sync::Arc::clone(&self.steer_drops);
+        let f: RxSteer = std::sync::Arc::new(move |frame: &[u8]| match table.pick(frame) {
+            Some(p) => p,
+            None => {
+                drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                u16::MAX
+            }
+        });
+        self.vf.ctl().steer = Some(f);
+        self.sync_pending = true;
     }
 }
 

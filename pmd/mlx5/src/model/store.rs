@@ -2,7 +2,7 @@
 //! objects refer to it. Destroying an object something still uses fails like firmware does
 //! (bad resource state); naming an id that does not exist fails with bad resource.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 use super::defs::st;
 use super::eq::{CqObj, EqObj, QpObj};
@@ -200,9 +200,6 @@ pub struct Store {
     next_mkey: u32,
     next_eq: u32,
 }
-
-/// Frames waiting for receive buffers, per queue (bounded).
-pub type Backlog = VecDeque<Vec<u8>>;
 
 impl Store {
     /// A fresh id for `kind` (24 bits, never 0, unique across kinds except keys, UARs and EQs;

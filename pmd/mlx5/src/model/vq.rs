@@ -1,22 +1,28 @@
 //! VIRTIO_NET_Q objects in the model: validation on create and modify, the INIT → RDY →
-//! SUSPEND state machine (SUSPEND → RDY only when resumable, ERR terminal), query, and the queue
-//! engine: a `core::virtio` [`DeviceQueue`] over the queue key's view of the DMA domain (so
-//! every ring and buffer access goes through the key), transmit into the wire, receive from the
-//! steering backlog, counters, and MSI-X interrupts.
+//! SUSPEND state machine (SUSPEND → RDY only when resumable, ERR terminal), query, counters, and
+//! the object's queue on the kit's engine.
 //!
-//! This engine is the model's own until the model kit's virtqueue engine lands; it keeps the
-//! device side behind [`Runtime`] so it can move there without touching the command side.
+//! A queue made ready becomes the engine queue of its virtio index: rings and positions from
+//! the object, every ring and buffer access through its memory key's view
+//! ([`mkey::KeyView`], re-read by the engine whenever the domain's mappings change), its event
+//! mode in the interrupt point's table, and, with DIRTY_BITMAP_DUMP_ENABLE, a dirty log at
+//! dirty_bitmap_addr of dirty_bitmap_mkey's view (vhost format: bit n = 4 KiB page n of the
+//! addresses the queue writes, i.e. guest physical addresses under the driver's keys). Leaving
+//! RDY stops the engine queue, and the positions it reached go back into the object. An engine
+//! queue that stopped on a fault or a ring error puts the object in ERR.
 
-use vdpakit_core::pci::model::IrqSender;
-use vdpakit_core::virtio::features::{VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1};
-use vdpakit_core::virtio::{AddrKind, DeviceQueue, GuestMemory, QueueConfig, QueueError, Segs};
+use std::sync::Arc;
+
+use vdpakit_core::model::engine::{NO_VECTOR, QueueLog, QueueSetup};
+use vdpakit_core::vdpa::VqStats;
+use vdpakit_core::virtio::features as vf;
 
 use super::bits::{rd, wr};
 use super::defs::*;
 use super::eq::Event;
-use super::fw::{Fail, Fw, PORT_TX_MAX, Wire};
-use super::mkey::{self, Piece};
-use super::store::{Backlog, Body, Kind};
+use super::fw::{Fail, Fw};
+use super::mkey::{self, KeyView};
+use super::store::{Body, Kind};
 
 /// Error types the model reports in ERR state (its own numbering).
 pub mod err {
@@ -26,23 +32,6 @@ pub mod err {
     pub const DESC: u8 = 2;
     /// A buffer does not translate.
     pub const BUFFER: u8 = 3;
-}
-
-/// Frames a receive queue holds while it waits for buffers.
-pub const BACKLOG_MAX: usize = 4096;
-/// Chains one pass processes per queue.
-pub const BUDGET: usize = 256;
-
-/// A running queue's device side.
-#[derive(Debug)]
-pub struct Runtime {
-    q: DeviceQueue,
-    mem: GuestMemory,
-    pieces: Vec<Piece>,
-    generation: u64,
-    segs: Segs,
-    hdr_len: usize,
-    event: Event,
 }
 
 /// A VIRTIO_NET_Q.
@@ -55,10 +44,12 @@ pub struct VqObj {
     pub state: u8,
     /// Error type in ERR.
     pub error_type: u8,
-    /// Device side while RDY.
-    pub rt: Option<Runtime>,
-    /// Received frames waiting for buffers (receive queues).
-    pub backlog: Backlog,
+    /// The engine queue's counters when last added to the counters object.
+    seen: VqStats,
+    /// IOMMU faults of the engine queue when it started (ERR classification).
+    faults_at_start: u64,
+    /// Left RDY: read the engine's final positions back after the next sync.
+    readback: bool,
 }
 
 impl VqObj {
@@ -66,33 +57,6 @@ impl VqObj {
     pub fn index(&self) -> u16 {
         rd(&self.raw, vqf::INDEX) as u16
     }
-
-    /// Current positions (avail, used).
-    pub fn positions(&self) -> (u16, u16) {
-        match &self.rt {
-            Some(rt) => (rt.q.last_avail(), used_of(&rt.q)),
-            None => (
-                rd(&self.raw, vqf::HW_AVAIL) as u16,
-                rd(&self.raw, vqf::HW_USED) as u16,
-            ),
-        }
-    }
-}
-
-fn used_of(q: &DeviceQueue) -> u16 {
-    match q {
-        DeviceQueue::Split(s) => s.used_idx(),
-        DeviceQueue::Packed(p) => p.last_used(),
-    }
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Delta {
-    received: u64,
-    completed: u64,
-    bad_desc: u32,
-    exceed: u32,
-    invalid: u32,
 }
 
 impl Fw {
@@ -285,7 +249,20 @@ impl Fw {
             return Err(bad("queues are created in INIT", format!("state {state}")));
         }
         let deps = self.vq_validate(&raw)?;
+        let index = rd(&raw, vqf::INDEX) as u16;
+        if let Some(other) = self
+            .store
+            .iter_kind(Kind::Vq)
+            .find(|(_, o)| matches!(&o.body, Body::Vq(v) if v.index() == index))
+            .map(|(id, _)| id)
+        {
+            return Err(bad(
+                "queue index in use by another queue object",
+                format!("index {index}: object {other:#x}"),
+            ));
+        }
         self.vq_touch_umems(&raw)?;
+        let seen = self.engine_counters(index);
         let id = self.store.fresh(Kind::Vq);
         self.store.insert(
             Kind::Vq,
@@ -295,8 +272,9 @@ impl Fw {
                 raw,
                 state: VQ_INIT,
                 error_type: 0,
-                rt: None,
-                backlog: Backlog::new(),
+                seen,
+                faults_at_start: 0,
+                readback: false,
             })),
         )?;
         wr(out, OBJ_ID, id.into());
@@ -321,6 +299,7 @@ impl Fw {
                 format!("{select:#x}"),
             ));
         }
+        self.vq_observe(id);
         let (cur, mut raw) = {
             let v = self.vq(id)?;
             (v.state, v.raw.clone())
@@ -332,7 +311,14 @@ impl Fw {
                 format!("object {id:#x}"),
             ));
         }
-        if select & !SEL_STATE != 0 && cur != VQ_INIT && cur != VQ_SUSPEND {
+        // With vnet_modify_ext, a ready queue's dirty bitmap fields may change (what hardware
+        // dirty logging on running queues needs); other fields only in INIT or SUSPEND.
+        let running_ok = if self.opts.modify_ext {
+            SEL_STATE | SEL_DIRTY_PARAMS | SEL_DIRTY_DUMP
+        } else {
+            SEL_STATE
+        };
+        if cur == VQ_RDY && select & !running_ok != 0 {
             return Err(Fail::new(
                 st::BAD_RES_STATE,
                 "fields change only in INIT or SUSPEND",
@@ -372,95 +358,253 @@ impl Fw {
                 format!("object {id:#x}"),
             ));
         }
-        self.store.set_deps(Kind::Vq, id, deps)?;
-        {
-            let v = self.vq_mut(id)?;
-            // Suspending: keep the positions in the object.
-            if cur == VQ_RDY
-                && new == VQ_SUSPEND
-                && let Some(rt) = v.rt.take()
-            {
-                wr(&mut raw, vqf::HW_AVAIL, rt.q.last_avail().into());
-                wr(&mut raw, vqf::HW_USED, used_of(&rt.q).into());
-            }
-            v.raw = raw;
-            v.state = new;
-        }
+        // The engine side first (it may refuse a key), then the object.
+        let index = rd(&raw, vqf::INDEX) as u16;
         if new == VQ_RDY && cur != VQ_RDY {
-            self.vq_start(id)?;
+            self.engine_start(&raw)?;
+        } else if new == VQ_RDY && select & (SEL_DIRTY_PARAMS | SEL_DIRTY_DUMP) != 0 {
+            let log = self.queue_log(&raw)?;
+            let mut c = self.vf.ctl();
+            grow(&mut c.queue_log, index);
+            c.queue_log[usize::from(index)] = log;
+            self.sync_pending = true;
         }
+        self.store.set_deps(Kind::Vq, id, deps)?;
+        let faults = self.engine_counters(index).iommu_faults;
+        let stopping = cur == VQ_RDY && new != VQ_RDY;
+        if stopping {
+            self.engine_stop(index, false);
+        }
+        let v = self.vq_mut(id)?;
+        v.raw = raw;
+        v.state = new;
+        if new == VQ_RDY && cur != VQ_RDY {
+            v.faults_at_start = faults;
+        }
+        // Suspending: the positions the engine stopped at go into the object after the sync.
+        v.readback |= stopping;
         Ok(())
     }
 
-    /// Builds the device side from the object (positions from hw_available_index). A ring
-    /// that does not translate puts the queue in ERR.
-    fn vq_start(&mut self, id: u64) -> Result<(), Fail> {
-        let dom = self.domain_view();
-        let generation = self.dma.as_ref().map_or(0, |d| d.generation());
-        let raw = self.vq(id)?.raw.clone();
-        let key = rd(&raw, vqf::MKEY) as u32;
-        let pieces = mkey::key_pieces(&self.store, key, &dom)?;
-        let mem = mkey::view(&pieces, &dom);
-        let packed = rd(&raw, vqf::Q_TYPE) == 1;
-        let v1 = rd(&raw, vqf::VERSION_1) != 0;
-        let feats = (rd(&raw, vqf::FEAT_HI) << 3) | rd(&raw, vqf::FEAT_LO);
-        let cfg = QueueConfig {
-            size: rd(&raw, self.size_field()) as u16,
-            desc: rd(&raw, vqf::DESC),
-            avail: rd(&raw, vqf::AVAIL),
-            used: rd(&raw, vqf::USED),
-            addr_kind: AddrKind::Gpa,
-            features: if v1 { VIRTIO_F_VERSION_1 } else { 0 }
-                | if packed { VIRTIO_F_RING_PACKED } else { 0 },
-        };
-        let q = mem.map_err(|e| e.to_string()).and_then(|m| {
-            DeviceQueue::new(&cfg, &m)
-                .map(|q| (q, m))
-                .map_err(|e| e.to_string())
-        });
-        let (mut q, mem) = match q {
-            Ok(x) => x,
-            Err(why) => {
-                for a in [cfg.desc, cfg.avail, cfg.used] {
-                    self.fault_at(&pieces, &dom, a);
-                }
-                tracing::debug!("model: queue object {id:#x} ring does not translate: {why}");
-                let v = self.vq_mut(id)?;
-                v.state = VQ_ERR;
-                v.error_type = err::RING;
-                return Ok(());
-            }
-        };
-        let avail = rd(&raw, vqf::HW_AVAIL) as u16;
-        if let Err(e) = q.set_last_avail(avail) {
-            let v = self.vq_mut(id)?;
-            v.state = VQ_ERR;
-            v.error_type = err::DESC;
-            tracing::debug!("model: queue object {id:#x}: position {avail:#x}: {e}");
-            return Ok(());
-        }
-        q.set_notification(true);
-        let mode = rd(&raw, vqf::EVENT_MODE);
-        let rt = Runtime {
-            q,
-            mem,
-            pieces,
-            generation,
-            segs: Segs::new(),
-            hdr_len: if v1 || feats & 4 != 0 { 12 } else { 10 },
-            event: Event::of(mode, rd(&raw, vqf::EVENT_TARGET)),
-        };
-        self.vq_mut(id)?.rt = Some(rt);
-        Ok(())
+    /// Counters of the engine queue `index` (zero beyond the function's queues).
+    fn engine_counters(&self, index: u16) -> VqStats {
+        self.vf
+            .counters(index)
+            .map(|c| c.snapshot())
+            .unwrap_or_default()
     }
 
-    /// Records an IOMMU fault if key address `va` translates to an IOVA the domain lacks.
-    fn fault_at(&self, pieces: &[Piece], dom: &GuestMemory, va: u64) {
-        if let Some(iova) = mkey::iova_of(pieces, va)
-            && dom.gpa_to_host(iova, 1).is_none()
-            && let Some(d) = &self.dma
+    /// The dirty log a queue image asks for (DIRTY_BITMAP_DUMP_ENABLE and the bitmap's key,
+    /// address and size), if any.
+    fn queue_log(&self, raw: &[u8]) -> Result<Option<QueueLog>, Fail> {
+        if rd(raw, vqf::DIRTY_DUMP) == 0 {
+            return Ok(None);
+        }
+        let key = rd(raw, vqf::DIRTY_MKEY) as u32;
+        let size = rd(raw, vqf::DIRTY_SIZE);
+        if key == 0 || size == 0 {
+            return Err(bad(
+                "dirty bitmap dumping without a bitmap (key and size)",
+                format!("key {key:#x}, {size} bytes"),
+            ));
+        }
+        Ok(Some(QueueLog {
+            view: Arc::new(KeyView::of(&self.store, key)?),
+            addr: rd(raw, vqf::DIRTY_ADDR),
+            size,
+        }))
+    }
+
+    /// Makes a queue image the engine queue of its index: rings, positions, the key's view, the
+    /// event mode, the dirty log.
+    fn engine_start(&mut self, raw: &[u8]) -> Result<(), Fail> {
+        let index = rd(raw, vqf::INDEX) as u16;
+        if index >= self.vf.queues() {
+            return Err(bad(
+                "queue index beyond the function's engine queues",
+                format!("index {index}"),
+            ));
+        }
+        let view = KeyView::of(&self.store, rd(raw, vqf::MKEY) as u32)?;
+        let log = self.queue_log(raw)?;
+        let feats = (rd(raw, vqf::FEAT_HI) << 3) | rd(raw, vqf::FEAT_LO);
+        let mut features = 0;
+        if rd(raw, vqf::VERSION_1) != 0 {
+            features |= vf::VERSION_1;
+        }
+        if rd(raw, vqf::Q_TYPE) == 1 {
+            features |= vf::RING_PACKED;
+        }
+        if feats & (1 << MLX_MRG_RXBUF) != 0 {
+            features |= vf::NET_MRG_RXBUF;
+        }
+        let i = usize::from(index);
         {
-            d.record_fault(iova, 1);
+            let mut c = self.vf.ctl();
+            // The engine applies one feature set per function: the driver gives every queue the
+            // same, the last queue made ready sets it.
+            c.features = features;
+            c.queues[i] = QueueSetup {
+                size: rd(raw, self.size_field()) as u16,
+                desc: rd(raw, vqf::DESC),
+                driver: rd(raw, vqf::AVAIL),
+                device: rd(raw, vqf::USED),
+                enabled: true,
+                vector: NO_VECTOR,
+                avail: Some(rd(raw, vqf::HW_AVAIL) as u16),
+                used: Some(rd(raw, vqf::HW_USED) as u16),
+            };
+            grow(&mut c.queue_mem, index);
+            grow(&mut c.queue_log, index);
+            c.queue_mem[i] = Some(Arc::new(view));
+            c.queue_log[i] = log;
+        }
+        if let Some(ev) = self.events.as_ref().and_then(|e| e.events.get(i)) {
+            let e = Event::of(rd(raw, vqf::EVENT_MODE), rd(raw, vqf::EVENT_TARGET));
+            ev.store(e.encode(), std::sync::atomic::Ordering::Release);
+        }
+        self.sync_pending = true;
+        Ok(())
+    }
+
+    /// Stops engine queue `index` (its positions are written back by the engine); `forget`
+    /// also drops its view, log and event mode (the object is gone).
+    fn engine_stop(&mut self, index: u16, forget: bool) {
+        let i = usize::from(index);
+        {
+            let mut c = self.vf.ctl();
+            if let Some(q) = c.queues.get_mut(i) {
+                q.enabled = false;
+            }
+            if forget {
+                if let Some(m) = c.queue_mem.get_mut(i) {
+                    *m = None;
+                }
+                if let Some(l) = c.queue_log.get_mut(i) {
+                    *l = None;
+                }
+            }
+        }
+        if forget && let Some(ev) = self.events.as_ref().and_then(|e| e.events.get(i)) {
+            ev.store(0, std::sync::atomic::Ordering::Release);
+        }
+        self.sync_pending = true;
+    }
+
+    /// After the engine applied the changes: queues that left RDY take the positions it wrote
+    /// back.
+    pub fn after_sync(&mut self) {
+        let ids = self.store.ids(Kind::Vq);
+        for id in ids {
+            let Ok(v) = self.vq(id) else { continue };
+            if !v.readback {
+                continue;
+            }
+            let i = usize::from(v.index());
+            let pos = self.vf.ctl().queues.get(i).map(|q| (q.avail, q.used));
+            if let Ok(v) = self.vq_mut(id) {
+                if let Some((Some(a), Some(u))) = pos {
+                    wr(&mut v.raw, vqf::HW_AVAIL, a.into());
+                    wr(&mut v.raw, vqf::HW_USED, u.into());
+                }
+                v.readback = false;
+            }
+        }
+    }
+
+    /// A ready queue whose engine queue stopped on a fault or ring error goes to ERR: RING when
+    /// its rings do not translate through its key now, BUFFER after an IOMMU fault on a buffer,
+    /// DESC otherwise.
+    pub fn vq_observe(&mut self, id: u64) {
+        let Ok(v) = self.vq(id) else { return };
+        if v.state != VQ_RDY {
+            return;
+        }
+        let index = v.index();
+        let broken = self.vf.counters(index).is_some_and(|c| c.is_broken());
+        if !broken {
+            return;
+        }
+        let raw = v.raw.clone();
+        let faults0 = v.faults_at_start;
+        let et = if !self.rings_translate(&raw) {
+            err::RING
+        } else if self.engine_counters(index).iommu_faults > faults0 {
+            err::BUFFER
+        } else {
+            err::DESC
+        };
+        tracing::debug!("model: queue object {id:#x} (index {index}) stopped: ERR, type {et}");
+        if let Ok(v) = self.vq_mut(id) {
+            v.state = VQ_ERR;
+            v.error_type = et;
+        }
+    }
+
+    /// Whether a queue image's three ring areas translate through its key and the domain now.
+    fn rings_translate(&self, raw: &[u8]) -> bool {
+        let Ok(view) = KeyView::of(&self.store, rd(raw, vqf::MKEY) as u32) else {
+            return false;
+        };
+        let mem = vdpakit_core::model::engine::QueueView::view(&view, &self.domain_view());
+        let packed = rd(raw, vqf::Q_TYPE) == 1;
+        let (dl, al, ul) =
+            vdpakit_core::virtio::ring_sizes(rd(raw, self.size_field()) as u16, packed, false);
+        [
+            (rd(raw, vqf::DESC), dl),
+            (rd(raw, vqf::AVAIL), al),
+            (rd(raw, vqf::USED), ul),
+        ]
+        .iter()
+        .all(|&(a, l)| mem.gpa_to_host(a, l).is_some())
+    }
+
+    /// State, error type and positions of queue object `id` (positions live from the engine
+    /// while ready).
+    pub fn queue_info(&mut self, id: u64) -> Option<(u8, u8, u16, u16)> {
+        self.vq_observe(id);
+        let v = self.vq(id).ok()?;
+        let (a, u) = self.positions(v);
+        Some((v.state, v.error_type, a, u))
+    }
+
+    fn positions(&self, v: &VqObj) -> (u16, u16) {
+        if v.state == VQ_RDY
+            && let Some(c) = self.vf.counters(v.index())
+        {
+            return c.positions();
+        }
+        (
+            rd(&v.raw, vqf::HW_AVAIL) as u16,
+            rd(&v.raw, vqf::HW_USED) as u16,
+        )
+    }
+
+    /// Adds what the engine counted for queue object `id` since the last look to its counters
+    /// object: chains taken and completed, descriptor errors, faulting buffers.
+    pub fn fold_counts(&mut self, id: u64) {
+        let Ok(v) = self.vq(id) else { return };
+        let (index, cnt, seen) = (v.index(), rd(&v.raw, vqf::COUNTERS), v.seen);
+        let now = self.engine_counters(index);
+        if let Ok(v) = self.vq_mut(id) {
+            v.seen = now;
+        }
+        if cnt == 0 {
+            return;
+        }
+        let d = |a: u64, b: u64| a.wrapping_sub(b);
+        let (packets, errors, faults) = (
+            d(now.packets, seen.packets),
+            d(now.errors, seen.errors),
+            d(now.iommu_faults, seen.iommu_faults),
+        );
+        if let Ok(o) = self.store.get_mut(Kind::Counters, cnt)
+            && let Body::Counters(x) = &mut o.body
+        {
+            x.received += packets + errors;
+            x.completed += packets;
+            x.bad_desc = x.bad_desc.wrapping_add(errors as u32);
+            x.invalid = x.invalid.wrapping_add(faults as u32);
         }
     }
 
@@ -472,9 +616,10 @@ impl Fw {
                 format!("{} bytes of room, {VQ_CMD_BYTES} needed", out.len()),
             ));
         }
+        self.vq_observe(id);
         let v = self.vq(id)?;
         out[VQ_OBJ_BYTE..VQ_CMD_BYTES].copy_from_slice(&v.raw[VQ_OBJ_BYTE..]);
-        let (a, u) = v.positions();
+        let (a, u) = self.positions(v);
         wr(out, vqf::SELECT, 0);
         wr(out, vqf::STATE, v.state.into());
         wr(out, vqf::ERROR_TYPE, v.error_type.into());
@@ -484,233 +629,19 @@ impl Fw {
     }
 
     pub(super) fn vq_destroy(&mut self, id: u64) -> Result<(), Fail> {
-        self.store.remove(Kind::Vq, id).map(|_| ())
+        self.fold_counts(id);
+        let o = self.store.remove(Kind::Vq, id)?;
+        if let Body::Vq(v) = o.body {
+            self.engine_stop(v.index(), true);
+        }
+        Ok(())
     }
+}
 
-    fn fail_queue(&mut self, id: u64, e: &QueueError, d: &mut Delta) {
-        let (et, addr) = match e {
-            QueueError::BadBuffer { addr, .. } | QueueError::MemAccess { gpa: addr, .. } => {
-                (err::BUFFER, Some(*addr))
-            }
-            QueueError::IndirectTableNotInMemory { addr, .. } => (err::BUFFER, Some(*addr)),
-            QueueError::ChainTooLong { .. } | QueueError::TooManySegs { .. } => {
-                d.exceed += 1;
-                (err::DESC, None)
-            }
-            _ => (err::DESC, None),
-        };
-        if et == err::BUFFER {
-            d.invalid += 1;
-        } else {
-            d.bad_desc += 1;
-        }
-        let dom = self.domain_view();
-        if let (Some(a), Ok(v)) = (addr, self.vq(id))
-            && let Some(rt) = &v.rt
-        {
-            let pieces = rt.pieces.clone();
-            self.fault_at(&pieces, &dom, a);
-        }
-        tracing::debug!("model: queue object {id:#x} failed: {e}");
-        if let Ok(v) = self.vq_mut(id) {
-            v.state = VQ_ERR;
-            v.error_type = et;
-            v.rt = None;
-        }
-    }
-
-    fn add_counts(&mut self, id: u64, d: Delta) {
-        let Ok(v) = self.vq(id) else { return };
-        let c = rd(&v.raw, vqf::COUNTERS);
-        if c == 0 {
-            return;
-        }
-        if let Ok(o) = self.store.get_mut(Kind::Counters, c)
-            && let Body::Counters(x) = &mut o.body
-        {
-            x.received += d.received;
-            x.completed += d.completed;
-            x.bad_desc += d.bad_desc;
-            x.exceed += d.exceed;
-            x.invalid += d.invalid;
-        }
-    }
-
-    /// One pass of the engine over every ready queue: transmit chains go to the wire,
-    /// received frames into receive rings. Returns whether work is left (a budget ran out).
-    pub fn run(&mut self, irq: &mut Option<IrqSender>) -> bool {
-        let generation = self.dma.as_ref().map_or(0, |d| d.generation());
-        let ids = self.store.ids(Kind::Vq);
-        let mut more = false;
-        // A changed domain: rebuild the device sides from their positions.
-        for &id in &ids {
-            let stale = matches!(self.vq(id), Ok(v) if v.rt.as_ref().is_some_and(|r| r.generation != generation));
-            if stale && let Ok(v) = self.vq_mut(id) {
-                if let Some(rt) = v.rt.take() {
-                    wr(&mut v.raw, vqf::HW_AVAIL, rt.q.last_avail().into());
-                    wr(&mut v.raw, vqf::HW_USED, used_of(&rt.q).into());
-                }
-                let _ = self.vq_start(id);
-            }
-        }
-        let mut frames = Vec::new();
-        for &id in &ids {
-            let tx = matches!(self.vq(id), Ok(v) if v.rt.is_some() && v.index() % 2 == 1);
-            if tx {
-                more |= self.tx_pass(id, &mut frames, irq);
-            }
-        }
-        for f in frames {
-            match self.opts.wire {
-                Wire::Loop => self.receive(f),
-                Wire::Port => {
-                    if self.port_tx.len() < PORT_TX_MAX {
-                        self.port_tx.push_back(f);
-                    } else {
-                        self.stats.backlog_drops += 1;
-                    }
-                }
-            }
-        }
-        for &id in &ids {
-            let rx = matches!(self.vq(id), Ok(v) if v.rt.is_some() && v.index() % 2 == 0 && !v.backlog.is_empty());
-            if rx {
-                more |= self.rx_pass(id, irq);
-            }
-        }
-        more
-    }
-
-    fn tx_pass(&mut self, id: u64, frames: &mut Vec<Vec<u8>>, irq: &mut Option<IrqSender>) -> bool {
-        let mut d = Delta::default();
-        let mut failed = None;
-        let mut n = 0;
-        let mut bad_frames = 0;
-        let mut notify = None;
-        {
-            let Ok(v) = self.vq_mut(id) else { return false };
-            let index = v.index();
-            let Some(rt) = v.rt.as_mut() else {
-                return false;
-            };
-            while n < BUDGET {
-                match rt.q.pop(&rt.mem, &mut rt.segs) {
-                    Ok(Some(chain)) => {
-                        d.received += 1;
-                        let total = chain.readable as usize;
-                        if total < rt.hdr_len + 14 || total > rt.hdr_len + 65_535 {
-                            bad_frames += 1;
-                            d.invalid += 1;
-                        } else {
-                            let mut f = vec![0u8; total - rt.hdr_len];
-                            rt.segs.read(rt.hdr_len, &mut f);
-                            frames.push(f);
-                        }
-                        rt.q.push_used(&chain, 0);
-                        d.completed += 1;
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-                n += 1;
-            }
-            if rt.q.publish_used() {
-                notify = Some((index, rt.event));
-            }
-        }
-        if let Some((index, ev)) = notify {
-            self.raise(index, ev, irq);
-        }
-        self.stats.tx_frames += d.completed - bad_frames;
-        self.stats.bad_frames += bad_frames;
-        if let Some(e) = failed {
-            self.fail_queue(id, &e, &mut d);
-        }
-        self.add_counts(id, d);
-        n == BUDGET
-    }
-
-    fn rx_pass(&mut self, id: u64, irq: &mut Option<IrqSender>) -> bool {
-        let mut d = Delta::default();
-        let mut failed = None;
-        let mut n = 0;
-        let mut delivered = 0;
-        let mut dropped = 0;
-        let mut notify = None;
-        {
-            let Ok(v) = self.vq_mut(id) else { return false };
-            let index = v.index();
-            let VqObj { rt, backlog, .. } = v;
-            let Some(rt) = rt.as_mut() else { return false };
-            while n < BUDGET {
-                let Some(frame) = backlog.front() else { break };
-                match rt.q.pop(&rt.mem, &mut rt.segs) {
-                    Ok(Some(chain)) => {
-                        let need = rt.hdr_len + frame.len();
-                        if (chain.writable as usize) < need {
-                            // Does not fit this chain: the frame is dropped, the chain stays.
-                            rt.q.rewind(&chain);
-                            backlog.pop_front();
-                            dropped += 1;
-                            d.invalid += 1;
-                            continue;
-                        }
-                        d.received += 1;
-                        let mut hdr = [0u8; 12];
-                        if rt.hdr_len == 12 {
-                            hdr[10] = 1;
-                        }
-                        rt.segs.write(0, &hdr[..rt.hdr_len]);
-                        rt.segs.write(rt.hdr_len, frame);
-                        rt.q.push_used(&chain, need as u32);
-                        d.completed += 1;
-                        delivered += 1;
-                        backlog.pop_front();
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-                n += 1;
-            }
-            if rt.q.publish_used() {
-                notify = Some((index, rt.event));
-            }
-        }
-        if let Some((index, ev)) = notify {
-            self.raise(index, ev, irq);
-        }
-        self.stats.rx_frames += delivered;
-        self.stats.bad_frames += dropped;
-        if let Some(e) = failed {
-            self.fail_queue(id, &e, &mut d);
-        }
-        self.add_counts(id, d);
-        n == BUDGET
-    }
-
-    /// A frame arrives from the wire: steering picks the receive queue, whose backlog holds it
-    /// until the ring has a buffer.
-    pub fn receive(&mut self, frame: Vec<u8>) {
-        let Some(id) = self.steer(&frame) else {
-            self.stats.steer_drops += 1;
-            return;
-        };
-        match self.vq_mut(id) {
-            Ok(v) if v.state == VQ_RDY || v.state == VQ_SUSPEND => {
-                if v.backlog.len() < BACKLOG_MAX {
-                    v.backlog.push_back(frame);
-                } else {
-                    self.stats.backlog_drops += 1;
-                }
-            }
-            _ => self.stats.steer_drops += 1,
-        }
+/// Makes `v` long enough to index `index`.
+fn grow<T: Clone>(v: &mut Vec<Option<T>>, index: u16) {
+    if v.len() <= usize::from(index) {
+        v.resize(usize::from(index) + 1, None);
     }
 }
 

@@ -36,7 +36,7 @@ pub fn hca_opts() -> HcaOptions {
 }
 
 pub fn open_model(o: ModelOptions) -> (Arc<Mlx5Model>, PciDevice, DmaDomain) {
-    let m = Mlx5Model::new(o);
+    let m = Mlx5Model::new(o).unwrap();
     let dom = DmaDomain::model();
     let pci = model::open(m.clone(), &dom).unwrap();
     (m, pci, dom)
@@ -180,6 +180,19 @@ impl Ring {
         frames: &[Vec<u8>],
         hdr: usize,
     ) -> usize {
+        let n = self.post_tx(g, frames, hdr);
+        self.kick(dev);
+        n
+    }
+
+    /// Posts `frames` as [`Ring::transmit`] does and publishes them without a doorbell.
+    pub fn transmit_quiet(&mut self, g: &Guest, frames: &[Vec<u8>], hdr: usize) -> usize {
+        let n = self.post_tx(g, frames, hdr);
+        self.q.publish_avail();
+        n
+    }
+
+    fn post_tx(&mut self, g: &Guest, frames: &[Vec<u8>], hdr: usize) -> usize {
         let mut n = 0;
         for f in frames {
             let Some(addr) = self.free.pop() else { break };
@@ -197,8 +210,12 @@ impl Ring {
                 }
             }
         }
-        self.kick(dev);
         n
+    }
+
+    /// Buffers posted and not yet reaped.
+    pub fn posted(&self) -> usize {
+        self.inflight.len()
     }
 
     /// Posts up to `n` receive buffers; returns how many.
