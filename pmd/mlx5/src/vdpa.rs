@@ -35,7 +35,7 @@ use std::time::Duration;
 use vdpakit_core::mem::MemMode;
 use vdpakit_core::pci::{Bdf, DmaDomain, Doorbell, NotifyArea, PciDevice};
 use vdpakit_core::vdpa::{
-    DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqState, VqStats,
+    DevConf, LogConfig, LogSupport, NetDevConfig, VdpaDevice, VdpaError, VqConfig, VqState, VqStats,
 };
 use vdpakit_core::vhost::msg::proto;
 use vdpakit_core::virtio::features as vf;
@@ -314,11 +314,12 @@ struct KeyLayout {
 }
 
 impl KeyLayout {
-    fn new(domain: &DmaDomain, exclude: (u64, u64)) -> KeyLayout {
+    fn new(domain: &DmaDomain, exclude: &[(u64, u64)]) -> KeyLayout {
+        let inside = |iova: u64, len: u64, (b, l): (u64, u64)| iova >= b && iova + len <= b + l;
         let mut pieces: Vec<KeyPiece> = domain
             .mappings()
             .into_iter()
-            .filter(|m| !(m.iova >= exclude.0 && m.iova + m.len <= exclude.0 + exclude.1))
+            .filter(|m| !exclude.iter().any(|&x| inside(m.iova, m.len, x)))
             .map(|m| KeyPiece {
                 va: m.iova,
                 iova: m.iova,
@@ -352,8 +353,19 @@ struct Running {
     keys: KeySet,
     layout: KeyLayout,
     vqs: Vec<Option<Vq>>,
+    /// The rings as configured (for marking used rings dirty at switchover).
+    rings: Vec<VqConfig>,
     steering: Option<Steering>,
     events: Option<Events>,
+    /// Hardware dirty logging, while on.
+    log: Option<HwLog>,
+}
+
+/// Hardware dirty logging: the front end's bitmap and the key over it.
+#[derive(Debug, Clone, Copy)]
+struct HwLog {
+    conf: LogConfig,
+    key: u32,
 }
 
 /// An mlx5 function as a vDPA device.
@@ -647,7 +659,13 @@ impl Mlx5Vdpa {
             };
         }
         let arena = (self.hca.arena().base(), self.hca.arena().len());
-        run.layout = KeyLayout::new(self.hca.pci().domain(), arena);
+        // Queue keys cover guest memory: neither the driver's memory nor the log bitmap.
+        let mut exclude = vec![arena];
+        if let Some(l) = conf.log {
+            exclude.push((l.iova, l.size));
+        }
+        run.layout = KeyLayout::new(self.hca.pci().domain(), &exclude);
+        run.rings = conf.queues.clone();
         run.keys = t!(KeySet::create(
             &self.hca,
             pd,
@@ -658,6 +676,10 @@ impl Mlx5Vdpa {
         let packed = conf.features & vf::RING_PACKED != 0;
         let version_1 = conf.features & vf::VERSION_1 != 0;
         let features = self.mlx_features(conf.features);
+        if let Some(l) = conf.log {
+            run.log = Some(t!(self.log_key(pd, l)));
+        }
+        let dirty = run.log.map(|h| (h.key, h.conf.iova, h.conf.size as u32));
         let nq = conf
             .queues
             .iter()
@@ -733,6 +755,8 @@ impl Mlx5Vdpa {
                 tisn: if q.index % 2 == 1 { tis } else { 0 },
                 pd,
                 moderation: self.args.moderation,
+                dirty_bitmap: dirty.unwrap_or_default(),
+                dirty_dump: dirty.is_some(),
                 ..Default::default()
             };
             let v = t!(Vq::create(&self.hca, &attr));
@@ -833,7 +857,137 @@ impl Mlx5Vdpa {
             }
         }
         run.keys.destroy(&self.hca);
+        if let Some(h) = run.log.take()
+            && let Err(e) = self.hca.destroy_mkey(h.key)
+        {
+            tracing::warn!("{e}");
+            first.get_or_insert(e);
+        }
         first.map_or(Ok(()), Err)
+    }
+
+    /// The key over the front end's log bitmap (the bitmap's IOVAs as key addresses).
+    fn log_key(&self, pd: u32, l: LogConfig) -> Result<HwLog> {
+        if l.size == 0 || l.size > u64::from(u32::MAX) {
+            return Err(Error::Config {
+                dev: self.name.clone(),
+                what: format!(
+                    "dirty log of {} bytes: accepted is 1..=4 GiB (dirty_bitmap_size is 32 bits)",
+                    l.size
+                ),
+            });
+        }
+        let key = self.hca.create_mtt_mkey(
+            pd,
+            KeyPiece {
+                va: l.iova,
+                iova: l.iova,
+                len: l.size,
+            },
+            0x1d,
+        )?;
+        Ok(HwLog { conf: l, key })
+    }
+
+    /// Turns hardware dirty logging on (`Some`) or off for every queue: DIRTY_BITMAP_PARAMS
+    /// (the bitmap's key, address and size) then DIRTY_BITMAP_DUMP_ENABLE; off in reverse,
+    /// clearing the parameters so the key can go.
+    fn set_log(&mut self, log: Option<LogConfig>) -> std::result::Result<(), VdpaError> {
+        let Some(base) = self.base.as_ref().map(|b| b.pd) else {
+            return Ok(());
+        };
+        let Some(run) = self.run.as_mut() else {
+            return Ok(());
+        };
+        if run.log.map(|h| h.conf) == log {
+            return Ok(());
+        }
+        let ids: Vec<u32> = run
+            .vqs
+            .iter()
+            .flatten()
+            .filter(|v| v.state != vq::STATE_ERR)
+            .map(|v| v.id)
+            .collect();
+        if let Some(h) = run.log.take() {
+            for &id in &ids {
+                self.hca.modify_virtq(
+                    id,
+                    vq::sel::DIRTY_BITMAP_DUMP_ENABLE,
+                    &VirtqAttr::default(),
+                )?;
+                self.hca
+                    .modify_virtq(id, vq::sel::DIRTY_BITMAP_PARAMS, &VirtqAttr::default())?;
+            }
+            self.hca.destroy_mkey(h.key)?;
+            tracing::info!("{}: hardware dirty logging off", self.name);
+        }
+        let Some(l) = log else { return Ok(()) };
+        let h = self.log_key(base, l)?;
+        let on = VirtqAttr {
+            dirty_bitmap: (h.key, l.iova, l.size as u32),
+            dirty_dump: true,
+            ..Default::default()
+        };
+        for &id in &ids {
+            let r = self
+                .hca
+                .modify_virtq(id, vq::sel::DIRTY_BITMAP_PARAMS, &on)
+                .and_then(|()| {
+                    self.hca
+                        .modify_virtq(id, vq::sel::DIRTY_BITMAP_DUMP_ENABLE, &on)
+                });
+            if let Err(e) = r {
+                // Leave the key to teardown: queues may name it already.
+                if let Some(run) = self.run.as_mut() {
+                    run.log = Some(h);
+                }
+                return Err(e.into());
+            }
+        }
+        tracing::info!(
+            "{}: hardware dirty logging on: bitmap at IOVA {:#x} ({} bytes) through key {:#x}, {} queues",
+            self.name,
+            l.iova,
+            l.size,
+            h.key,
+            ids.len()
+        );
+        if let Some(run) = self.run.as_mut() {
+            run.log = Some(h);
+        }
+        Ok(())
+    }
+
+    /// At switchover (a ring's position read while logging): the device stopped writing the
+    /// ring, and software marks all of it dirty (split: the used ring, 6 + 8 × size bytes;
+    /// packed: the descriptor ring the device writes used entries into), as the reference
+    /// sequence does. Returns the bytes marked.
+    fn mark_used_ring(&self, qid: u16) -> u64 {
+        let Some(run) = self.run.as_ref() else {
+            return 0;
+        };
+        let (Some(h), Some(r)) = (run.log, run.rings.iter().find(|r| r.index == qid)) else {
+            return 0;
+        };
+        let (_, view) = self.hca.pci().domain().view();
+        let Some(log) =
+            vdpakit_core::virtio::DirtyLog::from_memory(&view, h.conf.iova, h.conf.size)
+        else {
+            tracing::warn!(
+                "{}: the dirty log at IOVA {:#x} is not mapped: used ring {qid} not marked",
+                self.name,
+                h.conf.iova
+            );
+            return 0;
+        };
+        let (at, len) = if run.features & vf::RING_PACKED != 0 {
+            (r.desc, 16 * u64::from(r.size))
+        } else {
+            (r.device, 6 + 8 * u64::from(r.size))
+        };
+        log.mark(at, len);
+        len
     }
 
     fn vq_mut(&mut self, qid: u16) -> std::result::Result<&mut Vq, VdpaError> {
@@ -947,8 +1101,15 @@ impl VdpaDevice for Mlx5Vdpa {
         self.hca.pci().domain()
     }
 
+    /// Hardware logging when the function can modify ready queues (vnet_modify_ext: the
+    /// dirty bitmap fields change on running queues when migration starts); else the
+    /// binding's software relay.
     fn log_support(&self) -> LogSupport {
-        LogSupport::None
+        if self.hca.caps().virtio.modify_ext {
+            LogSupport::Hardware
+        } else {
+            LogSupport::None
+        }
     }
 
     fn configure(&mut self, conf: &DevConf) -> std::result::Result<(), VdpaError> {
@@ -962,10 +1123,10 @@ impl VdpaDevice for Mlx5Vdpa {
                 self.cfg_err("packed rings negotiated, the device has split rings only".into())
             );
         }
-        if conf.log.is_some() {
+        if conf.log.is_some() && self.log_support() != LogSupport::Hardware {
             return Err(VdpaError::Unsupported {
                 dev: self.name.clone(),
-                what: "dirty page logging in hardware".into(),
+                what: "dirty page logging in hardware (vnet_modify_ext is 0)".into(),
             });
         }
         for q in &conf.queues {
@@ -994,8 +1155,10 @@ impl VdpaDevice for Mlx5Vdpa {
             keys: KeySet::default(),
             layout: KeyLayout::default(),
             vqs: Vec::new(),
+            rings: Vec::new(),
             steering: None,
             events: None,
+            log: None,
         };
         match self.build(conf, &mut run) {
             Ok(()) => {
@@ -1071,11 +1234,21 @@ impl VdpaDevice for Mlx5Vdpa {
         log: Option<LogConfig>,
     ) -> std::result::Result<(), VdpaError> {
         let cur = self.run.as_ref().map_or(features, |r| r.features);
-        if log.is_some() || (features ^ cur) & !vf::VHOST_F_LOG_ALL != 0 {
+        if (features ^ cur) & !vf::VHOST_F_LOG_ALL != 0 {
             return Err(VdpaError::Unsupported {
                 dev: self.name.clone(),
                 what: format!("changing features from {cur:#x} to {features:#x} while running"),
             });
+        }
+        if log.is_some() && self.log_support() != LogSupport::Hardware {
+            return Err(VdpaError::Unsupported {
+                dev: self.name.clone(),
+                what: "dirty page logging in hardware (vnet_modify_ext is 0)".into(),
+            });
+        }
+        self.set_log(log)?;
+        if let Some(run) = self.run.as_mut() {
+            run.features = features;
         }
         Ok(())
     }
@@ -1095,6 +1268,7 @@ impl VdpaDevice for Mlx5Vdpa {
                 what: format!("queue {qid} is in ERR (error type {})", a.error_type),
             });
         }
+        self.mark_used_ring(qid);
         Ok(VqState {
             avail_idx: a.avail_idx,
             used_idx: a.used_idx,

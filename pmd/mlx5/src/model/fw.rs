@@ -678,7 +678,7 @@ impl Fw {
                 wr(out, vcap::Q_TYPES, if o.packed { 3 } else { 1 });
                 wr(out, vcap::MAX_TUNNEL_DESC, 16);
                 wr(out, vcap::LOG_DB_STRIDE, 2);
-                wr(out, vcap::MODIFY_EXT, 1);
+                wr(out, vcap::MODIFY_EXT, u64::from(o.modify_ext));
                 wr(out, vcap::ADDR_MODIFY, 1);
                 wr(out, vcap::INDEX_MODIFY, 1);
                 wr(out, vcap::LOG_DB_SIZE, 12);

@@ -251,6 +251,14 @@ impl Ring {
 
     /// Reaps received frames (the header of `hdr` bytes stripped and checked).
     pub fn reap_rx(&mut self, g: &Guest, hdr: usize) -> Vec<Vec<u8>> {
+        self.reap_rx_at(g, hdr)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect()
+    }
+
+    /// Reaps received frames with the buffer address each was written at.
+    pub fn reap_rx_at(&mut self, g: &Guest, hdr: usize) -> Vec<(u64, Vec<u8>)> {
         let mut out = Vec::new();
         while let Some((id, len)) = self.q.reap().unwrap() {
             let a = self.inflight.remove(&id).expect("used id in flight");
@@ -260,7 +268,7 @@ impl Ring {
             if hdr == 12 {
                 assert_eq!(u16::from_le_bytes([b[10], b[11]]), 1, "num_buffers");
             }
-            out.push(b[hdr..].to_vec());
+            out.push((a, b[hdr..].to_vec()));
             self.free.push(a);
         }
         out
