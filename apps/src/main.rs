@@ -69,6 +69,7 @@ fn main() {
         vdpakit_pmd_virtio::PORT_KIND,
         vdpakit_pmd_ifc::PORT_KIND,
         vdpakit_pmd_eni::PORT_KIND,
+        vdpakit_pmd_mlx5::PORT_KIND,
     ]) {
         eprintln!("error: {e}");
         std::process::exit(1);

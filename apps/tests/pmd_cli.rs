@@ -1,4 +1,4 @@
-//! The virtio-PCI PMDs (`virtio`, `ifc`, `eni`) from the command line, over their device
+//! The PMDs with `fwd` ports (`virtio`, `ifc`, `eni`, `mlx5`) from the command line, over their device
 //! models: port kinds and device kinds listed, `vdpakit fwd` between two cabled model functions
 //! with exact counts, and bad input as one `error:` line with exit status 2.
 
@@ -28,7 +28,7 @@ fn one_error(args: &[&str]) -> String {
 fn kinds_are_listed() {
     let out = vdpakit(&["ports"]);
     let s = String::from_utf8_lossy(&out.stdout);
-    for k in ["virtio", "ifc", "eni"] {
+    for k in ["virtio", "ifc", "eni", "mlx5"] {
         assert!(s.lines().any(|l| l.starts_with(k)), "port kind {k}: {s}");
     }
     assert!(
@@ -86,6 +86,13 @@ fn fwd_between_cabled_model_functions_is_exact() {
         (
             "eni:model=cli-e,vfs=2,wire=cable,iova=va",
             "eni:model=cli-e,vf=1,iova=va",
+        ),
+        // Queue objects over vdpakit's rings, steered by the model's flow table (promiscuous:
+        // the generator's destination is not the function's MAC).
+        ("mlx5:model=cli-m,wire=cable", "mlx5:model=cli-m,vf=1"),
+        (
+            "mlx5:model,name=cli-mb,wire=cable,packed=1",
+            "mlx5:model,name=cli-mb,vf=1,packed=1",
         ),
     ] {
         let v = fwd_pair(a, b);

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The virtio-PCI PMD layer's cost: `vdpakit fwd` driving two functions of a PMD's device model
+# A PMD layer's cost: `vdpakit fwd` driving two functions of a PMD's device model
 # cabled together (`--port KIND:model=b,vfs=2,wire=cable,poll=busy --port KIND:model=b,vf=1`,
 # txonly on function 0, rxonly on function 1; vdpakit's lcore on CPU 0, the model's engine thread
 # on the other CPU), next to the plain vhost-user software path measured in the same run
 # (vdpakit's virtio-user txonly on CPU 0 into vdpakit's vhost-user rxonly on CPU 1). 64 B, one
 # queue pair, split rings, alternating, ROUNDS times. The figure is the receiving port's rx Mpps.
 #
-# Usage: benches/peer/pmd_model.sh [SECS=6] [ROUNDS=2] [KINDS="virtio ifc eni"]
+# mlx5: queue objects over vdpakit's rings, steered by the model's flow table (promiscuous),
+# doorbell = the queue index at the doorbell page, NO_MSIX (polled).
+#
+# Usage: benches/peer/pmd_model.sh [SECS=6] [ROUNDS=2] [KINDS="virtio ifc eni mlx5"]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-6}
 ROUNDS=${2:-2}
-KINDS=${3:-"virtio ifc eni"}
+KINDS=${3:-"virtio ifc eni mlx5"}
 cargo build --release -q -p vdpakit-apps
 VK=target/release/vdpakit
 work=$(mktemp -d /tmp/vk-bench-pmd.XXXXXX)

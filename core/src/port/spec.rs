@@ -21,7 +21,8 @@ impl FromStr for PortSpec {
 }
 
 impl PortSpec {
-    /// Parses `KIND[:key=val,...]`. Keys must be unique and values non-empty.
+    /// Parses `KIND[:key=val,...]`. Keys must be unique and values non-empty, except a bare
+    /// `model` (value empty), which kinds with a device model accept.
     pub fn parse(text: &str) -> Result<PortSpec> {
         let bad = |why: String| Error::PortSpec {
             spec: text.to_string(),
@@ -49,6 +50,12 @@ impl PortSpec {
                 return Err(bad("nothing after ':' (expected key=val,...)".into()));
             }
             for item in rest.split(',') {
+                // A bare `model` (as in `mlx5:model`): the kind's device model, named by its
+                // other keys.
+                if item.trim() == "model" && !args.iter().any(|(k, _)| k == "model") {
+                    args.push(("model".into(), String::new()));
+                    continue;
+                }
                 let Some((k, v)) = item.split_once('=') else {
                     return Err(bad(format!("'{item}' is not key=value")));
                 };
@@ -196,6 +203,13 @@ mod tests {
         assert_eq!(a.get("name"), Some("a"));
         assert_eq!(a.u64_in("size", 0, 1..=1024).unwrap(), 64);
         assert_eq!(PortSpec::parse("null").unwrap().kind(), "null");
+        // A bare `model`: an empty value, refused by kinds without the key.
+        let s = PortSpec::parse("mlx5:model,vf=1").unwrap();
+        let a = s.args(&[("model", ""), ("vf", "")]).unwrap();
+        assert_eq!((a.get("model"), a.get("vf")), (Some(""), Some("1")));
+        let s = PortSpec::parse("ring:model").unwrap();
+        assert!(s.args(&[("name", "")]).is_err());
+        assert!(PortSpec::parse("x:model,model").is_err(), "model twice");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`res`], [`virtq`], [`steer`]: resources, virtio queue objects, receive steering.
 //! - [`event`]: the QP event mode (EQ, per-queue CQ and QPs, the event thread).
 //! - [`vdpa`]: the `VdpaDevice` implementation and the `mlx5:...` device specs.
+//! - [`port`]: the `vdpakit fwd` port kind `mlx5` (vdpakit as the NIC's driver, polled).
 //! - [`model`]: the device model, with its own definitions.
 
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub mod error;
 pub mod event;
 pub mod hca;
 pub mod model;
+pub mod port;
 pub mod prm;
 pub mod res;
 pub mod steer;
@@ -34,4 +36,5 @@ pub mod virtq;
 
 pub use error::{Error, Result};
 pub use hca::{Caps, Hca, HcaOptions};
+pub use port::PORT_KIND;
 pub use vdpa::{Devargs, EventMode, Mlx5Vdpa, create};

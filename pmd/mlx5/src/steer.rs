@@ -1,7 +1,8 @@
 //! Receive steering: an RQT listing the receive queues, a TIR hashing over it (symmetric
 //! Toeplitz over IPv4/IPv6 addresses and L4 ports), and the NIC receive root flow table with two
 //! rules sending frames to the TIR: destination MAC = the device's MAC, and the multicast bit
-//! (broadcast included).
+//! (broadcast included); promiscuous adds a third, in a group that matches no bits (every
+//! frame).
 
 use crate::error::Result;
 use crate::hca::{Hca, cmd_in};
@@ -181,6 +182,7 @@ impl Steering {
         rx: &[u32],
         max_pairs: u16,
         mac: [u8; 6],
+        promisc: bool,
     ) -> Result<Steering> {
         let mut s = Steering {
             rqt_max: max_pairs.next_power_of_two(),
@@ -198,6 +200,13 @@ impl Steering {
             s.entries.push(0);
             hca.set_dmac_entry(s.table, mc, 1, [1, 0, 0, 0, 0, 0], s.tir)?;
             s.entries.push(1);
+            if promisc {
+                // Promiscuous: a group matching no bits, so its entry takes every frame.
+                let all = hca.create_dmac_group(s.table, 2, 2, [0; 6])?;
+                s.groups.push(all);
+                hca.set_dmac_entry(s.table, all, 2, [0; 6], s.tir)?;
+                s.entries.push(2);
+            }
             hca.set_flow_table_root(s.table)
         })();
         match r {

@@ -20,7 +20,7 @@
 //! CQ and one event queue on MSI-X vector 0, and the event thread signals the call eventfds; in
 //! every mode a queue without a call eventfd is NO_MSIX, as DPDK does), `hw_latency_mode`, `hw_max_latency_us`,
 //! `hw_max_pending_comp` (completion moderation, passed to the queue objects), `mac`, `mtu`,
-//! `name`, and driver knobs `cmd_timeout_ms`, `dma_mem` (MiB), `mem` (`auto`, `2M`, `1G`,
+//! `name`, `promisc` (every frame to the receive queues), and driver knobs `cmd_timeout_ms`, `dma_mem` (MiB), `mem` (`auto`, `2M`, `1G`,
 //! `no-huge`), `cmd_sig` (checksum mode). Model-only: `model=NAME` (the model device, created
 //! on first use and found by name after), `vfs` (functions of a new model), `vf` (the function
 //! this spec drives; without it a device spec drives all of them), `wire=loop|cable|port|tap:NAME|none`,
@@ -91,6 +91,9 @@ pub struct Devargs {
     pub poll: vdpakit_core::model::PollMode,
     /// Model: modify_ext (hardware dirty logging possible).
     pub log: bool,
+    /// Promiscuous steering (every frame to the receive queues, not only the MAC's and
+    /// multicast).
+    pub promisc: bool,
     /// Device name.
     pub name: Option<String>,
     /// Queue pairs offered (default: what the device has, at most 8).
@@ -131,6 +134,7 @@ impl Default for Devargs {
             vf: None,
             poll: vdpakit_core::model::PollMode::Adaptive,
             log: true,
+            promisc: false,
             name: None,
             queues: None,
             queue_size: 1024,
@@ -205,6 +209,7 @@ impl Devargs {
                     }
                 }
                 "log" => a.log = flag()?,
+                "promisc" => a.promisc = flag()?,
                 "pci" => a.pci = Some(v.parse::<Bdf>().map_err(|e| err(format!("pci={v}: {e}")))?),
                 "name" if !v.is_empty() => a.name = Some(v.to_string()),
                 "queues" => {
@@ -272,7 +277,7 @@ impl Devargs {
                     return Err(err(format!(
                         "unknown key '{k}': accepted are model, pci, name, queues, queue_size, \
                          event_mode, mac, mtu, hw_latency_mode, hw_max_latency_us, hw_max_pending_comp, \
-                         cmd_timeout_ms, dma_mem, mem, cmd_sig, vfs, vf, wire, poll, packed, freeze_to_rdy, log"
+                         cmd_timeout_ms, dma_mem, mem, cmd_sig, promisc, vfs, vf, wire, poll, packed, freeze_to_rdy, log"
                     )));
                 }
             }
@@ -773,7 +778,12 @@ impl Mlx5Vdpa {
             .collect();
         let rqt = rqt_list(&run.vqs, |v| enabled.contains(&v.index));
         run.steering = Some(t!(Steering::create(
-            &self.hca, td, &rqt, self.pairs, self.mac
+            &self.hca,
+            td,
+            &rqt,
+            self.pairs,
+            self.mac,
+            self.args.promisc
         )));
         t!(self.hca.pci().set_msix(&fds));
         if let Some(ev) = run.events.as_mut() {
@@ -1383,16 +1393,19 @@ pub fn create(params: &str) -> Result<Vec<Box<dyn VdpaDevice>>> {
         }
         return Ok(out);
     }
-    let dev = {
-        let bdf = args.pci.ok_or_else(|| Error::Spec {
-            spec: format!("mlx5:{params}"),
-            what: "pci=BDF missing".into(),
-        })?;
-        let domain = DmaDomain::vfio()?;
-        let pci = PciDevice::open_vfio(bdf, &domain)?;
-        Mlx5Vdpa::open(pci, args)?
-    };
-    Ok(vec![Box::new(dev)])
+    Ok(vec![Box::new(create_pci(args)?)])
+}
+
+/// A device over the function `args.pci` names (bound to vfio-pci), in a VFIO DMA domain of
+/// its own.
+pub fn create_pci(args: Devargs) -> Result<Mlx5Vdpa> {
+    let bdf = args.pci.ok_or_else(|| Error::Spec {
+        spec: "mlx5:".into(),
+        what: "pci=BDF missing".into(),
+    })?;
+    let domain = DmaDomain::vfio()?;
+    let pci = PciDevice::open_vfio(bdf, &domain)?;
+    Mlx5Vdpa::open(pci, args)
 }
 
 #[cfg(test)]

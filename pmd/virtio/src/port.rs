@@ -466,51 +466,35 @@ impl PciPort {
 
         // ---- hand-out ----
         let parked = Arc::new(Mutex::new(Vec::new()));
+        let ctx = RingQueues {
+            port_id: self.port_id,
+            hdr,
+            mrg: features & vf::NET_MRG_RXBUF != 0,
+            xlate: pool_x.clone(),
+            pool: Arc::clone(&self.pool),
+            cache_size: self.cache_size,
+            parked: Arc::clone(&parked),
+        };
         let mut queues = Vec::new();
         let mut it = drivers.into_iter();
         for p in 0..pairs {
             let (Some(rx), Some(tx)) = (it.next(), it.next()) else {
                 break;
             };
-            let mut rxq = PRx {
-                run: RxRun {
-                    slots: (0..rx.1.size()).map(|_| None).collect(),
+            queues.push(ctx.pair(
+                p,
+                RingEnd {
                     q: rx.1,
                     bell: rx.2,
                     bell_val: rx.3,
-                    hdr,
-                    mrg: features & vf::NET_MRG_RXBUF != 0,
-                    skip: 0,
-                    broken: false,
-                    xlate: pool_x.clone(),
                 },
-                port: self.port_id,
-                queue: p,
-                cache: self.pool.cache(self.cache_size),
-                stats: Arc::clone(&self.stats.rx[p as usize]),
-                parked: Arc::clone(&parked),
-            };
-            // Fill the receive ring once before the first burst.
-            rxq.run.refill(&mut rxq.cache, true);
-            let txq = PTx {
-                run: TxRun {
-                    slots: (0..tx.1.size()).map(|_| None).collect(),
+                RingEnd {
                     q: tx.1,
                     bell: tx.2,
                     bell_val: tx.3,
-                    hdr,
-                    xlate: pool_x.clone(),
-                    broken: false,
                 },
-                cache: self.pool.cache(self.cache_size),
-                stats: Arc::clone(&self.stats.tx[p as usize]),
-                parked: Arc::clone(&parked),
-            };
-            queues.push(QueuePair {
-                queue: p,
-                rx: Some(Box::new(rxq) as Box<dyn RxQueue>),
-                tx: Some(Box::new(txq) as Box<dyn TxQueue>),
-            });
+                &self.stats,
+            ));
         }
         tracing::info!(
             "{}: {} started: {pairs} pair(s), features {features:#x}, iova {}{}, header {hdr} bytes",
@@ -680,6 +664,84 @@ pub(crate) fn ctrl_mq(
 // =============================================================================================
 // Datapath
 // =============================================================================================
+
+/// One ring of a port whose rings live in vdpakit's memory: the driver side, the doorbell and
+/// the value written to it.
+#[derive(Debug)]
+pub struct RingEnd {
+    /// The driver side of the ring (interrupts off: polled).
+    pub q: DriverQueue,
+    /// The ring's doorbell.
+    pub bell: Doorbell,
+    /// The value that rings it.
+    pub bell_val: u32,
+}
+
+/// What every queue of a port built over vdpakit-owned rings shares: the `fwd` datapath of the
+/// virtio-PCI port, also used by PMDs whose devices are not virtio-PCI functions (mlx5).
+#[derive(Debug, Clone)]
+pub struct RingQueues {
+    /// Port id (stamped on received mbufs).
+    pub port_id: u16,
+    /// virtio-net header bytes.
+    pub hdr: usize,
+    /// MRG_RXBUF negotiated.
+    pub mrg: bool,
+    /// The mbuf pool's translation to IOVAs.
+    pub xlate: Xlate,
+    /// The pool.
+    pub pool: Arc<Mempool>,
+    /// Per-queue cache size.
+    pub cache_size: u32,
+    /// Where dropped queues park the mbufs the device may still write (freed by the port once
+    /// the device has stopped).
+    pub parked: Arc<Mutex<Vec<Mbuf>>>,
+}
+
+impl RingQueues {
+    /// Queue pair `p` over its two rings: the receive ring is filled once, the transmit ring
+    /// starts empty.
+    pub fn pair(&self, p: u16, rx: RingEnd, tx: RingEnd, stats: &StatsBlocks) -> QueuePair {
+        let mut rxq = PRx {
+            run: RxRun {
+                slots: (0..rx.q.size()).map(|_| None).collect(),
+                q: rx.q,
+                bell: rx.bell,
+                bell_val: rx.bell_val,
+                hdr: self.hdr,
+                mrg: self.mrg,
+                skip: 0,
+                broken: false,
+                xlate: self.xlate.clone(),
+            },
+            port: self.port_id,
+            queue: p,
+            cache: self.pool.cache(self.cache_size),
+            stats: Arc::clone(&stats.rx[p as usize]),
+            parked: Arc::clone(&self.parked),
+        };
+        rxq.run.refill(&mut rxq.cache, true);
+        let txq = PTx {
+            run: TxRun {
+                slots: (0..tx.q.size()).map(|_| None).collect(),
+                q: tx.q,
+                bell: tx.bell,
+                bell_val: tx.bell_val,
+                hdr: self.hdr,
+                xlate: self.xlate.clone(),
+                broken: false,
+            },
+            cache: self.pool.cache(self.cache_size),
+            stats: Arc::clone(&stats.tx[p as usize]),
+            parked: Arc::clone(&self.parked),
+        };
+        QueuePair {
+            queue: p,
+            rx: Some(Box::new(rxq) as Box<dyn RxQueue>),
+            tx: Some(Box::new(txq) as Box<dyn TxQueue>),
+        }
+    }
+}
 
 struct RxRun {
     q: DriverQueue,
