@@ -343,24 +343,41 @@ echo "$out"
 vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')"
 "#;
 
-/// A `sim` VF with a TAP uplink moved into a namespace the test created (192.0.2.1 there).
+/// A device spec whose uplink is the TAP interface named (the guest's MAC is
+/// 52:54:00:12:34:56).
+type TapDevice = fn(name: &str, tap: &str) -> String;
+
+/// A `sim` VF on the TAP uplink.
+fn sim_tap(name: &str, tap: &str) -> String {
+    format!("sim:name={name},vfs=1,wire=tap:{tap},mac=52:54:00:12:34:56")
+}
+
+/// The `sim` VF that cannot log dirty pages (the binding's software relay migrates it).
+fn sim_tap_nolog(name: &str, tap: &str) -> String {
+    format!("sim:name={name},vfs=1,wire=tap:{tap},log=0")
+}
+
+/// An `mlx5:model` function on the TAP uplink, MSI-X interrupts, hardware dirty logging; its
+/// flow table takes the guest's MAC (its own) and multicast.
+fn mlx5_tap(name: &str, tap: &str) -> String {
+    format!(
+        "mlx5:model,name={name},queues=1,mac=52:54:00:12:34:56,dma_mem=16,event_mode=msix,wire=tap:{tap}"
+    )
+}
+
+/// A device with a TAP uplink moved into a namespace the test created (192.0.2.1 there).
 struct TapSetup {
     dir: TempDir,
     vdpa: HostProcess,
     _ns: Netns,
 }
 
-fn tap_setup(tag: &str) -> Result<TapSetup, Failed> {
+fn tap_setup(tag: &str, dev: TapDevice) -> Result<TapSetup, Failed> {
     let id = std::process::id() % 100_000;
     let tap = format!("vkt{tag}{id}");
     let ns = Netns::new(&format!("vkns{tag}{id}"))?;
     let dir = TempDir::new("vk-vdpa-tap").map_err(|e| e.to_string())?;
-    let vdpa = start_vdpa(
-        dir.path(),
-        &[&format!(
-            "sim:name=t,vfs=1,wire=tap:{tap},mac=52:54:00:12:34:56"
-        )],
-    )?;
+    let vdpa = start_vdpa(dir.path(), &[&dev("t", &tap)])?;
     let sock = dir.join("vdpa0");
     wait_for("socket", Duration::from_secs(10), || sock.exists())?;
     let moved = Command::new("ip")
@@ -376,11 +393,17 @@ fn tap_setup(tag: &str) -> Result<TapSetup, Failed> {
     Ok(TapSetup { dir, vdpa, _ns: ns })
 }
 
-/// A Linux guest on a vhost-user socket bound to a `sim` VF pings the TAP uplink's address:
-/// 5/5 replies. `notifier`: QEMU maps the VF's doorbell pages (`page-per-vq=on`), so kicks
-/// bypass vdpakit; otherwise the binding relays them.
-fn guest_ping(notifier: bool) -> Result<(), Failed> {
-    let mut t = tap_setup(if notifier { "n" } else { "r" })?;
+/// A Linux guest on a vhost-user socket bound to a device (`kind`: `sim` VF, `mlx5` model)
+/// pings the TAP uplink's address: 5/5 replies. `notifier`: QEMU maps the device's doorbell
+/// pages (`page-per-vq=on`; the mlx5 function's one doorbell page for every queue, the guest
+/// writing the queue index there), so kicks bypass vdpakit; otherwise the binding relays them.
+fn guest_ping(kind: &str, notifier: bool, dev: TapDevice) -> Result<(), Failed> {
+    let tag = format!(
+        "{}{}",
+        &kind[..1],
+        if notifier { "n" } else { "r" }
+    );
+    let mut t = tap_setup(&tag, dev)?;
     let sock = t.dir.join("vdpa0");
     let opts = if notifier {
         "mac=52:54:00:12:34:56,page-per-vq=on"
@@ -388,7 +411,8 @@ fn guest_ping(notifier: bool) -> Result<(), Failed> {
         "mac=52:54:00:12:34:56"
     };
     let name = format!(
-        "guest_vdpa_ping_{}",
+        "guest_vdpa_{}ping_{}",
+        if kind == "sim" { "" } else { "mlx5_" },
         if notifier { "notifier" } else { "relay" }
     );
     let run = Guest::builder()
@@ -517,7 +541,7 @@ fn log_has(p: &HostProcess, needle: &str) -> usize {
 /// QEMU is killed (SIGKILL) while its guest pings through a `sim` VF: vdpakit closes the device
 /// and unmaps guest memory, the socket takes the next QEMU, whose guest then pings 5/5.
 fn guest_frontend_loss() -> Result<(), Failed> {
-    let mut t = tap_setup("k")?;
+    let mut t = tap_setup("k", sim_tap)?;
     let sock = t.dir.join("vdpa0");
     let tag = format!("vkloss{}", std::process::id());
     let first = {
@@ -611,22 +635,19 @@ fn qmp(path: &Path, cmds: &[&str]) -> Result<String, Failed> {
     Ok(out)
 }
 
-/// A guest migrates between two QEMUs, each on its own socket of one `vdpakit vdpa` (two `sim`
-/// devices whose TAP uplinks share a bridge in the test's namespace); the devices cannot log
-/// dirty pages (`log=0`), so the binding relays used rings in software while QEMU logs. Ping
-/// keeps answering on the destination.
-fn guest_migration() -> Result<(), Failed> {
+/// A guest migrates between two QEMUs, each on its own socket of one `vdpakit vdpa` (two
+/// devices whose TAP uplinks share a bridge in the test's namespace). `hardware`: the devices
+/// log dirty pages themselves (mlx5: DIRTY_BITMAP_PARAMS + DUMP_ENABLE on every queue, the used
+/// rings marked at switchover), and the test checks the log says so and no software relay ran;
+/// otherwise the devices cannot (`sim` with `log=0`) and the binding relays used rings in
+/// software while QEMU logs. Ping keeps answering during (at least 76 of 80) and after (5/5).
+fn guest_migration(kind: &str, dev: TapDevice, hardware: bool) -> Result<(), Failed> {
     let id = std::process::id() % 100_000;
-    let (ta, tb) = (format!("vkma{id}"), format!("vkmb{id}"));
-    let ns = Netns::new(&format!("vknsm{id}"))?;
+    let k = &kind[..1];
+    let (ta, tb) = (format!("vkm{k}a{id}"), format!("vkm{k}b{id}"));
+    let ns = Netns::new(&format!("vknsm{k}{id}"))?;
     let dir = TempDir::new("vk-vdpa-mig").map_err(|e| e.to_string())?;
-    let mut vdpa = start_vdpa(
-        dir.path(),
-        &[
-            &format!("sim:name=src,vfs=1,wire=tap:{ta},log=0"),
-            &format!("sim:name=dst,vfs=1,wire=tap:{tb},log=0"),
-        ],
-    )?;
+    let mut vdpa = start_vdpa(dir.path(), &[&dev("src", &ta), &dev("dst", &tb)])?;
     let (s0, s1) = (dir.join("vdpa0"), dir.join("vdpa1"));
     wait_for("sockets", Duration::from_secs(10), || {
         s0.exists() && s1.exists()
@@ -660,9 +681,14 @@ out=$(ping -c 5 -W 2 192.0.2.1 2>&1)
 echo "$out"
 vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')"
 "#;
+    let test_name = if kind == "sim" {
+        "guest_vdpa_migration".to_string()
+    } else {
+        format!("guest_vdpa_{kind}_migration")
+    };
     let builder = |sock: &Path| {
         Guest::builder()
-            .name("guest_vdpa_migration")
+            .name(&test_name)
             .shared_memory(true)
             .vhost_user_net(sock, "mac=52:54:00:12:34:56")
             .modules(&["virtio_net"])
@@ -716,12 +742,21 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
         .map_err(|e| format!("destination: {e}\nvdpa log:\n{}", vdpa.log_tail(30)))?;
     let v = stop_vdpa(&mut vdpa, dir.path())?;
     let relayed = log_has(&vdpa, "software relay");
+    let logged = log_has(&vdpa, "hardware dirty logging on");
     let received = run.expect_marker("received").map_err(|e| e.to_string())?;
     let long = run.marker("long").unwrap_or("?").to_string();
-    eprintln!("migration: {long}/80 during, {received}/5 after; relay used {relayed} times; {v}");
-    if received != "5" || relayed == 0 {
+    eprintln!(
+        "{test_name}: {long}/80 during, {received}/5 after; relay used {relayed} times, hardware logging turned on {logged} times; {v}"
+    );
+    let during_ok = long.parse::<u32>().is_ok_and(|n| n >= 76);
+    let mode_ok = if hardware {
+        logged > 0 && relayed == 0
+    } else {
+        relayed > 0 && logged == 0
+    };
+    if received != "5" || !during_ok || !mode_ok {
         return Err(format!(
-            "after migration {received}/5 replies (during: {long}/80), relay used {relayed} times\n{}\nvdpa log:\n{}",
+            "after migration {received}/5 replies (during: {long}/80), relay used {relayed} times, hardware logging {logged} times (hardware expected: {hardware})\n{}\nvdpa log:\n{}",
             run.console_tail(20),
             vdpa.log_tail(40)
         )
@@ -783,11 +818,22 @@ fn main() -> ExitCode {
         (Err(e), None) => Some(e.skip_reason().ok_or_else(|| e.to_string())),
         (Ok(()), None) => None,
     };
-    let guest_cases: [(&str, Case); 6] = [
-        ("guest_vdpa_ping_relay", || guest_ping(false)),
-        ("guest_vdpa_ping_notifier", || guest_ping(true)),
+    let guest_cases: [(&str, Case); 9] = [
+        ("guest_vdpa_ping_relay", || guest_ping("sim", false, sim_tap)),
+        ("guest_vdpa_ping_notifier", || guest_ping("sim", true, sim_tap)),
+        ("guest_vdpa_mlx5_ping_relay", || {
+            guest_ping("mlx5", false, mlx5_tap)
+        }),
+        ("guest_vdpa_mlx5_ping_notifier", || {
+            guest_ping("mlx5", true, mlx5_tap)
+        }),
         ("guest_vdpa_frontend_loss", guest_frontend_loss),
-        ("guest_vdpa_migration", guest_migration),
+        ("guest_vdpa_migration", || {
+            guest_migration("sim", sim_tap_nolog, false)
+        }),
+        ("guest_vdpa_mlx5_migration", || {
+            guest_migration("mlx5", mlx5_tap, true)
+        }),
         ("guest_vdpa_mlx5_msix", || guest_mlx5("msix")),
         ("guest_vdpa_mlx5_qp", || guest_mlx5("qp")),
     ];

@@ -138,7 +138,9 @@ impl Plan {
 struct Running {
     plan: Plan,
     mapped: Vec<(u64, u64)>,
-    log_mapped: bool,
+    /// Bytes of the log mapped at [`LOG_IOVA`] (the device's own mappings, such as a driver's
+    /// memory at IOVA = VA, may lie above it: only this range is the log).
+    log_mapped: Option<u64>,
     relay: Option<Relay>,
     notifiers: Vec<u16>,
     used_relay: Option<UsedRelay>,
@@ -348,13 +350,11 @@ impl Binding {
             return Ok(None);
         };
         let size = region.size();
-        let d = lock(&self.dev);
-        let domain = d.domain().clone();
-        drop(d);
-        let _ = domain.unmap(LOG_IOVA, size);
+        self.unmap_log();
+        let domain = lock(&self.dev).domain().clone();
         domain.map(LOG_IOVA, &region)?;
         if let Some(run) = &mut self.running {
-            run.log_mapped = true;
+            run.log_mapped = Some(size);
         }
         Ok(Some(LogConfig {
             iova: LOG_IOVA,
@@ -363,12 +363,11 @@ impl Binding {
     }
 
     fn unmap_log(&mut self) {
+        let Some(size) = self.running.as_mut().and_then(|r| r.log_mapped.take()) else {
+            return;
+        };
         let domain = lock(&self.dev).domain().clone();
-        // Everything at and above LOG_IOVA is the log (guest memory sits far below).
-        let _ = domain.unmap(LOG_IOVA, u64::MAX - LOG_IOVA);
-        if let Some(run) = &mut self.running {
-            run.log_mapped = false;
-        }
+        let _ = domain.unmap(LOG_IOVA, size);
     }
 
     fn start(
@@ -391,7 +390,7 @@ impl Binding {
         self.running = Some(Running {
             plan: plan.clone(),
             mapped,
-            log_mapped: false,
+            log_mapped: None,
             relay: None,
             notifiers: Vec::new(),
             used_relay: None,
@@ -543,8 +542,8 @@ impl Binding {
                 tracing::warn!("{}: unmap {iova:#x}: {e}", self.name);
             }
         }
-        if run.log_mapped {
-            let _ = domain.unmap(LOG_IOVA, u64::MAX - LOG_IOVA);
+        if let Some(size) = run.log_mapped {
+            let _ = domain.unmap(LOG_IOVA, size);
         }
         tracing::info!("{}: vDPA device closed", self.name);
     }

@@ -1094,6 +1094,7 @@ impl VdpaDevice for Mlx5Vdpa {
             | proto::NET_MTU
             | proto::BACKEND_REQ
             | proto::BACKEND_SEND_FD
+            | proto::HOST_NOTIFIER
             | proto::CONFIGURE_MEM_SLOTS
             | proto::STATUS
     }
@@ -1335,6 +1336,10 @@ impl VdpaDevice for Mlx5Vdpa {
             let c = to_stats(&self.hca.query_counters(v.counters)?);
             s.packets += c.packets;
             s.errors += c.errors;
+        }
+        // A model also tells how many doorbells it saw (hardware counters have no such field).
+        if let Some(m) = &self.model {
+            s.kicks = m.kicks(qid);
         }
         Ok(s)
     }
