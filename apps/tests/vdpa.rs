@@ -210,7 +210,9 @@ fn pmd_cable(spec: &str, packed: bool) -> Result<(), Failed> {
     let (sent, got) = (n(&tp, "tx_packets"), n(&rp, "rx_packets"));
     let configures = v["devices"][0]["configures"].as_u64().unwrap_or(0);
     eprintln!("{spec} packed={packed}: sent {sent}, received {got}, configures {configures}");
-    if sent < 5_000 || got != sent || configures == 0 {
+    // About 15,000 packets on a quiet machine (the rate is set); at least 1,000 so that the
+    // exact count means something (one run at load 2.5 moved 2,431, all of them delivered).
+    if sent < 1_000 || got != sent || configures == 0 {
         return Err(format!(
             "sent {sent}, received {got}, configures {configures}\nvdpa: {v}\ntx: {tp}\nrx: {rp}\nvdpa log:\n{}",
             vdpa.log_tail(30)
