@@ -485,7 +485,7 @@ fn doorbell_page_is_every_queues_host_notifier() {
         if q == 1 {
             // A frame posted without a register doorbell: the page write is the kick.
             let fr = frame(m, 3, i, 70);
-            assert_eq!(tx.transmit_quiet(&g, &[fr.clone()], HDR), 1);
+            assert_eq!(tx.transmit_quiet(&g, std::slice::from_ref(&fr), HDR), 1);
             nix::sys::uio::pwrite(a1.fd.as_fd(), &q.to_le_bytes(), a1.offset as i64).unwrap();
             let got = wait("the frame", || {
                 let r = rx.reap_rx(&g, HDR);

@@ -214,7 +214,10 @@ fn check(packed: bool) {
     let s = dev.vring_state(0).unwrap();
     // 400 entries: split counts them, packed wraps every 128 (the wrap counter in bit 15).
     let pos = if packed {
-        400 % 128 | ((1 ^ (400 / 128) & 1) << 15)
+        let (n, size) = (400u16, 128u16);
+        // The wrap counter starts at 1 and flips at every wrap.
+        let wrap = 1 ^ ((n / size) & 1);
+        (n % size) | (wrap << 15)
     } else {
         400
     };

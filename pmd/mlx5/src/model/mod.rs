@@ -382,11 +382,11 @@ impl Mlx5Device {
             fopts.push(o);
         }
         let engine =
-            Arc::new(EngineShared::new(&name, vfss.clone(), opts.poll).map_err(|e| err(e))?);
+            Arc::new(EngineShared::new(&name, vfss.clone(), opts.poll).map_err(&err)?);
         let mut wires = Vec::new();
         let mut ports = Vec::new();
         let mut rep_ends = Vec::new();
-        for k in 0..usize::from(vfs) {
+        for (k, fo) in fopts.iter().enumerate() {
             let w = match &opts.wire {
                 Wire::Loop => eswitch::Wire::Loop(None),
                 Wire::None => eswitch::Wire::None,
@@ -406,7 +406,7 @@ impl Mlx5Device {
             };
             wires.push(w);
             if opts.wire == Wire::Port {
-                let (end, q) = PortEnd::new(&fopts[k].name, pairs)?;
+                let (end, q) = PortEnd::new(&fo.name, pairs)?;
                 ports.push(Mutex::new(Some(end)));
                 rep_ends.push(Some(q));
             } else {
