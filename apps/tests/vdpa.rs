@@ -367,6 +367,14 @@ fn mlx5_tap(name: &str, tap: &str) -> String {
     )
 }
 
+/// The same function in the event-queue mode: each receive and transmit notification reaches the
+/// guest through the EQ/CQ/QP chain and the driver's event thread.
+fn mlx5_tap_qp(name: &str, tap: &str) -> String {
+    format!(
+        "mlx5:model,name={name},queues=1,mac=52:54:00:12:34:56,dma_mem=16,event_mode=qp,wire=tap:{tap}"
+    )
+}
+
 /// A device with a TAP uplink moved into a namespace the test created (192.0.2.1 there).
 struct TapSetup {
     dir: TempDir,
@@ -395,30 +403,21 @@ fn tap_setup(tag: &str, dev: TapDevice) -> Result<TapSetup, Failed> {
     Ok(TapSetup { dir, vdpa, _ns: ns })
 }
 
-/// A Linux guest on a vhost-user socket bound to a device (`kind`: `sim` VF, `mlx5` model)
-/// pings the TAP uplink's address: 5/5 replies. `notifier`: QEMU maps the device's doorbell
+/// A Linux guest on a vhost-user socket bound to a device (`dev`: a `sim` VF, an `mlx5` model
+/// function in MSI-X or event-queue mode; `tag` keeps TAP and namespace names apart) pings the
+/// TAP uplink's address: 5/5 replies, which the guest sees only through receive interrupts. `notifier`: QEMU maps the device's doorbell
 /// pages (`page-per-vq=on`; the mlx5 function's one doorbell page for every queue, the guest
 /// writing the queue index there), so kicks bypass vdpakit; otherwise the binding relays them.
-fn guest_ping(kind: &str, notifier: bool, dev: TapDevice) -> Result<(), Failed> {
-    let tag = format!(
-        "{}{}",
-        &kind[..1],
-        if notifier { "n" } else { "r" }
-    );
-    let mut t = tap_setup(&tag, dev)?;
+fn guest_ping(name: &str, tag: &str, notifier: bool, dev: TapDevice) -> Result<(), Failed> {
+    let mut t = tap_setup(tag, dev)?;
     let sock = t.dir.join("vdpa0");
     let opts = if notifier {
         "mac=52:54:00:12:34:56,page-per-vq=on"
     } else {
         "mac=52:54:00:12:34:56"
     };
-    let name = format!(
-        "guest_vdpa_{}ping_{}",
-        if kind == "sim" { "" } else { "mlx5_" },
-        if notifier { "notifier" } else { "relay" }
-    );
     let run = Guest::builder()
-        .name(&name)
+        .name(name)
         .shared_memory(true)
         .vhost_user_net(&sock, opts)
         .modules(&["virtio_net"])
@@ -820,14 +819,17 @@ fn main() -> ExitCode {
         (Err(e), None) => Some(e.skip_reason().ok_or_else(|| e.to_string())),
         (Ok(()), None) => None,
     };
-    let guest_cases: [(&str, Case); 9] = [
-        ("guest_vdpa_ping_relay", || guest_ping("sim", false, sim_tap)),
-        ("guest_vdpa_ping_notifier", || guest_ping("sim", true, sim_tap)),
+    let guest_cases: [(&str, Case); 10] = [
+        ("guest_vdpa_ping_relay", || guest_ping("guest_vdpa_ping_relay", "sr", false, sim_tap)),
+        ("guest_vdpa_ping_notifier", || guest_ping("guest_vdpa_ping_notifier", "sn", true, sim_tap)),
         ("guest_vdpa_mlx5_ping_relay", || {
-            guest_ping("mlx5", false, mlx5_tap)
+            guest_ping("guest_vdpa_mlx5_ping_relay", "mr", false, mlx5_tap)
         }),
         ("guest_vdpa_mlx5_ping_notifier", || {
-            guest_ping("mlx5", true, mlx5_tap)
+            guest_ping("guest_vdpa_mlx5_ping_notifier", "mn", true, mlx5_tap)
+        }),
+        ("guest_vdpa_mlx5_ping_qp", || {
+            guest_ping("guest_vdpa_mlx5_ping_qp", "mq", false, mlx5_tap_qp)
         }),
         ("guest_vdpa_frontend_loss", guest_frontend_loss),
         ("guest_vdpa_migration", || {
