@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use vdpakit_core::lcore::{self, LcoreCtx, StopFlag};
 use vdpakit_core::mbuf::{Burst, MAX_BURST};
 use vdpakit_core::mem::MemMode;
-use vdpakit_core::mempool::{Mempool, MempoolCache, MempoolConfig};
+use vdpakit_core::mempool::{self, Mempool, MempoolCache, MempoolConfig};
 use vdpakit_core::packet;
 use vdpakit_core::port::{
     self, Port, PortConf, PortEnv, PortSpec, PortStats, RingRegistry, RxQueue, TxQueue,
@@ -716,6 +716,10 @@ fn devices_json(devs: &[SharedDevice]) -> Value {
 /// The per-lcore poll loop. Everything it uses was moved in; nothing here locks, allocates or
 /// makes a syscall (the clock is `rdtsc`; histograms change hands through lock-free queues).
 fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
+    // One mempool cache per pool for this lcore and every queue it polls (a buffer the port
+    // frees is the next one the loop allocates, and back), created here, not in the loop.
+    mempool::enable_local_caches();
+    w.cache.local(|_| ());
     let mut burst = Burst::new(w.burst);
     let generates = w.streams.iter().any(|s| s.tgen.is_some());
     let mut generating = generates;
@@ -761,7 +765,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                     if !generating {
                         // One end marker per pass until all are out. One the port does not
                         // take is not a drop (it is no traffic): it is built again next pass.
-                        if ending.is_some() && g.end_left > 0 && w.cache.alloc_bulk(&mut burst, 1) {
+                        if ending.is_some() && g.end_left > 0 && w.cache.local(|c| c.alloc_bulk(&mut burst, 1)) {
                             let now = tsc::now();
                             for m in burst.iter_mut() {
                                 g.build_end(m, now);
@@ -777,7 +781,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                                 g.end_sent += 1;
                                 g.end_dropped += 1;
                             }
-                            w.cache.free_burst(&mut burst);
+                            w.cache.local(|c| c.free_burst(&mut burst));
                         }
                         continue;
                     }
@@ -790,7 +794,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                         Some(b) => b.available(now).min(w.burst),
                         None => w.burst,
                     };
-                    if n == 0 || !w.cache.alloc_bulk(&mut burst, n) {
+                    if n == 0 || !w.cache.local(|c| c.alloc_bulk(&mut burst, n)) {
                         continue;
                     }
                     if let Some(b) = g.bucket.as_mut() {
@@ -807,7 +811,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                         if let Some(l) = s.lat.as_mut() {
                             l.on_burst(burst.as_slice(), tsc::now());
                         }
-                        w.cache.free_burst(&mut burst);
+                        w.cache.local(|c| c.free_burst(&mut burst));
                     }
                 }
                 Mode::IcmpEcho => {
@@ -819,14 +823,16 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                     }
                     let (cache, replies, mac) = (&mut w.cache, &mut w.replies, s.src_mac);
                     let mut ignored = 0u64;
-                    burst.drain_front(burst.len(), |mut m| {
-                        if packet::icmpecho(m.data_mut(), mac) {
-                            // Cannot fail: `replies` has the same limit as `burst`.
-                            let _ = replies.push(m);
-                        } else {
-                            ignored += 1;
-                            cache.free(m);
-                        }
+                    cache.local(|cache| {
+                        burst.drain_front(burst.len(), |mut m| {
+                            if packet::icmpecho(m.data_mut(), mac) {
+                                // Cannot fail: `replies` has the same limit as `burst`.
+                                let _ = replies.push(m);
+                            } else {
+                                ignored += 1;
+                                cache.free(m);
+                            }
+                        });
                     });
                     if ignored > 0 {
                         rx.stats().add_drops(ignored);
@@ -858,7 +864,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                         Some(tx) => send_or_drop(tx.as_mut(), &mut burst, &mut w.cache),
                         None => {
                             rx.stats().add_drops(burst.len() as u64);
-                            w.cache.free_burst(&mut burst);
+                            w.cache.local(|c| c.free_burst(&mut burst));
                         }
                     }
                 }
@@ -869,6 +875,7 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
         // Stopped without a drain (signal): still acknowledge.
         w.gen_acks.fetch_add(1, Ordering::Release);
     }
+    mempool::release_local_caches();
     // Off the hot path from here: hand back what the main thread reports.
     LcoreResult {
         tx_seqs: w
@@ -1000,7 +1007,7 @@ fn send_or_drop(tx: &mut dyn TxQueue, pkts: &mut Burst, cache: &mut MempoolCache
     tx.tx_burst(pkts);
     if !pkts.is_empty() {
         tx.stats().add_drops(pkts.len() as u64);
-        cache.free_burst(pkts);
+        cache.local(|c| c.free_burst(pkts));
     }
 }
 

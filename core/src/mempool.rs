@@ -5,7 +5,17 @@
 //! holds a [`MempoolCache`]: allocations and frees hit the cache's private array, and the shared
 //! ring is touched only in bursts, to refill an empty cache or drain a full one (the rte_mempool
 //! scheme). Exhaustion is a counted failure ([`Mempool::alloc_failures`]), never a panic.
+//!
+//! **One cache per lcore and pool.** A queue's own cache and its lcore's cache are two caches of
+//! the same pool: buffers freed into one would reach the other only through the shared ring,
+//! first in first out, so every allocation would take a buffer whose header and data left the
+//! CPU's caches long ago. A thread that calls [`enable_local_caches`] (an lcore) instead keeps one
+//! cache per pool in thread-local storage, and [`MempoolCache::local`] hands that one to whoever
+//! asks on the thread (the application's loop, each queue's burst): a buffer freed by one is the
+//! next one allocated by the other, still warm. Other threads (tests, control threads) keep using
+//! each holder's own cache. [`release_local_caches`] returns the thread's buffers to the pools.
 
+use std::cell::RefCell;
 use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -419,6 +429,60 @@ impl MempoolCache {
     }
 }
 
+thread_local! {
+    /// This thread's caches, one per pool, while it is an lcore ([`enable_local_caches`]).
+    static LOCAL: RefCell<Option<Vec<MempoolCache>>> = const { RefCell::new(None) };
+}
+
+/// Makes the calling thread an lcore: from now on [`MempoolCache::local`] on this thread uses
+/// one cache per pool, shared by everything the thread runs. Call it before the poll loop (the
+/// first use of each pool allocates its cache once).
+pub fn enable_local_caches() {
+    LOCAL.with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut()
+            && l.is_none()
+        {
+            *l = Some(Vec::with_capacity(4));
+        }
+    });
+}
+
+/// Returns the calling thread's local caches to their pools and turns local caches off.
+pub fn release_local_caches() {
+    LOCAL.with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            // Dropping a cache flushes it to its pool's ring.
+            l.take();
+        }
+    });
+}
+
+impl MempoolCache {
+    /// Runs `f` with the calling lcore's cache of this pool (see the module documentation), or
+    /// with `self` when the thread is not an lcore or its cache is already lent out further up
+    /// the call stack. Either way `f` gets a cache of this cache's pool.
+    #[inline]
+    pub fn local<R>(&mut self, f: impl FnOnce(&mut MempoolCache) -> R) -> R {
+        LOCAL.with(|l| {
+            let Ok(mut guard) = l.try_borrow_mut() else {
+                return f(self);
+            };
+            let Some(caches) = guard.as_mut() else {
+                drop(guard);
+                return f(self);
+            };
+            let i = match caches.iter().position(|c| c.core == self.core) {
+                Some(i) => i,
+                None => {
+                    caches.push(self._pool.cache(self.size as u32));
+                    caches.len() - 1
+                }
+            };
+            f(&mut caches[i])
+        })
+    }
+}
+
 impl Drop for MempoolCache {
     fn drop(&mut self) {
         self.flush_to(0);
@@ -428,6 +492,45 @@ impl Drop for MempoolCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lcore_local_cache_is_shared_by_every_holder_on_the_thread() {
+        let p = pool(1024, 64);
+        let total = p.available();
+        let p2 = Arc::clone(&p);
+        std::thread::spawn(move || {
+            let (mut a, mut b) = (p2.cache(64), p2.cache(64));
+            let mut burst = Burst::new(32);
+            // Not an lcore: each holder uses its own cache.
+            assert!(a.local(|c| c.alloc_bulk(&mut burst, 8)));
+            assert_eq!(burst.len(), 8);
+            assert!(a.len() > 0, "a's own cache was refilled");
+            b.local(|c| c.free_burst(&mut burst));
+            assert_eq!(b.len(), 8, "freed into b's own cache");
+
+            enable_local_caches();
+            // An lcore: what one holder frees is the next thing the other allocates.
+            assert!(a.local(|c| c.alloc_bulk(&mut burst, 4)));
+            let iovas: Vec<u64> = burst.iter().map(|m| m.data_iova()).collect();
+            let (a_len, b_len) = (a.len(), b.len());
+            a.local(|c| c.free_burst(&mut burst));
+            assert!(b.local(|c| c.alloc_bulk(&mut burst, 4)));
+            let mut again: Vec<u64> = burst.iter().map(|m| m.data_iova()).collect();
+            again.reverse();
+            assert_eq!(again, iovas, "the same buffers, last freed first");
+            assert_eq!((a.len(), b.len()), (a_len, b_len), "own caches untouched");
+            // Lent out further up the stack: the holder's own cache serves the nested call.
+            a.local(|_outer| {
+                b.local(|c| c.free_burst(&mut burst));
+            });
+            assert_eq!(b.len(), b_len + 4);
+            release_local_caches();
+            drop((a, b));
+        })
+        .join()
+        .unwrap();
+        assert_eq!(p.available(), total, "every buffer back in the pool");
+    }
 
     fn pool(count: u32, cache: u32) -> Arc<Mempool> {
         Mempool::new(

@@ -192,7 +192,7 @@ impl RxQueue for NullRx {
         if n == 0 {
             return 0;
         }
-        if !self.cache.alloc_bulk(pkts, n) {
+        if !self.cache.local(|c| c.alloc_bulk(pkts, n)) {
             self.stats.add_errors(1);
             return 0;
         }
@@ -222,7 +222,7 @@ impl TxQueue for NullTx {
     fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
         let n = pkts.len();
         self.stats.add(n as u64, pkts.bytes());
-        self.cache.free_burst(pkts);
+        self.cache.local(|c| c.free_burst(pkts));
         n
     }
 

@@ -230,12 +230,15 @@ impl RxQueue for VhostRx {
     #[inline]
     fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
         let start = pkts.len();
-        let (cache, stats) = (&mut self.cache, &self.stats);
-        // What the guest sent (nothing while the ring is stopped), counted below with the RARP.
-        self.shared.vqs[self.vring].enter(|run| run.dequeue(cache, pkts, stats));
-        if self.queue == 0 {
-            inject_rarp(&self.shared, &mut self.cache, pkts);
-        }
+        let (shared, vring, stats, queue) = (&self.shared, self.vring, &self.stats, self.queue);
+        self.cache.local(|cache| {
+            // What the guest sent (nothing while the ring is stopped), counted below with the
+            // RARP.
+            shared.vqs[vring].enter(|run| run.dequeue(cache, pkts, stats));
+            if queue == 0 {
+                inject_rarp(shared, cache, pkts);
+            }
+        });
         let mut bytes = 0u64;
         for m in &mut pkts.as_mut_slice()[start..] {
             m.set_rx_port(self.port, self.queue);
@@ -290,10 +293,12 @@ impl TxQueue for VhostTx {
     fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
         let before = pkts.len();
         let bytes_before = pkts.bytes();
-        let (cache, stats) = (&mut self.cache, &self.stats);
-        let sent = self.shared.vqs[self.vring]
-            .enter(|run| run.enqueue(pkts, cache, stats))
-            .unwrap_or(0);
+        let (shared, vring, stats) = (&self.shared, self.vring, &self.stats);
+        let sent = self.cache.local(|cache| {
+            shared.vqs[vring]
+                .enter(|run| run.enqueue(pkts, cache, stats))
+                .unwrap_or(0)
+        });
         debug_assert_eq!(before - pkts.len(), sent);
         if sent > 0 {
             self.stats.add(sent as u64, bytes_before - pkts.bytes());

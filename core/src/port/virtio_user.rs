@@ -902,15 +902,17 @@ struct VuRx {
 impl RxQueue for VuRx {
     #[inline]
     fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
-        let (cache, stats, port, queue) = (&mut self.cache, &self.stats, self.port, self.queue);
+        let (stats, port, queue) = (&self.stats, self.port, self.queue);
         let implied = &self.shared.implied[2 * self.q];
-        self.shared.rx[self.q]
-            .enter(|run| {
+        let rx = &self.shared.rx[self.q];
+        self.cache.local(|cache| {
+            rx.enter(|run| {
                 let n = run.burst(pkts, cache, stats, port, queue);
                 report_implied(&run.q, &mut run.implied_seen, implied);
                 n
             })
             .unwrap_or(0)
+        })
     }
 
     fn stats(&self) -> &Arc<QueueStats> {
@@ -971,16 +973,18 @@ impl VuTx {
 
     #[inline]
     fn send(&mut self, pkts: &mut Burst) -> usize {
-        let (cache, stats) = (&mut self.cache, &self.stats);
+        let stats = &self.stats;
         let implied = &self.shared.implied[2 * self.q + 1];
+        let tx = &self.shared.tx[self.q];
         // While no back end is set up nothing is taken: the caller frees and counts the drops.
-        self.shared.tx[self.q]
-            .enter(|run| {
+        self.cache.local(|cache| {
+            tx.enter(|run| {
                 let n = run.burst(pkts, cache, stats);
                 report_implied(&run.q, &mut run.implied_seen, implied);
                 n
             })
             .unwrap_or(0)
+        })
     }
 }
 

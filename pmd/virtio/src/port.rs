@@ -988,8 +988,9 @@ struct PRx {
 impl RxQueue for PRx {
     #[inline]
     fn rx_burst(&mut self, pkts: &mut Burst) -> usize {
-        self.run
-            .burst(pkts, &mut self.cache, &self.stats, self.port, self.queue)
+        let (run, stats, port, queue) = (&mut self.run, &self.stats, self.port, self.queue);
+        self.cache
+            .local(|cache| run.burst(pkts, cache, stats, port, queue))
     }
 
     fn stats(&self) -> &Arc<QueueStats> {
@@ -1014,7 +1015,8 @@ struct PTx {
 impl TxQueue for PTx {
     #[inline]
     fn tx_burst(&mut self, pkts: &mut Burst) -> usize {
-        self.run.burst(pkts, &mut self.cache, &self.stats)
+        let (run, stats) = (&mut self.run, &self.stats);
+        self.cache.local(|cache| run.burst(pkts, cache, stats))
     }
 
     fn stats(&self) -> &Arc<QueueStats> {
