@@ -796,6 +796,26 @@ impl RingArea {
         self.raw.load_desc(off)
     }
 
+    /// Asks for the lines of `[off, off + n)` (clamped to the area) to be brought into the
+    /// cache, owned when `write` (the caller will store there); a hint only, nothing is read.
+    #[inline(always)]
+    pub(crate) fn prefetch(&self, off: usize, n: usize, write: bool) {
+        let hint = if write {
+            prefetch_line_w
+        } else {
+            prefetch_line
+        };
+        let end = off.saturating_add(n).min(self.raw.len);
+        let mut o = off;
+        while o < end {
+            hint(self.raw.ptr.wrapping_add(o));
+            o += 64;
+        }
+        if end > off {
+            hint(self.raw.ptr.wrapping_add(end - 1));
+        }
+    }
+
     /// Zeroes the whole area (driver-side ring initialisation).
     pub(crate) fn zero(&self) {
         self.raw.zero()

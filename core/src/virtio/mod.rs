@@ -530,6 +530,13 @@ impl DeviceQueue {
         dispatch!(self, q => q.pop(mem, segs))
     }
 
+    /// Asks for the cache lines the next `n` pops start from (packed: descriptor slots; split:
+    /// avail ring entries). A hint: nothing is read.
+    #[inline]
+    pub fn prefetch_ahead(&self, n: u16) {
+        dispatch!(self, q => q.prefetch_ahead(n))
+    }
+
     /// Gives back the most recently popped chain (it will be popped again).
     #[inline]
     pub fn rewind(&mut self, chain: &Chain) {

@@ -374,6 +374,21 @@ impl PackedDevice {
         }))
     }
 
+    /// Asks for the cache lines of the next `n` descriptor slots (from the next one `pop`
+    /// reads), owned, since the used descriptors overwrite them: a burst's misses on lines the
+    /// driver wrote overlap instead of costing a round trip each. A hint: nothing is read.
+    #[inline]
+    pub fn prefetch_ahead(&self, n: u16) {
+        let n = n.min(self.size);
+        let start = self.avail.idx;
+        let first = n.min(self.size - start);
+        self.desc
+            .prefetch(16 * usize::from(start), 16 * usize::from(first), true);
+        if first < n {
+            self.desc.prefetch(0, 16 * usize::from(n - first), true);
+        }
+    }
+
     /// Gives back the most recently popped chain: the next `pop` returns it again. Only valid
     /// directly after that pop.
     pub fn rewind(&mut self, chain: &Chain) {

@@ -299,6 +299,19 @@ impl SplitDevice {
         })
     }
 
+    /// Asks for the cache lines of the next `n` avail ring entries (the heads `pop` reads
+    /// next). A hint: nothing is read.
+    #[inline]
+    pub fn prefetch_ahead(&self, n: u16) {
+        let n = n.min(self.size);
+        let slot = self.last_avail & self.mask;
+        let first = n.min(self.size - slot);
+        self.avail.prefetch(avail_slot(slot), 2 * usize::from(first), false);
+        if first < n {
+            self.avail.prefetch(avail_slot(0), 2 * usize::from(n - first), false);
+        }
+    }
+
     /// Gives back the most recently popped chain: the next `pop` returns it again. Only valid
     /// directly after that pop (no other pop in between).
     #[inline]
