@@ -504,7 +504,7 @@ mod tests {
             // Not an lcore: each holder uses its own cache.
             assert!(a.local(|c| c.alloc_bulk(&mut burst, 8)));
             assert_eq!(burst.len(), 8);
-            assert!(a.len() > 0, "a's own cache was refilled");
+            assert!(!a.is_empty(), "a's own cache was refilled");
             b.local(|c| c.free_burst(&mut burst));
             assert_eq!(b.len(), 8, "freed into b's own cache");
 
