@@ -765,7 +765,10 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                     if !generating {
                         // One end marker per pass until all are out. One the port does not
                         // take is not a drop (it is no traffic): it is built again next pass.
-                        if ending.is_some() && g.end_left > 0 && w.cache.local(|c| c.alloc_bulk(&mut burst, 1)) {
+                        if ending.is_some()
+                            && g.end_left > 0
+                            && w.cache.local(|c| c.alloc_bulk(&mut burst, 1))
+                        {
                             let now = tsc::now();
                             for m in burst.iter_mut() {
                                 g.build_end(m, now);

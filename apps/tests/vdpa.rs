@@ -820,8 +820,12 @@ fn main() -> ExitCode {
         (Ok(()), None) => None,
     };
     let guest_cases: [(&str, Case); 10] = [
-        ("guest_vdpa_ping_relay", || guest_ping("guest_vdpa_ping_relay", "sr", false, sim_tap)),
-        ("guest_vdpa_ping_notifier", || guest_ping("guest_vdpa_ping_notifier", "sn", true, sim_tap)),
+        ("guest_vdpa_ping_relay", || {
+            guest_ping("guest_vdpa_ping_relay", "sr", false, sim_tap)
+        }),
+        ("guest_vdpa_ping_notifier", || {
+            guest_ping("guest_vdpa_ping_notifier", "sn", true, sim_tap)
+        }),
         ("guest_vdpa_mlx5_ping_relay", || {
             guest_ping("guest_vdpa_mlx5_ping_relay", "mr", false, mlx5_tap)
         }),

@@ -306,9 +306,11 @@ impl SplitDevice {
         let n = n.min(self.size);
         let slot = self.last_avail & self.mask;
         let first = n.min(self.size - slot);
-        self.avail.prefetch(avail_slot(slot), 2 * usize::from(first), false);
+        self.avail
+            .prefetch(avail_slot(slot), 2 * usize::from(first), false);
         if first < n {
-            self.avail.prefetch(avail_slot(0), 2 * usize::from(n - first), false);
+            self.avail
+                .prefetch(avail_slot(0), 2 * usize::from(n - first), false);
         }
     }
 

@@ -381,8 +381,7 @@ impl Mlx5Device {
             ));
             fopts.push(o);
         }
-        let engine =
-            Arc::new(EngineShared::new(&name, vfss.clone(), opts.poll).map_err(&err)?);
+        let engine = Arc::new(EngineShared::new(&name, vfss.clone(), opts.poll).map_err(&err)?);
         let mut wires = Vec::new();
         let mut ports = Vec::new();
         let mut rep_ends = Vec::new();
