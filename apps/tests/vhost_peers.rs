@@ -1088,6 +1088,137 @@ fn vdpakit_pair_latency_drops(packed: bool, ctrl_c: bool) -> Result<(), Failed> 
     Ok(())
 }
 
+/// The front end's answers to back ends it cannot use, each a log line said once however often
+/// it retries: no socket (one "no back end" status line, every packet offered meanwhile counted
+/// as dropped); a back end without MRG_RXBUF and IN_ORDER (one fallback warning each, traffic
+/// flows); a split-only back end when `packed=1` was demanded (one error naming the feature and
+/// the key, nothing sent).
+fn front_end_bad_back_ends() -> Result<(), Failed> {
+    let dir = TempDir::new("vk-vubad").map_err(|e| e.to_string())?;
+    let once = |log: &str, what: &str, needle: &str| -> Result<(), Failed> {
+        let n = log.matches(needle).count();
+        if n != 1 {
+            return Err(
+                format!("{what}: \"{needle}\" logged {n} times, expected once:\n{log}").into(),
+            );
+        }
+        Ok(())
+    };
+    let no_panic = |log: &str| -> Result<(), Failed> {
+        if log.contains("panicked") {
+            return Err(format!("a panic:\n{log}").into());
+        }
+        Ok(())
+    };
+
+    // No back end at all, for 4 s (four retries).
+    let absent = dir.join("absent.sock");
+    let json = dir.join("absent.json");
+    let mut fe = vk_fwd(
+        dir.path(),
+        "absent",
+        &format!("virtio-user:path={}", absent.display()),
+        "txonly",
+        "0",
+        &["--duration", "4"],
+        &json,
+    )?;
+    fe.wait_exit(Duration::from_secs(30))?;
+    let log = fe.log();
+    no_panic(&log)?;
+    once(&log, "no socket", "no back end listening")?;
+    let p = vk_port(&json, &fe)?;
+    let (sent, dropped) = (count(&p, "tx_packets"), count(&p, "tx_dropped"));
+    eprintln!("no back end: sent {sent}, dropped {dropped}");
+    if sent != 0 || dropped == 0 || dropped == u64::MAX {
+        return Err(format!("no back end: sent {sent}, dropped {dropped}\n{log}").into());
+    }
+
+    // A back end offering neither MRG_RXBUF nor IN_ORDER (the front end asks for neither).
+    let sock = dir.join("plain.sock");
+    let bjson = dir.join("plain-be.json");
+    let mut be = vk_fwd(
+        dir.path(),
+        "plain-be",
+        &format!("vhost-user:path={},mrg_rxbuf=0,in_order=0", sock.display()),
+        "rxonly",
+        "1",
+        &[],
+        &bjson,
+    )?;
+    wait_for_socket(&sock)?;
+    let json = dir.join("plain-fe.json");
+    let mut fe = vk_fwd(
+        dir.path(),
+        "plain-fe",
+        &format!("virtio-user:path={}", sock.display()),
+        "txonly",
+        "0",
+        &["--duration", "2"],
+        &json,
+    )?;
+    fe.wait_exit(Duration::from_secs(30))?;
+    be.signal("-INT");
+    be.wait_exit(Duration::from_secs(20))?;
+    let log = fe.log();
+    no_panic(&log)?;
+    once(
+        &log,
+        "no MRG_RXBUF",
+        "does not offer mergeable rx buffers; running without",
+    )?;
+    once(
+        &log,
+        "no IN_ORDER",
+        "does not offer VIRTIO_F_IN_ORDER; running without",
+    )?;
+    let received = count(&vk_port(&bjson, &be)?, "rx_packets");
+    if received == 0 || received == u64::MAX {
+        return Err(format!("fallback: the back end received {received}\n{log}").into());
+    }
+
+    // packed=1 demanded, the back end is split only: refused, named, said once over retries.
+    let sock = dir.join("split.sock");
+    let bjson = dir.join("split-be.json");
+    let mut be = vk_fwd(
+        dir.path(),
+        "split-be",
+        &format!("vhost-user:path={},packed=0", sock.display()),
+        "rxonly",
+        "1",
+        &[],
+        &bjson,
+    )?;
+    wait_for_socket(&sock)?;
+    let json = dir.join("split-fe.json");
+    let mut fe = vk_fwd(
+        dir.path(),
+        "split-fe",
+        &format!("virtio-user:path={},packed=1", sock.display()),
+        "txonly",
+        "0",
+        &["--duration", "4"],
+        &json,
+    )?;
+    fe.wait_exit(Duration::from_secs(30))?;
+    be.signal("-INT");
+    be.wait_exit(Duration::from_secs(20))?;
+    let log = fe.log();
+    no_panic(&log)?;
+    let needle = "VIRTIO_F_RING_PACKED";
+    once(&log, "packed=1 on a split back end", needle)?;
+    let line = log.lines().find(|l| l.contains(needle)).unwrap_or_default();
+    if !line.contains("packed=1") {
+        return Err(format!("the error does not name the key that asked: {line}").into());
+    }
+    let sent = count(&vk_port(&json, &fe)?, "tx_packets");
+    let received = count(&vk_port(&bjson, &be)?, "rx_packets");
+    if sent != 0 || received != 0 {
+        return Err(format!("refused back end: sent {sent}, received {received}\n{log}").into());
+    }
+    Ok(())
+}
+
 /// The back end behind a running `virtio-user` front end (transmitting) is stopped and a new
 /// one started on the same socket: the front end reconnects by itself, traffic resumes, and what
 /// the front end counts as sent equals what the two back ends received (packets offered while
@@ -1379,16 +1510,21 @@ fn main() -> ExitCode {
             None => t,
         });
     }
-    let t = Trial::test("vu_testpmd_back_end_restart", || {
-        front_end_survives_back_end_restart(true, false)
-    });
-    trials.push(match &skip {
-        Some(why) => {
-            println!("SKIP vu_testpmd_back_end_restart: {why}");
-            t.with_ignored_flag(true)
-        }
-        None => t,
-    });
+    for (name, kill) in [
+        ("vu_testpmd_back_end_restart", false),
+        ("vu_testpmd_back_end_killed", true),
+    ] {
+        let t = Trial::test(name, move || {
+            front_end_survives_back_end_restart(true, kill)
+        });
+        trials.push(match &skip {
+            Some(why) => {
+                println!("SKIP {name}: {why}");
+                t.with_ignored_flag(true)
+            }
+            None => t,
+        });
+    }
     // vdpakit against itself needs neither testpmd nor hugepages (4 KiB pages are used then).
     trials.push(Trial::test("vu_vdpakit_pair_front_to_back_split", || {
         vdpakit_pair(true, false)
@@ -1449,6 +1585,10 @@ fn main() -> ExitCode {
     trials.push(Trial::test("vu_vdpakit_back_end_killed", || {
         front_end_survives_back_end_restart(false, true)
     }));
+    trials.push(Trial::test(
+        "vu_front_end_bad_back_ends",
+        front_end_bad_back_ends,
+    ));
     // Guest artefacts (kernel, busybox, QEMU): a missing prerequisite skips, a broken harness fails.
     let guest = if args.list {
         Ok(())
