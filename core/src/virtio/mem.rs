@@ -652,6 +652,33 @@ impl Raw {
         }
     }
 
+    /// Writes a descriptor's address, length and bytes 12..14 at `off` (16-aligned in a ring),
+    /// and bytes 14..16 too when `w14` is given, after one bounds check.
+    #[inline(always)]
+    fn store_desc(&self, off: usize, addr: u64, len: u32, w12: u16, w14: Option<u16>) {
+        let Some(p) = self.at(off, 16, 8) else {
+            return;
+        };
+        // SAFETY: `p .. p + 16` is in bounds of a mapped, writable area and 8-aligned.
+        unsafe { ptr::write_volatile(p.cast::<u64>(), addr.to_le()) };
+        let q = p.wrapping_add(8);
+        match w14 {
+            Some(f) => {
+                let b = u64::from(len) | u64::from(w12) << 32 | u64::from(f) << 48;
+                // SAFETY: `q` is the second aligned u64 of the 16 checked bytes.
+                unsafe { ptr::write_volatile(q.cast::<u64>(), b.to_le()) };
+            }
+            None => {
+                // SAFETY: `q .. q + 6` lies in the 16 checked bytes; `q` is 8-aligned, so
+                // `q + 4` is 4-aligned for the u16 (the flags at 14..16 are not touched).
+                unsafe {
+                    ptr::write_volatile(q.cast::<u32>(), len.to_le());
+                    ptr::write_volatile(q.wrapping_add(4).cast::<u16>(), w12.to_le());
+                }
+            }
+        }
+    }
+
     /// Reads the 16-byte descriptor at `off` with one volatile access (any alignment).
     #[inline(always)]
     fn load_desc(&self, off: usize) -> RawDesc {
@@ -788,6 +815,12 @@ impl RingArea {
     #[inline(always)]
     pub(crate) fn store_u64(&self, off: usize, v: u64) {
         self.raw.store_u64(off, v)
+    }
+
+    /// Writes one descriptor (all 16 bytes, or the first 14 when `w14` is `None`).
+    #[inline(always)]
+    pub(crate) fn store_desc(&self, off: usize, addr: u64, len: u32, w12: u16, w14: Option<u16>) {
+        self.raw.store_desc(off, addr, len, w12, w14)
     }
 
     /// One 16-byte descriptor, read once.

@@ -688,6 +688,7 @@ impl PackedDriver {
         self.num_free
     }
 
+    #[inline(always)]
     fn alloc(&mut self, n: usize) -> Result<u16, QueueError> {
         if n == 0 {
             return Err(QueueError::EmptyChain);
@@ -710,18 +711,18 @@ impl PackedDriver {
     fn put(&mut self, addr: u64, len: u32, id: u16, mut flags: u16, first: bool) {
         let slot = self.avail.idx;
         let off = 16 * usize::from(slot);
-        self.desc.store_u64(off, addr);
-        self.desc.store_u32(off + 8, len);
-        self.desc.store_u16(off + 12, id);
         flags |= if self.avail.wrap {
             VIRTQ_DESC_F_AVAIL
         } else {
             VIRTQ_DESC_F_USED
         };
         if first && self.batch.is_none() {
+            // Its flags are stored last, by `publish_avail`, and publish the whole batch.
+            self.desc.store_desc(off, addr, len, id, None);
             self.batch = Some((slot, flags, self.avail));
         } else {
-            self.desc.store_u16(off + 14, flags);
+            // Invisible until the batch's first flags are: written in one go.
+            self.desc.store_desc(off, addr, len, id, Some(flags));
         }
         self.avail = self.avail.advance(1, self.size);
     }
@@ -729,6 +730,7 @@ impl PackedDriver {
     /// Posts one chain of `(gpa, len, device_writable)` buffers (device-readable ones first)
     /// and returns its buffer id. Invisible to the device until
     /// [`PackedDriver::publish_avail`].
+    #[inline]
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
         let id = self.alloc(bufs.len())?;
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
