@@ -612,6 +612,12 @@ impl Mbuf {
         }
     }
 
+    /// Prefetches the mbuf's own first line (lengths, offsets, pool): a hint, as above.
+    #[inline(always)]
+    pub fn prefetch_meta(&self) {
+        crate::virtio::mem::prefetch_line(self.hdr_ptr().as_ptr().cast_const().cast::<u8>());
+    }
+
     /// Prefetches the first data cache line (a hint; no effect on correctness).
     #[inline(always)]
     pub fn prefetch_data(&self) {

@@ -644,14 +644,6 @@ impl Raw {
         }
     }
 
-    #[inline(always)]
-    fn store_u64(&self, off: usize, v: u64) {
-        if let Some(p) = self.at(off, 8, 8) {
-            // SAFETY: in bounds of a mapped, writable area and aligned for u64.
-            unsafe { ptr::write_volatile(p.cast::<u64>(), v.to_le()) };
-        }
-    }
-
     /// Writes a descriptor's address, length and bytes 12..14 at `off` (16-aligned in a ring),
     /// and bytes 14..16 too when `w14` is given, after one bounds check.
     #[inline(always)]
@@ -669,12 +661,11 @@ impl Raw {
                 unsafe { ptr::write_volatile(q.cast::<u64>(), b.to_le()) };
             }
             None => {
-                // SAFETY: `q .. q + 6` lies in the 16 checked bytes; `q` is 8-aligned, so
-                // `q + 4` is 4-aligned for the u16 (the flags at 14..16 are not touched).
-                unsafe {
-                    ptr::write_volatile(q.cast::<u32>(), len.to_le());
-                    ptr::write_volatile(q.wrapping_add(4).cast::<u16>(), w12.to_le());
-                }
+                // SAFETY: `q .. q + 4` lies in the 16 checked bytes and is 8-aligned.
+                unsafe { ptr::write_volatile(q.cast::<u32>(), len.to_le()) };
+                // SAFETY: `q + 4 .. q + 6` lies in the 16 checked bytes and is 4-aligned (the
+                // flags at 14..16 are not touched).
+                unsafe { ptr::write_volatile(q.wrapping_add(4).cast::<u16>(), w12.to_le()) };
             }
         }
     }
@@ -809,12 +800,6 @@ impl RingArea {
     #[inline(always)]
     pub(crate) fn store_u32(&self, off: usize, v: u32) {
         self.raw.store_u32(off, v)
-    }
-
-    /// Volatile little-endian u64 store.
-    #[inline(always)]
-    pub(crate) fn store_u64(&self, off: usize, v: u64) {
-        self.raw.store_u64(off, v)
     }
 
     /// Writes one descriptor (all 16 bytes, or the first 14 when `w14` is `None`).

@@ -681,11 +681,9 @@ impl SplitDriver {
 
     #[inline(always)]
     fn write_desc(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let off = 16 * usize::from(idx);
-        self.desc.store_u64(off, addr);
-        self.desc.store_u32(off + 8, len);
-        self.desc.store_u16(off + 12, flags);
-        self.desc.store_u16(off + 14, next);
+        // Split descriptors are read only once their head is in the available ring.
+        self.desc
+            .store_desc(16 * usize::from(idx), addr, len, flags, Some(next));
     }
 
     #[inline(always)]
@@ -707,6 +705,7 @@ impl SplitDriver {
     /// Posts one chain of `(gpa, len, device_writable)` buffers (device-readable ones must come
     /// first) with direct descriptors and returns its id (the head index). Invisible to the
     /// device until [`SplitDriver::publish_avail`].
+    #[inline]
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> Result<u16, QueueError> {
         let (head, _) = self.alloc(bufs.len())?;
         let mut idx = head;
