@@ -531,9 +531,10 @@ impl DeviceQueue {
     }
 
     /// Asks for the cache lines the next `n` pops start from (packed: descriptor slots; split:
-    /// avail ring entries). A hint: nothing is read.
+    /// avail ring entries, and the head descriptors of published ones). A hint: nothing is
+    /// consumed.
     #[inline]
-    pub fn prefetch_ahead(&self, n: u16) {
+    pub fn prefetch_ahead(&mut self, n: u16) {
         dispatch!(self, q => q.prefetch_ahead(n))
     }
 

@@ -321,7 +321,7 @@ impl PackedDevice {
     /// descriptor is not available. Same checks and guarantees as
     /// [`SplitDevice::pop`](super::SplitDevice::pop) (a chain may not be longer than the ring;
     /// in an indirect table entries are sequential and `NEXT` is ignored).
-    #[inline]
+    #[inline(always)]
     pub fn pop(&mut self, mem: &GuestMemory, segs: &mut Segs) -> Result<Option<Chain>, QueueError> {
         if self.broken {
             return Err(QueueError::Broken);
