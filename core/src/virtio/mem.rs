@@ -30,6 +30,9 @@ use super::log::DirtyLog;
 /// The most regions a [`GuestMemory`] accepts (vhost-user's largest memory slot count).
 pub const MAX_REGIONS: usize = 509;
 
+/// The most regions a translated view ([`GuestMemory::new_view`]) accepts.
+pub const MAX_VIEW_REGIONS: usize = 8192;
+
 /// The most buffers one popped chain may have (DPDK's `BUF_VECTOR_MAX`).
 pub const SEGS_MAX: usize = 256;
 
@@ -305,10 +308,20 @@ impl GuestMemory {
     /// regions overlapping in GPA or in UVA space, and more than [`MAX_REGIONS`] regions; the
     /// error names the offending region by its position in `regions`.
     pub fn new(regions: Vec<GuestRegion>) -> Result<GuestMemory, QueueError> {
-        if regions.len() > MAX_REGIONS {
+        GuestMemory::build(regions, MAX_REGIONS)
+    }
+
+    /// [`GuestMemory::new`] for a translated view (the vhost-user IOTLB: one region per
+    /// mapping), which may hold up to [`MAX_VIEW_REGIONS`] regions. Lookups stay a binary search.
+    pub fn new_view(regions: Vec<GuestRegion>) -> Result<GuestMemory, QueueError> {
+        GuestMemory::build(regions, MAX_VIEW_REGIONS)
+    }
+
+    fn build(regions: Vec<GuestRegion>, max: usize) -> Result<GuestMemory, QueueError> {
+        if regions.len() > max {
             return Err(QueueError::TooManyRegions {
                 count: regions.len(),
-                max: MAX_REGIONS,
+                max,
             });
         }
         for (index, r) in regions.iter().enumerate() {
