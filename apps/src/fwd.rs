@@ -217,14 +217,28 @@ struct Stream {
     tgen: Option<TxGen>,
     /// Receiving modes with --latency: the stamp reader.
     lat: Option<LatRx>,
+    /// icmpecho: replies the port has not taken yet, oldest first.
+    held: Option<Held>,
 }
+
+/// icmpecho replies a port could not take at once (a vhost-user port behind a vIOMMU waits
+/// for a translation of the guest's receive buffer): retried on every pass for up to
+/// [`HOLD_SECS`], then freed and counted as dropped on that queue.
+struct Held {
+    pkts: Burst,
+    /// When the oldest held reply is given up (clock ticks), valid while `pkts` is not empty.
+    deadline: u64,
+    hold_ticks: u64,
+}
+
+/// How long icmpecho holds a reply its port did not take.
+const HOLD_SECS: f64 = 0.1;
 
 /// What each lcore gets.
 struct LcoreWork {
     streams: Vec<Stream>,
     cache: MempoolCache,
     burst: usize,
-    replies: Burst,
     /// Raised by the main thread to stop generating (receivers go on draining).
     gen_stop: Arc<AtomicBool>,
     /// Lcores with generators count themselves here once they have stopped generating.
@@ -471,6 +485,11 @@ pub fn run(args: FwdArgs) -> Result<()> {
                 dst_mac: dst,
                 tgen,
                 lat,
+                held: (mode == Mode::IcmpEcho).then(|| Held {
+                    pkts: Burst::new(args.burst),
+                    deadline: 0,
+                    hold_ticks: tsc.ticks(HOLD_SECS),
+                }),
             });
         }
     }
@@ -525,7 +544,6 @@ pub fn run(args: FwdArgs) -> Result<()> {
                 streams,
                 cache: pool.cache(args.cache),
                 burst: args.burst,
-                replies: Burst::new(args.burst),
                 gen_stop: Arc::clone(&gen_stop),
                 gen_acks: Arc::clone(&gen_acks),
                 exchange,
@@ -818,21 +836,28 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                     }
                 }
                 Mode::IcmpEcho => {
-                    let (Some(rx), Some(tx)) = (s.rx.as_mut(), s.tx.as_mut()) else {
+                    let (Some(rx), Some(tx), Some(held)) =
+                        (s.rx.as_mut(), s.tx.as_mut(), s.held.as_mut())
+                    else {
                         continue;
                     };
+                    if !held.pkts.is_empty() {
+                        held.retry(tx.as_mut(), &mut w.cache);
+                    }
                     if rx.rx_burst(&mut burst) == 0 {
                         continue;
                     }
-                    let (cache, replies, mac) = (&mut w.cache, &mut w.replies, s.src_mac);
-                    let mut ignored = 0u64;
+                    let (cache, mac) = (&mut w.cache, s.src_mac);
+                    let (mut ignored, mut over) = (0u64, 0u64);
+                    let was_empty = held.pkts.is_empty();
                     cache.local(|cache| {
                         burst.drain_front(burst.len(), |mut m| {
-                            if packet::icmpecho(m.data_mut(), mac) {
-                                // Cannot fail: `replies` has the same limit as `burst`.
-                                let _ = replies.push(m);
-                            } else {
+                            if !packet::icmpecho(m.data_mut(), mac) {
                                 ignored += 1;
+                                cache.free(m);
+                            } else if let Err(m) = held.pkts.push(m) {
+                                // Held replies fill the queue: this one is dropped.
+                                over += 1;
                                 cache.free(m);
                             }
                         });
@@ -840,7 +865,15 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
                     if ignored > 0 {
                         rx.stats().add_drops(ignored);
                     }
-                    send_or_drop(tx.as_mut(), replies, cache);
+                    if over > 0 {
+                        tx.stats().add_drops(over);
+                    }
+                    if was_empty && !held.pkts.is_empty() {
+                        tx.tx_burst(&mut held.pkts);
+                        if !held.pkts.is_empty() {
+                            held.deadline = tsc::now().wrapping_add(held.hold_ticks);
+                        }
+                    }
                 }
                 Mode::Io | Mode::Mac | Mode::MacSwap => {
                     let Some(rx) = s.rx.as_mut() else { continue };
@@ -877,6 +910,15 @@ fn lcore_loop(ctx: &LcoreCtx, mut w: LcoreWork) -> LcoreResult {
     if generating || ending.is_some() {
         // Stopped without a drain (signal): still acknowledge.
         w.gen_acks.fetch_add(1, Ordering::Release);
+    }
+    // Replies still held when the lcore stops are dropped, and counted.
+    for s in w.streams.iter_mut() {
+        if let (Some(h), Some(tx)) = (s.held.as_mut(), s.tx.as_mut())
+            && !h.pkts.is_empty()
+        {
+            tx.stats().add_drops(h.pkts.len() as u64);
+            w.cache.local(|c| c.free_burst(&mut h.pkts));
+        }
     }
     mempool::release_local_caches();
     // Off the hot path from here: hand back what the main thread reports.
@@ -999,6 +1041,26 @@ impl LiveOut {
             } else {
                 println!();
             }
+        }
+    }
+}
+
+impl Held {
+    /// Offers the held replies again; once the oldest has waited its time, drops what is left.
+    #[cold]
+    fn retry(&mut self, tx: &mut dyn TxQueue, cache: &mut MempoolCache) {
+        let before = self.pkts.len();
+        tx.tx_burst(&mut self.pkts);
+        if self.pkts.is_empty() {
+            return;
+        }
+        let now = tsc::now();
+        if self.pkts.len() < before {
+            // Progress: the new oldest gets its own time.
+            self.deadline = now.wrapping_add(self.hold_ticks);
+        } else if now >= self.deadline {
+            tx.stats().add_drops(self.pkts.len() as u64);
+            cache.local(|c| c.free_burst(&mut self.pkts));
         }
     }
 }

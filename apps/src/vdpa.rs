@@ -137,6 +137,7 @@ pub(crate) fn serve(d: &SharedDevice, sock: &str, client: bool) -> Result<Server
         in_order_batch: false,
         mtu,
         host_notifier: true,
+        iommu: false,
     };
     Server::start(ServerConfig {
         path: PathBuf::from(sock),

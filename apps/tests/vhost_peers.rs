@@ -485,10 +485,26 @@ fn testpmd_echo_into_small_buffers(packed: bool) -> Result<(), Failed> {
 
 /// A Linux guest pings through `vdpakit fwd --mode icmpecho` on a vhost-user port: 5/5 replies.
 fn guest_ping_icmpecho() -> Result<(), Failed> {
+    guest_ping("guest_ping_icmpecho", false)
+}
+
+/// The same behind QEMU's emulated Intel IOMMU with a device IOTLB: the port offers
+/// ACCESS_PLATFORM (`iommu=1`), the guest's DMA addresses are IOVAs, and every ring and
+/// buffer translation comes from QEMU's IOTLB_MSG updates, answering the back end's misses.
+fn guest_ping_viommu() -> Result<(), Failed> {
+    guest_ping("guest_ping_viommu", true)
+}
+
+fn guest_ping(name: &str, viommu: bool) -> Result<(), Failed> {
     let dir = TempDir::new("vk-ping").map_err(|e| e.to_string())?;
     let sock = dir.join("vhost.sock");
     let json = dir.join("vdpakit.json");
-    let port = format!("vhost-user:path={}", sock.display());
+    let log = dir.join("vdpakit.log");
+    let port = format!(
+        "vhost-user:path={}{}",
+        sock.display(),
+        if viommu { ",iommu=1" } else { "" }
+    );
     let mut cmd = Command::new(vdpakit());
     cmd.args([
         "fwd",
@@ -502,13 +518,22 @@ fn guest_ping_icmpecho() -> Result<(), Failed> {
         "--stats-period",
         "0",
     ]);
-    let mut vk = HostProcess::spawn("vdpakit", sh_redirect(cmd, &json), &dir.join("vdpakit.log"))
-        .map_err(|e| e.to_string())?;
+    if viommu {
+        cmd.env("VDPAKIT_LOG", "info");
+    }
+    let mut vk =
+        HostProcess::spawn("vdpakit", sh_redirect(cmd, &json), &log).map_err(|e| e.to_string())?;
     wait_for_socket(&sock)?;
-    let run = Guest::builder()
-        .name("guest_ping_icmpecho")
-        .shared_memory(true)
-        .vhost_user_net(&sock, "mac=52:54:00:12:34:56")
+    let mut b = Guest::builder().name(name).shared_memory(true);
+    b = if viommu {
+        b.intel_iommu_opts("device-iotlb=on").vhost_user_net(
+            &sock,
+            "mac=52:54:00:12:34:56,disable-legacy=on,iommu_platform=on,ats=on",
+        )
+    } else {
+        b.vhost_user_net(&sock, "mac=52:54:00:12:34:56")
+    };
+    let run = b
         .modules(&["virtio_net"])
         .timeout(Duration::from_secs(55))
         .init_script(
@@ -528,7 +553,15 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
     vk.wait_exit(Duration::from_secs(20))?;
     let received = run.expect_marker("received").map_err(|e| e.to_string())?;
     if received != "5" {
-        return Err(format!("ping: {received}/5 replies\n{}", run.console_tail(30)).into());
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        return Err(format!(
+            "ping: {received}/5 replies\n{}\n--- QEMU stderr ---\n{}\n--- vdpakit log (last 30 lines) ---\n{}",
+            run.console_tail(40),
+            run.qemu_stderr,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+        .into());
     }
     let v: Value = serde_json::from_str(
         std::fs::read_to_string(&json)
@@ -541,6 +574,25 @@ vmtest_report received "$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received
     // reply) went out.
     if p["tx_packets"].as_u64().unwrap_or(0) < 6 || p["rx_packets"].as_u64().unwrap_or(0) < 6 {
         return Err(format!("vdpakit counts: {p}").into());
+    }
+    if viommu {
+        // The translations really came through the IOTLB: ACCESS_PLATFORM was negotiated and
+        // misses were answered.
+        let text = std::fs::read_to_string(&log).map_err(|e| e.to_string())?;
+        let misses = text
+            .lines()
+            .filter_map(|l| l.split("IOTLB misses sent: ").nth(1))
+            .filter_map(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+            .max();
+        eprintln!("{name}: IOTLB misses sent {misses:?}");
+        if !text.contains("ACCESS_PLATFORM negotiated") || misses.unwrap_or(0) == 0 {
+            return Err(format!("no IOTLB traffic in the vdpakit log:\n{text}").into());
+        }
+        // Every miss named an address the guest had mapped at the time: a stale one (a buffer
+        // used and unmapped since) makes QEMU's IOMMU report a translation failure.
+        if run.qemu_stderr.contains("translation failure") {
+            return Err(format!("a miss for an unmapped IOVA:\n{}", run.qemu_stderr).into());
+        }
     }
     Ok(())
 }
@@ -1597,20 +1649,27 @@ fn main() -> ExitCode {
             .map(drop)
             .and_then(|()| vmtest::accel().map(drop))
     };
-    let t = match guest {
-        Ok(()) => Trial::test("guest_ping_icmpecho", guest_ping_icmpecho),
-        Err(e) => match e.skip_reason() {
-            Some(why) => {
-                println!("SKIP guest_ping_icmpecho: {why}");
-                Trial::test("guest_ping_icmpecho", || Ok(())).with_ignored_flag(true)
-            }
-            None => {
-                let msg = e.to_string();
-                Trial::test("guest_ping_icmpecho", move || Err(msg.clone().into()))
-            }
-        },
-    };
-    trials.push(t);
+    type Case = fn() -> Result<(), Failed>;
+    let guest_cases: [(&str, Case); 2] = [
+        ("guest_ping_icmpecho", guest_ping_icmpecho),
+        ("guest_ping_viommu", guest_ping_viommu),
+    ];
+    for (name, f) in guest_cases {
+        let t = match &guest {
+            Ok(()) => Trial::test(name, f),
+            Err(e) => match e.skip_reason() {
+                Some(why) => {
+                    println!("SKIP {name}: {why}");
+                    Trial::test(name, || Ok(())).with_ignored_flag(true)
+                }
+                None => {
+                    let msg = e.to_string();
+                    Trial::test(name, move || Err(msg.clone().into()))
+                }
+            },
+        };
+        trials.push(t);
+    }
     libtest_mimic::run(&args, trials).exit_code()
 }
 

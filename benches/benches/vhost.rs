@@ -73,6 +73,7 @@ fn device(r: &Rig, q: &QueueConfig, index: usize, features: u64) -> VqRun {
         features,
         call: None,
         log: None,
+        miss: None,
     };
     VqRun::build(&s, &r.mem).expect("vring")
 }

@@ -63,6 +63,7 @@ fn setup(g: &Guest, base: u16, features: u64) -> VringSetup {
         features,
         call: None,
         log: None,
+        miss: None,
     }
 }
 

@@ -919,6 +919,7 @@ fn dirty_log_case(packed: bool) {
         features,
         call: None,
         log: Some(Arc::clone(&log)),
+        miss: None,
     };
     let mut rx_dev = VqRun::build(&setup(0, &rxq), &mem).unwrap();
     let mut tx_dev = VqRun::build(&setup(1, &txq), &mem).unwrap();
@@ -1295,6 +1296,7 @@ fn dequeue_returns_buffers_in_batches_and_on_empty_poll_or_stop() {
             features,
             call: None,
             log: None,
+            miss: None,
         };
         let mut dev = VqRun::build(&setup, &mem).unwrap();
         let mut drv = DriverQueue::new(&q, &mem).unwrap();
@@ -1347,4 +1349,247 @@ fn dequeue_returns_buffers_in_batches_and_on_empty_poll_or_stop() {
         assert_eq!(reap_all(&mut drv), 5, "packed={packed}: stop");
         assert_eq!(stats.read().errors, 0);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IOTLB (ACCESS_PLATFORM)
+// ---------------------------------------------------------------------------------------------
+
+/// IOVA = GPA + this: distinct from the GPAs and from the front end's addresses.
+const IOVA_OFF: u64 = 0x7_0000_0000;
+const MISS: u8 = 1;
+const UPDATE: u8 = 2;
+const INVALIDATE: u8 = 3;
+
+/// Reads the next IOTLB MISS from the back-end channel: (iova, perm).
+fn read_miss(b: &mut UnixStream) -> (u64, u8) {
+    let mut h = [0u8; msg::HDR_LEN];
+    b.read_exact(&mut h)
+        .expect("an IOTLB miss on the back-end channel");
+    let h = Header::parse(&h).unwrap();
+    assert_eq!(h.request, msg::BackendReq::IotlbMsg as u32);
+    let mut p = vec![0u8; h.size as usize];
+    b.read_exact(&mut p).unwrap();
+    let m = msg::parse_iotlb(&p).unwrap();
+    assert_eq!(m.kind, MISS);
+    (m.iova, m.perm)
+}
+
+/// Sends IOTLB_MSG on the front-end socket, ordered by a GET_FEATURES round trip.
+fn iotlb(s: &mut Frontend, raw: &UnixStream, kind: u8, iova: u64, size: u64, uaddr: u64, perm: u8) {
+    let m = msg::IotlbMsg {
+        iova,
+        size,
+        uaddr,
+        perm,
+        kind,
+    };
+    send_raw(raw, Req::IotlbMsg as u32, &msg::encode_iotlb(&m), &[]);
+    s.get_features().unwrap();
+}
+
+/// A front end behind a vIOMMU: rings and buffers by IOVA. Nothing runs before the rings are
+/// translated, and the back end asks for them on the back-end channel; a buffer without a
+/// translation stalls its ring (never broken, nothing consumed) and is asked for with the
+/// access it needs; a read-only translation is never written through; an INVALIDATE takes
+/// effect on a running ring.
+#[test]
+fn iotlb_misses_updates_and_invalidates() {
+    let net = NetConfig {
+        iommu: true,
+        ..split_cfg()
+    };
+    assert_eq!(split_cfg().features() & vf::ACCESS_PLATFORM, 0);
+    let srv = start("iotlb", net);
+    let sh = Arc::clone(srv.shared());
+    let g = Guest::new();
+    let p = pool("iotlb");
+    let mut cache = p.cache(32);
+    let stats = QueueStats::new();
+    let features = SPLIT_FEATURES | vf::ACCESS_PLATFORM;
+
+    let sock = UnixStream::connect(srv.path()).unwrap();
+    let raw = sock.try_clone().unwrap();
+    let mut fe = Frontend::from_stream(sock, 2);
+    fe.set_owner().unwrap();
+    assert_ne!(fe.get_features().unwrap() & vf::ACCESS_PLATFORM, 0);
+    fe.set_features(features).unwrap();
+    fe.set_protocol_features(VhostUserProtocolFeatures::from_bits_truncate(
+        PROTO_WANTED | proto::BACKEND_REQ,
+    ))
+    .unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let (mut chan, theirs) = UnixStream::pair().unwrap();
+    chan.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    fe.set_backend_request_fd(&theirs).unwrap();
+    fe.set_mem_table(&[g.region()]).unwrap();
+    let mut fds = Vec::new();
+    for i in 0..2 {
+        let q = g.ring(i, features);
+        fe.set_vring_num(i, RING).unwrap();
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: RING,
+                queue_size: RING,
+                flags: 0,
+                desc_table_addr: q.desc + IOVA_OFF,
+                used_ring_addr: q.used + IOVA_OFF,
+                avail_ring_addr: q.avail + IOVA_OFF,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(i, 0).unwrap();
+        let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+        fe.set_vring_call(i, &call).unwrap();
+        fe.set_vring_kick(i, &kick).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+        fds.push((call, kick));
+    }
+    send_raw(&raw, Req::SetStatus as u32, &15u64.to_le_bytes(), &[]);
+    fe.get_features().unwrap();
+    assert_eq!(gates(&sh), [false, false], "rings not translated yet");
+
+    // Answer each miss with its page until both rings run.
+    let uva_of = |iova: u64| g.uva(iova - IOVA_OFF);
+    let mut answered = 0;
+    while gates(&sh) != [true, true] {
+        let (iova, _) = read_miss(&mut chan);
+        let span = GPA0 + IOVA_OFF..GPA0 + IOVA_OFF + 2 * 0x1_0000;
+        assert!(span.contains(&iova), "miss at {iova:#x} is not in a ring");
+        let page = iova & !0xfff;
+        iotlb(&mut fe, &raw, UPDATE, page, 0x1000, uva_of(page), 3);
+        answered += 1;
+        assert!(answered < 32, "the rings never started");
+    }
+    // Stale misses for pages answered since may still be queued: drop them.
+    chan.set_nonblocking(true).unwrap();
+    let mut junk = [0u8; 4096];
+    while chan.read(&mut junk).is_ok_and(|n| n > 0) {}
+    chan.set_nonblocking(false).unwrap();
+
+    // The driver's view of the same memory: addresses are IOVAs.
+    // SAFETY: the region covers exactly the guest's segment, which `g` keeps alive; the test
+    // never holds references into it.
+    let iova_mem = GuestMemory::new(vec![unsafe {
+        GuestRegion::from_raw(
+            g.seg.base(),
+            MEM_LEN,
+            GPA0 + IOVA_OFF,
+            g.seg.base() as u64,
+            None,
+        )
+    }])
+    .unwrap();
+    let ring = |i: u64| QueueConfig::at(GPA0 + IOVA_OFF + i * 0x1_0000, RING, features);
+    let mut rx = DriverQueue::new(&ring(0), &iova_mem).unwrap();
+    let mut tx = DriverQueue::new(&ring(1), &iova_mem).unwrap();
+    // The back end's rings were set up on the same memory: the driver's zeroing is theirs.
+
+    // Transmit: three frames in one page nothing translates yet.
+    let tx_page = GPA0 + IOVA_OFF + 0x8_0000;
+    for i in 0..3u64 {
+        let mut frame = vec![0u8; 12 + 60];
+        frame[12..16].copy_from_slice(&(i as u32 + 7).to_le_bytes());
+        iova_mem.write(tx_page + i * 256, &frame).unwrap();
+        tx.add(&[(tx_page + i * 256, frame.len() as u32, false)])
+            .unwrap();
+    }
+    tx.publish_avail();
+    let dequeue = |cache: &mut _| {
+        sh.vqs[1]
+            .enter(|run| {
+                let mut b = Burst::new(32);
+                let n = run.dequeue(cache, &mut b, &stats);
+                let firsts: Vec<u32> = b
+                    .as_slice()
+                    .iter()
+                    .map(|m| u32::from_le_bytes(m.data()[..4].try_into().unwrap()))
+                    .collect();
+                (n, firsts)
+            })
+            .expect("tx gate open")
+    };
+    assert_eq!(dequeue(&mut cache).0, 0, "no translation: nothing taken");
+    assert_eq!(read_miss(&mut chan), (tx_page, 1), "read access asked for");
+    assert_eq!(gates(&sh), [true, true], "a miss does not break the ring");
+    iotlb(&mut fe, &raw, UPDATE, tx_page, 0x1000, uva_of(tx_page), 1);
+    assert_eq!(dequeue(&mut cache), (3, vec![7, 8, 9]));
+
+    // Receive: buffers in a page first translated read-only: never written through.
+    let rx_page = GPA0 + IOVA_OFF + 0x4_0000;
+    for i in 0..4u64 {
+        rx.add(&[(rx_page + i * 1024, 1024, true)]).unwrap();
+    }
+    rx.publish_avail();
+    let enqueue = |cache: &mut vdpakit_core::mempool::MempoolCache, k: u32| {
+        sh.vqs[0]
+            .enter(|run| {
+                let mut b = Burst::new(32);
+                for j in 0..2 {
+                    let mut m = cache.alloc().unwrap();
+                    m.append(64).unwrap()[..4].copy_from_slice(&(k + j).to_le_bytes());
+                    b.push(m).unwrap();
+                }
+                let n = run.enqueue(&mut b, cache, &stats);
+                cache.free_burst(&mut b);
+                n
+            })
+            .expect("rx gate open")
+    };
+    assert_eq!(enqueue(&mut cache, 100), 0);
+    assert_eq!(read_miss(&mut chan), (rx_page, 2), "write access asked for");
+    iotlb(&mut fe, &raw, UPDATE, rx_page, 0x1000, uva_of(rx_page), 1);
+    assert_eq!(enqueue(&mut cache, 100), 0, "read-only: not written");
+    let mut b = [0u8; 16];
+    iova_mem.read(rx_page, &mut b).unwrap();
+    assert_eq!(
+        b, [0u8; 16],
+        "nothing written through a read-only translation"
+    );
+    // Asked again (once the resend delay has passed), still for writing.
+    assert_eq!(read_miss(&mut chan), (rx_page, 2));
+    iotlb(&mut fe, &raw, UPDATE, rx_page, 0x1000, uva_of(rx_page), 3);
+    assert_eq!(enqueue(&mut cache, 100), 2);
+    let mut n = 0;
+    while let Some((id, len)) = rx.reap().unwrap() {
+        assert_eq!(len, 12 + 64);
+        let mut first = [0u8; 4];
+        iova_mem
+            .read(rx_page + u64::from(id) * 1024 + 12, &mut first)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(first), 100 + n);
+        n += 1;
+    }
+    assert_eq!(n, 2);
+
+    // INVALIDATE reaches the running ring: the next frame in that page waits for a new miss.
+    iotlb(&mut fe, &raw, INVALIDATE, tx_page, 0x1000, 0, 0);
+    tx.add(&[(tx_page + 0x800, 72, false)]).unwrap();
+    tx.publish_avail();
+    assert_eq!(dequeue(&mut cache).0, 0);
+    assert_eq!(
+        read_miss(&mut chan),
+        (tx_page + 0x800, 1),
+        "the frame's own address"
+    );
+    assert_eq!(stats.read().errors, 0, "misses are not errors");
+    assert!(sh.iotlb_misses_sent.load(Ordering::Relaxed) >= 5);
+    drop(fds);
+}
+
+/// IOTLB messages are refused (connection closed) without ACCESS_PLATFORM negotiated.
+#[test]
+fn hostile_iotlb_without_access_platform() {
+    hostile("iotlb-noap", |s| {
+        let m = msg::IotlbMsg {
+            iova: 0x1000,
+            size: 0x1000,
+            uaddr: 0x1000,
+            perm: 3,
+            kind: UPDATE,
+        };
+        send_raw(s, Req::IotlbMsg as u32, &msg::encode_iotlb(&m), &[]);
+    });
 }

@@ -271,7 +271,9 @@ fn split_buffer_address_overflow() {
         q.desc(0, addr, len, 0, 0);
         q.offer(0);
         match q.pop_err() {
-            QueueError::BadBuffer { addr: a, len: l } => assert_eq!((a, l), (addr, len)),
+            QueueError::BadBuffer {
+                addr: a, len: l, ..
+            } => assert_eq!((a, l), (addr, len)),
             e => panic!("{e}"),
         }
     }
@@ -292,7 +294,9 @@ fn split_buffer_outside_regions() {
         q.desc(1, addr, len, W, 0);
         q.offer(0);
         match q.pop_err() {
-            QueueError::BadBuffer { addr: a, len: l } => assert_eq!((a, l), (addr, len)),
+            QueueError::BadBuffer {
+                addr: a, len: l, ..
+            } => assert_eq!((a, l), (addr, len)),
             e => panic!("buffer at {addr:#x}: {e}"),
         }
     }
@@ -589,7 +593,7 @@ fn packed_readable_after_writable_and_bad_buffers() {
         q.desc(0, addr, len, 1, 0);
         assert!(matches!(
             q.pop_err(),
-            QueueError::BadBuffer { addr: a, len: l } if (a, l) == (addr, len)
+            QueueError::BadBuffer { addr: a, len: l, .. } if (a, l) == (addr, len)
         ));
     }
     let mut q = Packed::new(8, F);

@@ -645,7 +645,7 @@ fn positions(dq: &DeviceQueue) -> (u16, u16) {
 fn fault_of(e: &QueueError) -> Option<(u64, u64)> {
     match *e {
         QueueError::RingNotInMemory { addr, len, .. } => Some((addr, len)),
-        QueueError::BadBuffer { addr, len } => Some((addr, u64::from(len))),
+        QueueError::BadBuffer { addr, len, .. } => Some((addr, u64::from(len))),
         QueueError::IndirectTableNotInMemory { addr, len } => Some((addr, u64::from(len))),
         QueueError::MemAccess { gpa, len } => Some((gpa, len)),
         _ => None,

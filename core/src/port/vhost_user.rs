@@ -39,6 +39,10 @@ pub(super) const KIND: PortKind = PortKind {
             "1 (default): offer IN_ORDER; 0: not; batch: offer it and, when negotiated, return each run of completely used buffers with one used entry (front ends must resolve in-order batches)",
         ),
         ("mtu", "MTU offered, 68..=65535 (default 1500)"),
+        (
+            "iommu",
+            "1: offer ACCESS_PLATFORM (a guest behind a vIOMMU; addresses translated through the front end's IOTLB, no dirty logging then); 0 (default): not",
+        ),
         ("mac", "port MAC address (default 02:76:64:70:00:<port id>)"),
     ],
 };
@@ -87,6 +91,7 @@ impl VhostUserPort {
             in_order_batch: in_order == "batch",
             mtu: a.u64_in("mtu", 1500, 68..=65535)? as u16,
             host_notifier: false,
+            iommu: bool_key("iommu", "0")?,
         };
         Ok(VhostUserPort {
             name: spec.text().to_string(),

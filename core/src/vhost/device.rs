@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::VhostError;
 use super::handoff::Handoff;
+use super::iotlb::{self, Iotlb, MissCell};
 use super::msg::{self, Header, Inflight, MemRegion, Req, VringAddr, proto};
 use super::net::{LogArea, VqRun, VringSetup};
 use super::socket::{Conn, Message};
@@ -44,6 +45,11 @@ pub struct NetConfig {
     /// Offer HOST_NOTIFIER (vDPA passthrough: the front end maps a doorbell page the back end
     /// hands over with [`Device::set_host_notifier`]).
     pub host_notifier: bool,
+    /// Offer VIRTIO_F_ACCESS_PLATFORM (a guest behind a virtual IOMMU): ring and buffer
+    /// addresses are then IOVAs, translated through the IOTLB the front end fills
+    /// (IOTLB_MSG), with misses asked for on the back-end channel. Opt-in, like DPDK's
+    /// `iommu-support`.
+    pub iommu: bool,
 }
 
 impl Default for NetConfig {
@@ -56,6 +62,7 @@ impl Default for NetConfig {
             in_order_batch: false,
             mtu: 1500,
             host_notifier: false,
+            iommu: false,
         }
     }
 }
@@ -93,6 +100,9 @@ impl NetConfig {
         if self.in_order {
             f |= vf::IN_ORDER;
         }
+        if self.iommu {
+            f |= vf::ACCESS_PLATFORM;
+        }
         f
     }
 
@@ -127,6 +137,10 @@ pub struct Shared {
     pub rarp: AtomicU64,
     /// Connections accepted so far.
     pub connections: AtomicU64,
+    /// Per vring: a translation its poller lacked (ACCESS_PLATFORM), for the control thread.
+    pub iotlb_miss: Vec<Arc<MissCell>>,
+    /// IOTLB misses sent to the front end so far.
+    pub iotlb_misses_sent: AtomicU64,
 }
 
 impl Shared {
@@ -137,6 +151,10 @@ impl Shared {
             link_up: AtomicBool::new(false),
             rarp: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            iotlb_miss: (0..pairs as usize * 2)
+                .map(|_| Arc::new(MissCell::default()))
+                .collect(),
+            iotlb_misses_sent: AtomicU64::new(0),
         })
     }
 }
@@ -173,7 +191,19 @@ pub struct Device {
     backend: Option<Conn>,
     /// vDPA passthrough: the device runs the rings, this socket only runs the control path.
     vdpa: Option<Binding>,
+    /// ACCESS_PLATFORM: the front end's translations and the IOVA view of `mem` they make.
+    iotlb: Iotlb,
+    view: GuestMemory,
+    /// MISSes sent lately ((IOVA, write) → when): the same one goes out once per
+    /// [`MISS_RESEND`], not once per tick or per ring rebuild.
+    miss_sent: std::collections::HashMap<(u64, bool), std::time::Instant>,
+    /// Misses held back by the resend delay, asked again once it passes unless translated
+    /// meanwhile: `(vring, iova, write)`.
+    miss_deferred: Vec<(usize, u64, bool)>,
 }
+
+/// How long before the same IOTLB miss is sent again (the front end may have dropped it).
+const MISS_RESEND: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// What the control thread does after a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -204,6 +234,10 @@ impl Device {
             mtu_set: false,
             backend: None,
             vdpa: None,
+            iotlb: Iotlb::new(),
+            view: GuestMemory::empty(),
+            miss_sent: std::collections::HashMap::new(),
+            miss_deferred: Vec::new(),
         }
     }
 
@@ -246,6 +280,13 @@ impl Device {
 
     /// Stops every ring and forgets the connection's state (disconnect or RESET_OWNER).
     pub fn reset(&mut self) {
+        if self.acked & vf::ACCESS_PLATFORM != 0 {
+            tracing::info!(
+                "IOTLB misses sent: {} ({} translations held)",
+                self.shared.iotlb_misses_sent.load(Ordering::Relaxed),
+                self.iotlb.len()
+            );
+        }
         for i in 0..self.vrings.len() {
             self.stop_ring(i);
         }
@@ -344,8 +385,28 @@ impl Device {
                         what: format!("feature bits {:#x} were not offered", f & !offered),
                     });
                 }
+                if f & vf::ACCESS_PLATFORM != 0 && f & vf::VHOST_F_LOG_ALL != 0 {
+                    return Err(VhostError::Unsupported {
+                        req: "SET_FEATURES",
+                        what: format!(
+                            "features {f:#x}: dirty logging (VHOST_F_LOG_ALL) behind a vIOMMU \
+                             (ACCESS_PLATFORM) needs IOVA-to-GPA log translation, which this \
+                             back end does not do"
+                        ),
+                    });
+                }
                 let was_logging = self.acked & vf::VHOST_F_LOG_ALL != 0;
+                let was_iommu = self.acked & vf::ACCESS_PLATFORM != 0;
                 self.acked = f;
+                if (f & vf::ACCESS_PLATFORM != 0) != was_iommu {
+                    if !was_iommu {
+                        tracing::info!(
+                            "ACCESS_PLATFORM negotiated: addresses are IOVAs, translated through the front end's IOTLB"
+                        );
+                    }
+                    self.rebuild_view();
+                    self.refresh_all();
+                }
                 self.features_set = true;
                 if (f & vf::VHOST_F_LOG_ALL != 0) != was_logging {
                     // Logging toggled (live migration start/end): rebuild running rings with it.
@@ -547,10 +608,25 @@ impl Device {
             }
             IotlbMsg => {
                 let m = msg::parse_iotlb(p)?;
-                return Err(VhostError::Unsupported {
+                if self.acked & vf::ACCESS_PLATFORM == 0 {
+                    return Err(VhostError::Unsupported {
+                        req: "IOTLB_MSG",
+                        what: format!(
+                            "IOTLB type {} without ACCESS_PLATFORM negotiated (offered only with iommu=1)",
+                            m.kind
+                        ),
+                    });
+                }
+                let op = iotlb::check(&m).map_err(|what| VhostError::Unsupported {
                     req: "IOTLB_MSG",
-                    what: format!("IOTLB type {} (ACCESS_PLATFORM is not offered)", m.kind),
-                });
+                    what,
+                })?;
+                tracing::debug!(?op, "iotlb");
+                self.iotlb.apply(op);
+                self.rebuild_view();
+                // Running rings move to the new view (an INVALIDATE must not leave a poller
+                // with a stale translation); stopped ones start if their rings are now mapped.
+                self.refresh_all();
             }
             GetConfig => {
                 let c = msg::parse_config(req, p)?;
@@ -636,6 +712,7 @@ impl Device {
         }
         self.mem = mem;
         self.regions = regions;
+        self.rebuild_view();
         self.refresh_all();
     }
 
@@ -668,6 +745,12 @@ impl Device {
             return;
         }
         self.stop_ring(i);
+        if let Some(cell) = self.shared.iotlb_miss.get(i) {
+            // What the stopped run reported lacking may have been mapped and unmapped again
+            // since (the guest unmaps a buffer once it is used): the new run reports afresh.
+            let _ = cell.take();
+            self.miss_deferred.retain(|d| d.0 != i);
+        }
         let v = &self.vrings[i];
         // With STATUS negotiated, the device may use buffers only after DRIVER_OK (virtio 1.x
         // §3.1.1): a driver still initialising loses what is written before.
@@ -684,6 +767,7 @@ impl Device {
             return;
         }
         let Some(addr) = v.addr else { return };
+        let iommu = self.acked & vf::ACCESS_PLATFORM != 0;
         let setup = VringSetup {
             index: i,
             size: v.num as u32,
@@ -700,8 +784,10 @@ impl Device {
             } else {
                 None
             },
+            miss: iommu.then(|| Arc::clone(&self.shared.iotlb_miss[i])),
         };
-        match VqRun::build(&setup, &self.mem) {
+        let mem = if iommu { &self.view } else { &self.mem };
+        match VqRun::build(&setup, mem) {
             Ok(mut run) => {
                 run.set_used_batching(self.cfg.in_order_batch);
                 let mut g = self.shared.vqs[i].close();
@@ -709,10 +795,154 @@ impl Device {
                 g.open();
                 tracing::debug!(vring = i, "vring running");
             }
+            Err(e) if iommu => {
+                // Ring addresses are IOVAs the IOTLB may not hold yet: ask for them; the ring
+                // starts when the UPDATE comes.
+                tracing::debug!("vring {i}: {e}; asking the front end for its translations");
+                self.ring_misses(i, &setup);
+            }
             Err(e) => {
                 tracing::warn!("vring {i}: {e}; the queue stays stopped until it is set up again");
             }
         }
+    }
+
+    /// The IOVA view of guest memory the IOTLB makes (empty without ACCESS_PLATFORM).
+    fn rebuild_view(&mut self) {
+        if self.acked & vf::ACCESS_PLATFORM == 0 {
+            self.view = GuestMemory::empty();
+            return;
+        }
+        self.view = match self.iotlb.view(&self.mem) {
+            Ok(v) => v,
+            Err(e) => {
+                // Too fragmented: drop the cache; translations come back through misses.
+                tracing::warn!("IOTLB view: {e}; dropping the IOTLB");
+                self.iotlb.clear();
+                GuestMemory::empty()
+            }
+        };
+    }
+
+    /// Sends a MISS for the first untranslated byte of each of vring `i`'s areas.
+    fn ring_misses(&mut self, i: usize, s: &VringSetup) {
+        let n = u64::from(s.size);
+        let areas = if s.features & vf::RING_PACKED != 0 {
+            [
+                (s.addr.desc, 16 * n, false),
+                (s.addr.avail, 4, false),
+                (s.addr.used, 4, true),
+            ]
+        } else {
+            [
+                (s.addr.desc, 16 * n, false),
+                (s.addr.avail, 6 + 2 * n, false),
+                (s.addr.used, 6 + 8 * n, true),
+            ]
+        };
+        for (addr, len, write) in areas {
+            if let Some(iova) = self.iotlb.first_unmapped(addr, len) {
+                self.send_miss(i, iova, write);
+            }
+        }
+    }
+
+    /// Whether the control thread should tick ([`Device::service_misses`]) while it waits for
+    /// messages.
+    pub fn iotlb_active(&self) -> bool {
+        self.acked & vf::ACCESS_PLATFORM != 0
+    }
+
+    /// Sends the front end a MISS for each translation a poller reported lacking.
+    pub fn service_misses(&mut self) {
+        if !self.iotlb_active() {
+            return;
+        }
+        let perm = |write: bool| {
+            if write {
+                iotlb::PERM_WO
+            } else {
+                iotlb::PERM_RO
+            }
+        };
+        let deferred = std::mem::take(&mut self.miss_deferred);
+        for (i, iova, write) in deferred {
+            if !self.iotlb.allows(iova, 1, perm(write)) {
+                self.send_miss(i, iova, write);
+            }
+        }
+        for i in 0..self.vrings.len() {
+            let Some((addr, len, write)) = self.shared.iotlb_miss[i].take() else {
+                continue;
+            };
+            if self.iotlb.allows(addr, u64::from(len), perm(write)) {
+                // Translated since (the ring runs on the new view already).
+                continue;
+            }
+            // The first byte not mapped, or (mapped without the access needed) the first byte.
+            let iova = self
+                .iotlb
+                .first_unmapped(addr, u64::from(len))
+                .unwrap_or(addr);
+            self.send_miss(i, iova, write);
+        }
+    }
+
+    /// Sends IOTLB_MSG MISS for `iova` on the back-end channel. The same one goes at most once
+    /// per [`MISS_RESEND`]: a repeat within it is deferred and sent when the delay has passed,
+    /// unless a translation came meanwhile. Returns whether it was sent now.
+    fn send_miss(&mut self, vring: usize, iova: u64, write: bool) -> bool {
+        let now = std::time::Instant::now();
+        if self
+            .miss_sent
+            .get(&(iova, write))
+            .is_some_and(|&at| now.duration_since(at) < MISS_RESEND)
+        {
+            let d = (vring, iova, write);
+            if !self.miss_deferred.contains(&d) && self.miss_deferred.len() < 256 {
+                self.miss_deferred.push(d);
+            }
+            return false;
+        }
+        if self.miss_sent.len() >= 256 {
+            self.miss_sent
+                .retain(|_, at| now.duration_since(*at) < MISS_RESEND);
+        }
+        if self.proto_acked & proto::BACKEND_REQ == 0 {
+            tracing::warn!(
+                "vring {vring}: iova {iova:#x} is not translated and BACKEND_REQ was not negotiated: no way to ask the front end"
+            );
+            return false;
+        }
+        let Some(b) = self.backend.as_mut() else {
+            return false;
+        };
+        let payload = msg::encode_iotlb(&msg::IotlbMsg {
+            iova,
+            size: 0,
+            uaddr: 0,
+            perm: if write {
+                iotlb::PERM_WO
+            } else {
+                iotlb::PERM_RO
+            },
+            kind: iotlb::MISS,
+        });
+        let h = Header {
+            request: msg::BackendReq::IotlbMsg as u32,
+            flags: msg::FLAG_VERSION,
+            size: payload.len() as u32,
+        };
+        if let Err(e) = b.send(h, &payload, &[]) {
+            tracing::warn!("vring {vring}: sending an IOTLB miss for {iova:#x}: {e}");
+            return false;
+        }
+        tracing::debug!(vring, iova, write, "iotlb miss sent");
+        self.miss_sent.insert((iova, write), now);
+        self.shared
+            .iotlb_misses_sent
+            .fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Stops a running vDPA device (GET_VRING_BASE), returning the binding to read positions.

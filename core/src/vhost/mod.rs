@@ -6,6 +6,7 @@
 pub mod device;
 pub mod frontend;
 pub mod handoff;
+pub mod iotlb;
 pub mod msg;
 pub mod net;
 pub mod server;

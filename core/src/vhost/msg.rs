@@ -602,6 +602,18 @@ pub fn parse_iotlb(p: &[u8]) -> Result<IotlbMsg, MsgError> {
     })
 }
 
+/// Encodes an IOTLB_MSG payload (the back end sends MISS with it on the back-end channel).
+pub fn encode_iotlb(m: &IotlbMsg) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32);
+    v.extend_from_slice(&m.iova.to_le_bytes());
+    v.extend_from_slice(&m.size.to_le_bytes());
+    v.extend_from_slice(&m.uaddr.to_le_bytes());
+    v.push(m.perm);
+    v.push(m.kind);
+    v.resize(32, 0);
+    v
+}
+
 /// GET/SET_CONFIG payload header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigMsg {

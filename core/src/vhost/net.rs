@@ -11,6 +11,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use super::iotlb::{MissCell, failed_access};
 use super::msg::{VRING_F_LOG, VringAddr};
 use crate::mbuf::{Burst, Mbuf, offload};
 use crate::mempool::MempoolCache;
@@ -55,6 +56,9 @@ pub struct VringSetup {
     pub call: Option<Arc<OwnedFd>>,
     /// Dirty log, when VHOST_F_LOG_ALL is on.
     pub log: Option<Arc<DirtyLog>>,
+    /// ACCESS_PLATFORM: where to report a translation the IOTLB lacks (the ring then waits
+    /// for it instead of being marked broken).
+    pub miss: Option<Arc<MissCell>>,
 }
 
 /// One running vring. See the module documentation.
@@ -75,6 +79,8 @@ pub struct VqRun {
     pending: u32,
     /// Dequeue: publish once this many used entries are staged (or the ring is found empty).
     defer: u32,
+    /// See [`VringSetup::miss`].
+    miss: Option<Arc<MissCell>>,
 }
 
 impl std::fmt::Debug for VqRun {
@@ -122,6 +128,7 @@ impl VqRun {
             staged: Staged::new(STAGE),
             staged_chains: Box::new([Chain::default(); STAGE]),
             pending: 0,
+            miss: s.miss.clone(),
             defer: if f & vf::RING_PACKED != 0 {
                 s.size / 2
             } else {
@@ -140,6 +147,22 @@ impl VqRun {
     /// The ring position, for GET_VRING_BASE.
     pub fn last_avail(&self) -> u16 {
         self.q.last_avail()
+    }
+
+    /// A chain could not be popped. Behind an IOTLB a buffer outside the view may only lack
+    /// its translation: it is reported and the ring waits (the chain stays available and is
+    /// popped again on the next view). Anything else marks the ring broken and counts an
+    /// error.
+    #[cold]
+    fn pop_failed(&mut self, e: &QueueError, stats: &QueueStats) {
+        if let Some(m) = &self.miss
+            && let Some((addr, len, write)) = failed_access(e)
+        {
+            m.report(addr, len, write);
+            return;
+        }
+        self.q.set_broken();
+        stats.add_errors(1);
     }
 
     #[inline]
@@ -181,10 +204,9 @@ impl VqRun {
                     cache.free(m);
                     break;
                 }
-                Err(_) => {
+                Err(e) => {
                     cache.free(m);
-                    self.q.set_broken();
-                    stats.add_errors(1);
+                    self.pop_failed(&e, stats);
                     break;
                 }
             };
@@ -252,10 +274,9 @@ impl VqRun {
                         self.rewind(n);
                         break 'pkts;
                     }
-                    Err(_) => {
+                    Err(e) => {
                         self.rewind(n);
-                        self.q.set_broken();
-                        stats.add_errors(1);
+                        self.pop_failed(&e, stats);
                         break 'pkts;
                     }
                 };

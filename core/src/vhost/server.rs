@@ -201,6 +201,28 @@ fn control_loop(
     dev.reset();
 }
 
+enum Wait {
+    Ready,
+    Timeout,
+    Stop,
+}
+
+/// [`wait_readable`] for at most `t`.
+fn wait_readable_for(fd: &impl AsFd, stop: &EventFd, t: Duration) -> Wait {
+    let mut fds = [
+        PollFd::new(fd.as_fd(), PollFlags::POLLIN),
+        PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+    ];
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(0) | Err(nix::errno::Errno::EINTR) => Wait::Timeout,
+        Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => Wait::Stop,
+        _ => Wait::Ready,
+    }
+}
+
 /// Sleeps `d` unless `stop` fires first; returns whether it fired.
 pub(crate) fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
     let mut fds = [PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
@@ -208,9 +230,22 @@ pub(crate) fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
     matches!(poll(&mut fds, t), Ok(n) if n > 0)
 }
 
+/// How often the control thread looks for IOTLB misses its pollers reported (only while
+/// ACCESS_PLATFORM is negotiated; otherwise it sleeps until a message comes).
+const MISS_TICK: Duration = Duration::from_millis(1);
+
 fn serve(dev: &mut Device, conn: &mut Conn, stop: &EventFd, path: &Path) {
     loop {
-        if !wait_readable(conn.stream(), stop) {
+        if dev.iotlb_active() {
+            match wait_readable_for(conn.stream(), stop, MISS_TICK) {
+                Wait::Stop => return,
+                Wait::Timeout => {
+                    dev.service_misses();
+                    continue;
+                }
+                Wait::Ready => {}
+            }
+        } else if !wait_readable(conn.stream(), stop) {
             return;
         }
         let m = match conn.recv() {

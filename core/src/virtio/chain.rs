@@ -65,7 +65,7 @@ impl Acc {
         }
         match mem.push_buffer(segs, addr, len, write) {
             Ok(()) => Ok(()),
-            Err(true) => Err(QueueError::BadBuffer { addr, len }),
+            Err(true) => Err(QueueError::BadBuffer { addr, len, write }),
             Err(false) => Err(QueueError::TooManySegs {
                 head: self.head,
                 max: SEGS_MAX,

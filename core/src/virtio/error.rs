@@ -241,13 +241,16 @@ pub enum QueueError {
         len: u32,
     },
 
-    /// A buffer whose end overflows or that is not (entirely) guest memory.
-    #[error("buffer at gpa {addr:#x} of {len} bytes is not in guest memory")]
+    /// A buffer whose end overflows or that is not (entirely) guest memory the device may
+    /// access in the buffer's direction.
+    #[error("{} buffer at gpa {addr:#x} of {len} bytes is not in guest memory the device may {}", if *write { "device-writable" } else { "device-readable" }, if *write { "write" } else { "read" })]
     BadBuffer {
         /// Buffer address.
         addr: u64,
         /// Buffer length.
         len: u32,
+        /// Whether the descriptor is device-writable.
+        write: bool,
     },
 
     /// A device-readable descriptor after a device-writable one (the spec forbids it).

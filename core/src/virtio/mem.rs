@@ -30,6 +30,9 @@ use super::log::DirtyLog;
 /// The most regions a [`GuestMemory`] accepts (vhost-user's largest memory slot count).
 pub const MAX_REGIONS: usize = 509;
 
+/// The most regions a translated view ([`GuestMemory::new_view`]) accepts.
+pub const MAX_VIEW_REGIONS: usize = 8192;
+
 /// The most buffers one popped chain may have (DPDK's `BUF_VECTOR_MAX`).
 pub const SEGS_MAX: usize = 256;
 
@@ -77,6 +80,12 @@ pub(crate) fn map_shared(
 pub struct GuestRegion {
     gpa: u64,
     size: u64,
+    /// Bytes the device may read / write: `size`, or 0 when the region denies that access (an
+    /// IOTLB entry mapped read-only or write-only). The lookup finds a region by `size`; the
+    /// bound check of an access uses the limit of its direction, so a denied access fails like
+    /// one outside memory at no extra cost per access.
+    rlim: u64,
+    wlim: u64,
     uva: u64,
     host: *mut u8,
     _keep: Option<KeepAlive>,
@@ -96,6 +105,8 @@ impl std::fmt::Debug for GuestRegion {
             .field("gpa", &format_args!("{:#x}", self.gpa))
             .field("size", &format_args!("{:#x}", self.size))
             .field("uva", &format_args!("{:#x}", self.uva))
+            .field("read", &(self.rlim != 0))
+            .field("write", &(self.wlim != 0))
             .field("host", &self.host)
             .finish()
     }
@@ -129,6 +140,8 @@ impl GuestRegion {
         Ok(GuestRegion {
             gpa,
             size,
+            rlim: size,
+            wlim: size,
             uva,
             host,
             _keep: Some(map),
@@ -153,6 +166,8 @@ impl GuestRegion {
         GuestRegion {
             gpa,
             size,
+            rlim: size,
+            wlim: size,
             uva,
             host,
             _keep: keep,
@@ -185,10 +200,34 @@ impl GuestRegion {
 
     /// The first `len` bytes of this region (`None` if `len` is 0 or larger than the region).
     pub fn prefix(&self, len: u64) -> Option<GuestRegion> {
-        (len > 0 && len <= self.size).then(|| GuestRegion {
-            size: len,
-            ..self.clone()
+        (len > 0 && len <= self.size).then(|| {
+            GuestRegion {
+                size: len,
+                ..self.clone()
+            }
+            .with_access(self.rlim != 0, self.wlim != 0)
         })
+    }
+
+    /// The same region with the device's access restricted: a region that denies reads (or
+    /// writes) makes every device read (or write) of its bytes fail as if they were not guest
+    /// memory. The vhost-user IOTLB view uses it for read-only and write-only mappings.
+    pub fn with_access(&self, read: bool, write: bool) -> GuestRegion {
+        GuestRegion {
+            rlim: if read { self.size } else { 0 },
+            wlim: if write { self.size } else { 0 },
+            ..self.clone()
+        }
+    }
+
+    /// Whether the device may read the region.
+    pub fn readable(&self) -> bool {
+        self.rlim != 0
+    }
+
+    /// Whether the device may write the region.
+    pub fn writable(&self) -> bool {
+        self.wlim != 0
     }
 
     /// Bytes `[offset, offset + len)` of this region as a region of their own (sharing the
@@ -201,6 +240,8 @@ impl GuestRegion {
             gpa: self.gpa + offset,
             uva: self.uva.wrapping_add(offset),
             size: len,
+            rlim: if self.rlim != 0 { len } else { 0 },
+            wlim: if self.wlim != 0 { len } else { 0 },
             // `offset < size`, so the address stays inside the mapping `_keep` holds.
             host: self.host.wrapping_add(offset as usize),
             _keep: self._keep.clone(),
@@ -227,11 +268,13 @@ impl GuestRegion {
         self.host
     }
 
-    /// Host address of `[gpa, gpa + len)` if all of it is inside this region.
+    /// Host address of `[gpa, gpa + len)` if all of it is inside this region and the region
+    /// allows the access (`write`: the device writes, else it reads).
     #[inline(always)]
-    fn host_of_gpa(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+    fn host_of_gpa(&self, gpa: u64, len: u64, write: bool) -> Option<*mut u8> {
         let off = gpa.checked_sub(self.gpa)?;
-        if off < self.size && len <= self.size - off {
+        let lim = if write { self.wlim } else { self.rlim };
+        if off < lim && len <= lim - off {
             // `off < size` and the region is mapped, so the result stays inside the mapping.
             Some(self.host.wrapping_add(off as usize))
         } else {
@@ -265,10 +308,20 @@ impl GuestMemory {
     /// regions overlapping in GPA or in UVA space, and more than [`MAX_REGIONS`] regions; the
     /// error names the offending region by its position in `regions`.
     pub fn new(regions: Vec<GuestRegion>) -> Result<GuestMemory, QueueError> {
-        if regions.len() > MAX_REGIONS {
+        GuestMemory::build(regions, MAX_REGIONS)
+    }
+
+    /// [`GuestMemory::new`] for a translated view (the vhost-user IOTLB: one region per
+    /// mapping), which may hold up to [`MAX_VIEW_REGIONS`] regions. Lookups stay a binary search.
+    pub fn new_view(regions: Vec<GuestRegion>) -> Result<GuestMemory, QueueError> {
+        GuestMemory::build(regions, MAX_VIEW_REGIONS)
+    }
+
+    fn build(regions: Vec<GuestRegion>, max: usize) -> Result<GuestMemory, QueueError> {
+        if regions.len() > max {
             return Err(QueueError::TooManyRegions {
                 count: regions.len(),
-                max: MAX_REGIONS,
+                max,
             });
         }
         for (index, r) in regions.iter().enumerate() {
@@ -356,17 +409,30 @@ impl GuestMemory {
             .find(|r| uva >= r.uva && uva - r.uva < r.size)
     }
 
-    /// Host address of `[gpa, gpa + len)` if the whole range lies in one region (`len` 0 is
-    /// accepted for a `gpa` inside a region).
+    /// Host address of `[gpa, gpa + len)` if the whole range lies in one region that the device
+    /// may read (`len` 0 is accepted for a `gpa` inside a region).
     #[inline(always)]
     pub fn gpa_to_host(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        self.region_of_gpa(gpa)?.host_of_gpa(gpa, len)
+        self.region_of_gpa(gpa)?.host_of_gpa(gpa, len, false)
     }
 
-    /// Host address of the front-end virtual range `[uva, uva + len)` if it lies in one region.
+    /// [`GuestMemory::gpa_to_host`] for an access of the given direction (`write`: the device
+    /// writes the range).
+    #[inline(always)]
+    pub fn gpa_to_host_for(&self, gpa: u64, len: u64, write: bool) -> Option<*mut u8> {
+        self.region_of_gpa(gpa)?.host_of_gpa(gpa, len, write)
+    }
+
+    /// Host address of the front-end virtual range `[uva, uva + len)` if it lies in one region
+    /// that the device may read.
     pub fn uva_to_host(&self, uva: u64, len: u64) -> Option<*mut u8> {
+        self.uva_to_host_for(uva, len, false)
+    }
+
+    /// [`GuestMemory::uva_to_host`] for an access of the given direction.
+    pub fn uva_to_host_for(&self, uva: u64, len: u64, write: bool) -> Option<*mut u8> {
         let r = self.region_of_uva(uva)?;
-        r.host_of_gpa(r.gpa + (uva - r.uva), len)
+        r.host_of_gpa(r.gpa + (uva - r.uva), len, write)
     }
 
     /// The guest physical address of a front-end virtual address.
@@ -381,6 +447,7 @@ impl GuestMemory {
         &self,
         gpa: u64,
         len: u64,
+        write: bool,
         mut f: impl FnMut(*mut u8, u64, u64) -> bool,
     ) -> bool {
         let Some(end) = gpa.checked_add(len) else {
@@ -393,6 +460,10 @@ impl GuestMemory {
                 let Some(r) = self.region_of_gpa(cur) else {
                     return false;
                 };
+                if (if write { r.wlim } else { r.rlim }) == 0 {
+                    // The region denies this access (an IOTLB permission).
+                    return false;
+                }
                 let n = (end - cur).min(r.size - (cur - r.gpa));
                 if pass == 1 {
                     let host = r.host.wrapping_add((cur - r.gpa) as usize);
@@ -409,7 +480,7 @@ impl GuestMemory {
     /// Copies guest memory at `gpa` into `dst`. The range may span adjacent regions.
     pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), QueueError> {
         let mut done = 0usize;
-        let ok = self.for_each_piece(gpa, dst.len() as u64, |host, _, n| {
+        let ok = self.for_each_piece(gpa, dst.len() as u64, false, |host, _, n| {
             let n = n as usize;
             // SAFETY: `host .. host + n` is inside one mapped region (checked by
             // `for_each_piece`), `done + n <= dst.len()`, and `dst` is our own buffer, which
@@ -431,7 +502,7 @@ impl GuestMemory {
     /// Copies `src` into guest memory at `gpa`. The range may span adjacent regions.
     pub fn write(&self, gpa: u64, src: &[u8]) -> Result<(), QueueError> {
         let mut done = 0usize;
-        let ok = self.for_each_piece(gpa, src.len() as u64, |host, _, n| {
+        let ok = self.for_each_piece(gpa, src.len() as u64, true, |host, _, n| {
             let n = n as usize;
             // SAFETY: as in `read`, with the roles swapped: `host .. host + n` is mapped guest
             // memory and `src[done .. done + n]` is in bounds.
@@ -450,20 +521,25 @@ impl GuestMemory {
     }
 
     /// Translates one ring area (at set-up): the whole `[addr, addr + len)` must lie in one
-    /// region and its host address must be aligned to `align`.
+    /// region that allows the device's accesses (`write`: the device writes the area; it may
+    /// always read it) and its host address must be aligned to `align`.
     pub(crate) fn ring_area(
         &self,
         area: &'static str,
         addr: u64,
         len: u64,
         uva: bool,
+        write: bool,
         align: usize,
     ) -> Result<RingArea, QueueError> {
-        let host = if uva {
-            self.uva_to_host(addr, len)
-        } else {
-            self.gpa_to_host(addr, len)
+        let host = |w| {
+            if uva {
+                self.uva_to_host_for(addr, len, w)
+            } else {
+                self.gpa_to_host_for(addr, len, w)
+            }
         };
+        let host = host(false).filter(|_| !write || host(true).is_some());
         let host = host.ok_or(QueueError::RingNotInMemory {
             area,
             kind: if uva { "uva" } else { "gpa" },
@@ -510,7 +586,7 @@ impl GuestMemory {
         len: u32,
         writable: bool,
     ) -> Result<(), bool> {
-        if let Some(host) = self.gpa_to_host(gpa, u64::from(len)) {
+        if let Some(host) = self.gpa_to_host_for(gpa, u64::from(len), writable) {
             return if segs.push(host, gpa, len, writable) {
                 Ok(())
             } else {
@@ -519,7 +595,7 @@ impl GuestMemory {
         }
         // Slow path: a buffer spanning adjacent regions becomes one segment per region.
         let mut full = false;
-        let ok = self.for_each_piece(gpa, u64::from(len), |host, g, n| {
+        let ok = self.for_each_piece(gpa, u64::from(len), writable, |host, g, n| {
             // `n <= len`, so it fits u32.
             if segs.push(host, g, n as u32, writable) {
                 true

@@ -60,7 +60,9 @@ pub mod split;
 
 pub use error::QueueError;
 pub use log::{DirtyLog, LOG_PAGE_SIZE};
-pub use mem::{GuestMemory, GuestRegion, MAX_REGIONS, SEGS_MAX, Seg, Segs, Staged};
+pub use mem::{
+    GuestMemory, GuestRegion, MAX_REGIONS, MAX_VIEW_REGIONS, SEGS_MAX, Seg, Segs, Staged,
+};
 pub use packed::{PackedDevice, PackedDriver};
 pub use split::{SplitDevice, SplitDriver};
 

@@ -141,14 +141,15 @@ fn check_size(size: u16) -> Result<(), QueueError> {
 }
 
 /// Translates the three packed ring areas.
-fn areas(cfg: &QueueConfig, mem: &GuestMemory) -> Result<[RingArea; 3], QueueError> {
+/// `device`: for the device side (which decides which areas are written, for access checks).
+fn areas(cfg: &QueueConfig, mem: &GuestMemory, device: bool) -> Result<[RingArea; 3], QueueError> {
     check_size(cfg.size)?;
     let (d, a, u) = ring_sizes(cfg.size, true, cfg.event_idx());
     let uva = cfg.addr_kind == AddrKind::Uva;
     Ok([
-        mem.ring_area("descriptor ring", cfg.desc, d, uva, 16)?,
-        mem.ring_area("driver area", cfg.avail, a, uva, 4)?,
-        mem.ring_area("device area", cfg.used, u, uva, 4)?,
+        mem.ring_area("descriptor ring", cfg.desc, d, uva, true, 16)?,
+        mem.ring_area("driver area", cfg.avail, a, uva, !device, 4)?,
+        mem.ring_area("device area", cfg.used, u, uva, true, 4)?,
     ])
 }
 
@@ -206,7 +207,7 @@ impl PackedDevice {
     /// (16 × size bytes, align 16), driver area and device area (4 bytes each, align 4), each of
     /// which must lie in one region. Both wrap counters start at 1, positions at 0.
     pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<PackedDevice, QueueError> {
-        let [desc, driver, device] = areas(cfg, mem)?;
+        let [desc, driver, device] = areas(cfg, mem, true)?;
         let desc_gpa = match cfg.addr_kind {
             AddrKind::Gpa => Some(cfg.desc),
             AddrKind::Uva => mem.uva_to_gpa(cfg.desc),
@@ -616,7 +617,7 @@ impl PackedDriver {
     /// Sets up the driver side over rings at `cfg`'s addresses (same checks as
     /// [`PackedDevice::new`]) and zeroes the three areas. Interrupts start enabled.
     pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<PackedDriver, QueueError> {
-        let [desc, driver, device] = areas(cfg, mem)?;
+        let [desc, driver, device] = areas(cfg, mem, false)?;
         desc.zero();
         driver.zero();
         device.zero();

@@ -56,14 +56,15 @@ fn check_size(size: u16) -> Result<(), QueueError> {
 }
 
 /// Translates the three split ring areas.
-fn areas(cfg: &QueueConfig, mem: &GuestMemory) -> Result<[RingArea; 3], QueueError> {
+/// `device`: for the device side (which decides which areas are written, for access checks).
+fn areas(cfg: &QueueConfig, mem: &GuestMemory, device: bool) -> Result<[RingArea; 3], QueueError> {
     check_size(cfg.size)?;
     let (d, a, u) = ring_sizes(cfg.size, false, cfg.event_idx());
     let uva = cfg.addr_kind == AddrKind::Uva;
     Ok([
-        mem.ring_area("descriptor table", cfg.desc, d, uva, 16)?,
-        mem.ring_area("avail ring", cfg.avail, a, uva, 2)?,
-        mem.ring_area("used ring", cfg.used, u, uva, 4)?,
+        mem.ring_area("descriptor table", cfg.desc, d, uva, !device, 16)?,
+        mem.ring_area("avail ring", cfg.avail, a, uva, !device, 2)?,
+        mem.ring_area("used ring", cfg.used, u, uva, true, 4)?,
     ])
 }
 
@@ -122,7 +123,7 @@ impl SplitDevice {
     /// EVENT_IDX], align 2) and used ring (4 + 8 × size [+ 2], align 4), each of which must lie
     /// in one region. Ring memory is not touched; positions start at 0.
     pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<SplitDevice, QueueError> {
-        let [desc, avail, used] = areas(cfg, mem)?;
+        let [desc, avail, used] = areas(cfg, mem, true)?;
         Ok(SplitDevice {
             desc,
             avail,
@@ -590,7 +591,7 @@ impl SplitDriver {
     /// Sets up the driver side over rings at `cfg`'s addresses (same checks as
     /// [`SplitDevice::new`]) and zeroes the three ring areas. Interrupts start enabled.
     pub fn new(cfg: &QueueConfig, mem: &GuestMemory) -> Result<SplitDriver, QueueError> {
-        let [desc, avail, used] = areas(cfg, mem)?;
+        let [desc, avail, used] = areas(cfg, mem, false)?;
         desc.zero();
         avail.zero();
         used.zero();
