@@ -601,14 +601,19 @@ pub fn run(args: FwdArgs) -> Result<()> {
                 secs,
             );
             for (port, a) in agg.iter().enumerate() {
-                let lost: u64 = live_lat
+                let (lost, reordered) = live_lat
                     .iter()
                     .filter(|(p, _)| *p as usize == port)
-                    .map(|(_, l)| l.lost.load(Ordering::Relaxed))
-                    .sum();
+                    .map(|(_, l)| {
+                        (
+                            l.lost.load(Ordering::Relaxed),
+                            l.reordered.load(Ordering::Relaxed),
+                        )
+                    })
+                    .fold((0u64, 0u64), |acc, x| (acc.0 + x.0, acc.1 + x.1));
                 if !a.hist.is_empty() {
                     line.push_str(&format!(
-                        "  port {port} latency p99 {:.1} us, lost {lost}",
+                        "  port {port} latency p99 {:.1} us, lost {lost}, reordered {reordered}",
                         a.hist.value_at_quantile(0.99) as f64 / 1e3
                     ));
                 }

@@ -377,6 +377,8 @@ pub fn new_histogram() -> Box<Histogram<u64>> {
 pub struct LiveLat {
     /// Lost so far.
     pub lost: AtomicU64,
+    /// Reordered so far.
+    pub reordered: AtomicU64,
     /// Stamped packets received so far.
     pub stamped: AtomicU64,
 }
@@ -504,6 +506,8 @@ impl LatRx {
     #[inline]
     pub fn publish(&mut self, ex: &HistExchange) {
         self.live.lost.store(self.lost(), Ordering::Relaxed);
+        let reordered = self.seqs.iter().map(|t| t.reordered).sum();
+        self.live.reordered.store(reordered, Ordering::Relaxed);
         self.live.stamped.store(self.stamped, Ordering::Relaxed);
         if self.hist.is_empty() {
             return;

@@ -603,6 +603,65 @@ fn lost_packets_equal_the_drops_on_the_wire() {
     assert_eq!(n(b, "rx_packets"), n(a, "tx_packets"));
 }
 
+/// The live lines carry the sequence gaps as they grow: with every 7th packet dropped on the
+/// wire, the receiving port's `lost` rises from line to line and never passes the summary's,
+/// and `reordered` stays 0 (a ring keeps order).
+#[test]
+fn live_lines_report_lost_and_reordered() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vdpakit"))
+        .args([
+            "fwd",
+            "--port",
+            "ring:name=a,peer=b,prefill=0,drop_every=7",
+            "--port",
+            "ring:name=b,peer=a,prefill=0",
+            "--mode",
+            "txonly,rxonly",
+            "--cores",
+            "0",
+            "--latency",
+            "--duration",
+            "1.2",
+            "--stats-period",
+            "0.25",
+        ])
+        .env("VDPAKIT_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    let field = |l: &str, key: &str| -> Option<u64> {
+        let rest = l.split(key).nth(1)?;
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    let live: Vec<(u64, u64)> = s
+        .lines()
+        .filter(|l| l.starts_with('[') && l.contains("port 1 latency p99"))
+        .map(|l| {
+            (
+                field(l, "lost ").expect("lost on the live line"),
+                field(l, "reordered ").expect("reordered on the live line"),
+            )
+        })
+        .collect();
+    assert!(live.len() >= 2, "{s}");
+    let summary = s
+        .lines()
+        .find(|l| l.starts_with("port 1 latency:"))
+        .expect("summary latency line");
+    let final_lost = field(summary, "lost ").unwrap();
+    assert!(live[0].0 > 0, "{s}");
+    assert!(
+        live.windows(2).all(|w| w[0].0 <= w[1].0) && live.last().unwrap().0 <= final_lost,
+        "{s}"
+    );
+    assert!(live.iter().all(|&(_, r)| r == 0), "{s}");
+}
+
 /// IMIX: the 7:4:1 mix of 64, 594 and 1518 bytes, deterministic.
 #[test]
 fn txonly_imix_mix() {
