@@ -793,3 +793,56 @@ fn hang_up_by_a_running_back_end_withholds_its_buffers() {
     assert_eq!(pool.available(), pool.count() as usize - POSTED);
     let _ = std::fs::remove_dir_all(sock.parent().unwrap());
 }
+
+/// SEND_RARP (QEMU sends it once a migrated guest runs here): the MAC travels as the first six
+/// bytes of the u64 payload, in memory order. The back end hands the application exactly one
+/// broadcast RARP frame announcing that MAC on queue 0, even before any ring runs.
+#[test]
+fn send_rarp_hands_one_rarp_frame_with_the_guests_mac() {
+    use std::io::Write;
+    let pool = pool();
+    let sock = sock_path();
+    let mut be = back_end(&format!("vhost-user:path={}", sock.display()), &pool);
+    let mut bq = be.take_queues().unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    let mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
+    let mut m = Vec::new();
+    m.extend_from_slice(&(vdpakit_core::vhost::msg::Req::SendRarp as u32).to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes()); // version 1, no flags
+    m.extend_from_slice(&8u32.to_le_bytes());
+    m.extend_from_slice(&mac);
+    m.extend_from_slice(&[0, 0]);
+    s.write_all(&m).unwrap();
+    let rx = bq[0].rx.as_mut().unwrap();
+    let mut b = Burst::new(32);
+    let mut frames = Vec::new();
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        rx.rx_burst(&mut b);
+        for p in b.as_slice() {
+            frames.push(p.data().to_vec());
+        }
+        pool.cache(8).free_burst(&mut b);
+        if !frames.is_empty() {
+            // Give a second frame the chance to show up (there must be none).
+            std::thread::sleep(Duration::from_millis(50));
+            rx.rx_burst(&mut b);
+            for p in b.as_slice() {
+                frames.push(p.data().to_vec());
+            }
+            pool.cache(8).free_burst(&mut b);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(frames.len(), 1, "one RARP frame");
+    let f = &frames[0];
+    assert_eq!(f.len(), 60);
+    assert_eq!(f[0..6], [0xff; 6], "broadcast");
+    assert_eq!(f[6..12], mac, "source MAC");
+    assert_eq!(f[12..14], [0x80, 0x35], "RARP ethertype");
+    assert_eq!(f[20..22], [0, 3], "reverse request");
+    assert_eq!(f[22..28], mac, "sender hardware address");
+    assert_eq!(f[32..38], mac, "target hardware address");
+    assert_eq!(rx.stats().read().packets, 1);
+}

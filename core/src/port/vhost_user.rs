@@ -276,8 +276,10 @@ fn inject_rarp(shared: &Shared, cache: &mut MempoolCache, pkts: &mut Burst) {
     {
         return;
     }
-    let mac = v.to_be_bytes();
-    let mac = [mac[2], mac[3], mac[4], mac[5], mac[6], mac[7]];
+    // The payload carries the MAC in its first six bytes (memory order of the little-endian
+    // u64), as QEMU writes it.
+    let b = v.to_le_bytes();
+    let mac = [b[0], b[1], b[2], b[3], b[4], b[5]];
     if let Some(mut m) = cache.alloc()
         && let Some(d) = m.append(60)
     {
