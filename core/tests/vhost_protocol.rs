@@ -1593,3 +1593,196 @@ fn hostile_iotlb_without_access_platform() {
         send_raw(s, Req::IotlbMsg as u32, &msg::encode_iotlb(&m), &[]);
     });
 }
+
+/// GET_CONFIG, NET_SET_MTU and SET_CONFIG (software datapath): the config space shows the link up, the queue
+/// pairs and the MTU (the port's, then the front end's after NET_SET_MTU, acknowledged with
+/// REPLY_ACK); any window of it can be read; a read past its end, an MTU out of 68..=65535 and
+/// SET_CONFIG (read-only space) are refused, each closing that connection only.
+#[test]
+fn config_space_and_mtu() {
+    let net = NetConfig {
+        queue_pairs: 3,
+        mtu: 1500,
+        ..split_cfg()
+    };
+    let srv = start("config", net);
+    let mut s = raw_connect(&srv);
+    send_raw(&s, Req::GetProtocolFeatures as u32, &[], &[]);
+    let offered = u64::from_le_bytes(
+        read_reply(&mut s, Req::GetProtocolFeatures)
+            .try_into()
+            .unwrap(),
+    );
+    // CONFIG is offered with a vDPA device behind the socket; the net config space answers
+    // GET_CONFIG either way.
+    let want = proto::REPLY_ACK | proto::NET_MTU;
+    assert_eq!(offered & want, want, "offered {offered:#x}");
+    send_raw(
+        &s,
+        Req::SetProtocolFeatures as u32,
+        &want.to_le_bytes(),
+        &[],
+    );
+    let config_msg = |off: u32, size: u32| {
+        let mut p = off.to_le_bytes().to_vec();
+        p.extend_from_slice(&size.to_le_bytes());
+        p.extend_from_slice(&0u32.to_le_bytes());
+        p.extend_from_slice(&vec![0u8; size as usize]);
+        p
+    };
+    let get = |s: &mut UnixStream, off: u32, size: u32| -> Vec<u8> {
+        send_raw(s, Req::GetConfig as u32, &config_msg(off, size), &[]);
+        let r = read_reply(s, Req::GetConfig);
+        assert_eq!(r.len(), 12 + size as usize);
+        assert_eq!(r[0..4], off.to_le_bytes());
+        assert_eq!(r[4..8], size.to_le_bytes());
+        r[12..].to_vec()
+    };
+    let c = get(&mut s, 0, 12);
+    assert_eq!(c[6..8], 1u16.to_le_bytes(), "status: link up");
+    assert_eq!(c[8..10], 3u16.to_le_bytes(), "max queue pairs");
+    assert_eq!(c[10..12], 1500u16.to_le_bytes(), "the port's MTU");
+    let ack = |s: &mut UnixStream, req: Req, payload: &[u8]| -> u64 {
+        send_raw_flags(
+            s,
+            req as u32,
+            msg::FLAG_VERSION | msg::FLAG_NEED_REPLY,
+            payload,
+            &[],
+        );
+        u64::from_le_bytes(read_reply(s, req).try_into().unwrap())
+    };
+    assert_eq!(ack(&mut s, Req::NetSetMtu, &9000u64.to_le_bytes()), 0);
+    assert_eq!(
+        get(&mut s, 10, 2),
+        9000u16.to_le_bytes(),
+        "the front end's MTU"
+    );
+    assert_eq!(
+        get(&mut s, 8, 2),
+        3u16.to_le_bytes(),
+        "a window in the middle"
+    );
+
+    // Each refusal closes its connection; the server (one front end at a time) goes on serving.
+    drop(s);
+    for (req, payload) in [
+        (Req::GetConfig, config_msg(8, 8)),
+        (Req::NetSetMtu, 67u64.to_le_bytes().to_vec()),
+        (Req::NetSetMtu, 65536u64.to_le_bytes().to_vec()),
+        (Req::SetConfig, config_msg(10, 2)),
+    ] {
+        let mut s = raw_connect(&srv);
+        send_raw(
+            &s,
+            Req::SetProtocolFeatures as u32,
+            &want.to_le_bytes(),
+            &[],
+        );
+        send_raw(&s, req as u32, &payload, &[]);
+        expect_closed(&mut s);
+    }
+    assert_serving(&srv, net);
+}
+
+/// CONFIGURE_MEM_SLOTS: beyond SET_MEM_TABLE's 8, ADD_MEM_REG fills all 32 slots (GET_MAX_MEM_SLOTS),
+/// a 33rd is refused with a NACK (the connection and the rings go on), and a packet lands in
+/// every added region, the last one included, also after another region was removed.
+#[test]
+fn all_memory_slots_through_add_mem_reg() {
+    let srv = start("memslots", split_cfg());
+    let sh = Arc::clone(srv.shared());
+    let g = Guest::new();
+    let mut s = negotiate(&srv, &g, SPLIT_FEATURES, [0, 0]);
+    s.set_status(15);
+    assert_eq!(gates(&sh), [true, true]);
+
+    const LEN: u64 = 0x1_0000;
+    let slots = msg::MAX_MEM_SLOTS as usize;
+    let gpa = |k: usize| GPA0 + MEM_LEN + 0x10_0000 + k as u64 * 0x2_0000;
+    let mut segs = Vec::new();
+    let mut infos = Vec::new();
+    for k in 0..slots {
+        let seg = Segment::new(&format!("vhost-slot-{k}"), LEN as usize, MemMode::NoHuge).unwrap();
+        let info = VhostUserMemoryRegionInfo {
+            guest_phys_addr: gpa(k),
+            memory_size: LEN,
+            userspace_addr: seg.base() as u64,
+            mmap_offset: 0,
+            mmap_handle: seg.file().as_raw_fd(),
+        };
+        if k + 1 < slots {
+            s.fe.add_mem_region(&info)
+                .unwrap_or_else(|e| panic!("region {} of {slots}: {e}", k + 2));
+        }
+        segs.push(seg);
+        infos.push(info);
+    }
+    eventually("rings running after the additions", || {
+        gates(&sh) == [true, true]
+    });
+
+    // The guest's view: its own region and the 31 added.
+    let mut regions = Vec::new();
+    // SAFETY: each region covers exactly its segment's mapping, alive for the whole test; the
+    // test never holds references into them.
+    regions.push(unsafe {
+        GuestRegion::from_raw(g.seg.base(), MEM_LEN, GPA0, g.seg.base() as u64, None)
+    });
+    for (k, seg) in segs.iter().enumerate().take(slots - 1) {
+        // SAFETY: as above.
+        regions.push(unsafe {
+            GuestRegion::from_raw(seg.base(), LEN, gpa(k), seg.base() as u64, None)
+        });
+    }
+    let all = GuestMemory::new(regions).unwrap();
+    let mut rx = DriverQueue::new(&g.ring(0, SPLIT_FEATURES), &all).unwrap();
+    let p = pool("memslots");
+    let mut cache = p.cache(32);
+    let stats = QueueStats::new();
+    let deliver =
+        |rx: &mut DriverQueue, cache: &mut vdpakit_core::mempool::MempoolCache, k: usize| {
+            let buf = gpa(k) + 0x100;
+            rx.add(&[(buf, 2048, true)]).unwrap();
+            rx.publish_avail();
+            let payload: Vec<u8> = (0..64u8).map(|i| i ^ k as u8).collect();
+            let n = sh.vqs[0]
+                .enter(|run| {
+                    let mut b = Burst::new(4);
+                    let mut m = cache.alloc().unwrap();
+                    m.append(payload.len()).unwrap().copy_from_slice(&payload);
+                    b.push(m).unwrap();
+                    let n = run.enqueue(&mut b, cache, &stats);
+                    cache.free_burst(&mut b);
+                    n
+                })
+                .expect("rx gate open");
+            assert_eq!(n, 1, "a packet into added region {k}");
+            let (_, len) = rx.reap().unwrap().expect("used entry");
+            assert_eq!(len as usize, 12 + payload.len());
+            let mut got = vec![0u8; payload.len()];
+            all.read(buf + 12, &mut got).unwrap();
+            assert_eq!(got, payload, "region {k}");
+        };
+    for k in 0..slots - 1 {
+        deliver(&mut rx, &mut cache, k);
+    }
+    s.fe.remove_mem_region(&infos[10]).unwrap();
+    eventually("rings running after REM_MEM_REG", || {
+        gates(&sh) == [true, true]
+    });
+    deliver(&mut rx, &mut cache, slots - 2);
+    assert_eq!(stats.read().errors, 0);
+    // Full again, then one more (the guest's own region holds a slot: this is the 33rd):
+    // refused with a NACK, and that connection is closed; the server goes on.
+    s.fe.add_mem_region(&infos[10]).unwrap();
+    assert!(
+        s.fe.add_mem_region(&infos[slots - 1]).is_err(),
+        "a region beyond {slots} slots was taken"
+    );
+    let mut raw = s.raw.try_clone().unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    expect_closed(&mut raw);
+    drop(s);
+    assert_serving(&srv, split_cfg());
+}
