@@ -303,3 +303,112 @@ fn packed_concurrent_driver_gets_everything() {
 fn split_concurrent_driver_gets_everything() {
     run_concurrent(SPLIT, 256, 60_000, 50);
 }
+
+/// Guest transmit frames longer than one mbuf (HOST_TSO frames up to 64 KiB, spread over
+/// several descriptors as a guest's skb fragments are) come out as one chained mbuf with every
+/// byte in order and the GSO fields of the virtio-net header; small frames around them stay
+/// single buffers; a frame over the 64 KiB limit is counted as an error and handed back; a pool
+/// too small for a big frame leaves it in the ring until mbufs come back.
+#[test]
+fn tso_frames_become_chained_mbufs() {
+    for features in [SPLIT, PACKED] {
+        let g = guest(features);
+        let mut drv = DriverQueue::new(&g.cfg, &g.mem).unwrap();
+        let pool = Mempool::new(
+            "vn-tso",
+            MempoolConfig {
+                count: 256,
+                cache_size: 0,
+                data_room: 2048,
+                mem: MemMode::NoHuge,
+            },
+        )
+        .unwrap();
+        let mut cache = pool.cache(0);
+        let stats = QueueStats::new();
+        let start = if features & vf::VIRTIO_F_RING_PACKED != 0 {
+            0x8000
+        } else {
+            0
+        };
+        let mut dev = VqRun::build(&setup(&g, start, features), &g.mem).unwrap();
+        // A frame: 12-byte header (GSO TCPv4, gso_size 1448, hdr_len 54) then `len` bytes, the
+        // payload split over descriptors of at most 16 KiB.
+        let byte = |seq: usize, i: usize| (seq * 31 + i * 7 + i / 251) as u8;
+        let mut at = g.bufs;
+        let mut post = |drv: &mut DriverQueue, seq: usize, len: usize| {
+            let mut hdr = [0u8; 12];
+            hdr[0] = 1; // NEEDS_CSUM
+            hdr[1] = 1; // GSO_TCPV4
+            hdr[2..4].copy_from_slice(&54u16.to_le_bytes());
+            hdr[4..6].copy_from_slice(&1448u16.to_le_bytes());
+            hdr[6..8].copy_from_slice(&34u16.to_le_bytes());
+            hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+            g.mem.write(at, &hdr).unwrap();
+            let data: Vec<u8> = (0..len).map(|i| byte(seq, i)).collect();
+            g.mem.write(at + 12, &data).unwrap();
+            let mut descs = vec![(at, 12u32, false)];
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(16 * 1024);
+                descs.push((at + 12 + off as u64, n as u32, false));
+                off += n;
+            }
+            drv.add(&descs).unwrap();
+            at += (12 + len as u64).next_multiple_of(4096);
+        };
+        let lens = [60usize, 65_536 + 54, 1514, 40_000, 70_000, 64];
+        for (seq, &len) in lens.iter().enumerate() {
+            post(&mut drv, seq, len);
+        }
+        drv.publish_avail();
+        let mut b = Burst::new(32);
+        let n = dev.dequeue(&mut cache, &mut b, &stats);
+        assert_eq!(n, 5, "the 70000-byte frame is refused");
+        assert_eq!(stats.read().errors, 1);
+        let want: Vec<usize> = lens.iter().copied().filter(|&l| l != 70_000).collect();
+        for (k, m) in b.as_slice().iter().enumerate() {
+            let seq = lens.iter().position(|&l| l == want[k]).unwrap();
+            assert_eq!(m.pkt_len(), want[k], "frame {seq}");
+            let segs = want[k].div_ceil(m.buf_len() - m.headroom()) as u16;
+            assert!(
+                m.nb_segs() >= segs.max(1) && (want[k] > 1900 || m.nb_segs() == 1),
+                "frame {seq}: {} segments for {} bytes",
+                m.nb_segs(),
+                want[k]
+            );
+            let got = m.to_vec();
+            assert!(
+                got.iter().enumerate().all(|(i, &x)| x == byte(seq, i)),
+                "frame {seq}: bytes"
+            );
+            let v = m.vnet();
+            assert_eq!((v.gso_type, v.gso_size, v.hdr_len), (1, 1448, 54));
+        }
+        cache.free_burst(&mut b);
+        assert_eq!(pool.available(), 256, "every segment back in the pool");
+
+        // Hold all but 10 mbufs: a 40000-byte frame (20 segments) waits in the ring.
+        let mut held = Burst::new(256);
+        while pool.available() > 10 {
+            held.push(cache.alloc().unwrap()).unwrap();
+        }
+        post(&mut drv, 9, 40_000);
+        drv.publish_avail();
+        let mut b = Burst::new(32);
+        assert_eq!(dev.dequeue(&mut cache, &mut b, &stats), 0);
+        assert_eq!(pool.available(), 10, "nothing kept from the failed attempt");
+        cache.free_burst(&mut held);
+        assert_eq!(dev.dequeue(&mut cache, &mut b, &stats), 1);
+        assert_eq!(b.as_slice()[0].pkt_len(), 40_000);
+        assert!(
+            b.as_slice()[0]
+                .to_vec()
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == byte(9, i))
+        );
+        assert_eq!(stats.read().errors, 1);
+        cache.free_burst(&mut b);
+    }
+}

@@ -29,6 +29,10 @@ pub use crate::virtio::DirtyLog as LogArea;
 const MAX_MRG_CHAINS: usize = 64;
 /// Packets the receive fast path pops before copying (see [`VqRun::enqueue`]).
 const STAGE: usize = 64;
+
+/// Longest guest frame the transmit path takes (after the virtio-net header): a 64 KiB
+/// HOST_TSO frame with its Ethernet, VLAN and IP/TCP headers. Longer ones are counted as errors.
+const MAX_TX_FRAME: usize = 64 * 1024 + 64;
 /// The transmit (dequeue) path publishes used entries once this many are staged (at most half
 /// the ring), or when a poll finds the ring empty, or when the ring stops. Returning transmit
 /// buffers every burst kept the descriptor (packed) and used-ring (split) lines moving between
@@ -210,9 +214,9 @@ impl VqRun {
                     break;
                 }
             };
-            used += 1;
-            let Some(plen) = self.tx_frame_len(&chain, &m) else {
+            let Some(plen) = self.tx_frame_len(&chain) else {
                 // Runt or oversized frame: counted, buffer returned to the guest.
+                used += 1;
                 stats.add_errors(1);
                 cache.free(m);
                 self.q.push_used(&chain, 0);
@@ -220,9 +224,21 @@ impl VqRun {
             };
             let mut hdr = [0u8; 12];
             self.segs.read(0, &mut hdr[..self.hdr_len]);
-            if let Some(dst) = m.append(plen) {
-                self.segs.read(self.hdr_len, dst);
+            if plen <= m.tailroom() {
+                if let Some(dst) = m.append(plen) {
+                    self.segs.read(self.hdr_len, dst);
+                }
+            } else {
+                match self.chained_frame(m, plen, cache) {
+                    Some(c) => m = c,
+                    None => {
+                        // Out of mbufs: the frame stays in the ring for the next burst.
+                        self.q.rewind(&chain);
+                        break;
+                    }
+                }
             }
+            used += 1;
             apply_tx_hdr(&mut m, &hdr[..self.hdr_len]);
             self.q.push_used(&chain, 0);
             let _ = pkts.push(m);
@@ -380,7 +396,9 @@ impl VqRun {
                         break;
                     }
                 };
-                if self.tx_frame_len(&chain, &m).is_none()
+                if self
+                    .tx_frame_len(&chain)
+                    .is_none_or(|plen| plen > m.tailroom())
                     || !self
                         .staged
                         .push_first_readable(&self.segs, chain.readable as usize)
@@ -487,9 +505,44 @@ impl VqRun {
     /// header) if it is a frame `m` can hold: `None` for a runt (no frame after the header) or
     /// one larger than the mbuf's room.
     #[inline(always)]
-    fn tx_frame_len(&self, chain: &Chain, m: &Mbuf) -> Option<usize> {
+    fn tx_frame_len(&self, chain: &Chain) -> Option<usize> {
         let plen = (chain.readable as usize).checked_sub(self.hdr_len)?;
-        (plen > 0 && plen <= m.tailroom()).then_some(plen)
+        (plen > 0 && plen <= MAX_TX_FRAME).then_some(plen)
+    }
+
+    /// A guest frame longer than one mbuf (a HOST_TSO frame of up to 64 KiB, or a jumbo frame):
+    /// copied into `m` and as many further mbufs as it needs, chained. Gives back `None` (every
+    /// mbuf returned to the cache) when the pool runs dry; the caller leaves the chain in the ring.
+    #[cold]
+    #[inline(never)]
+    fn chained_frame(&self, mut m: Mbuf, plen: usize, cache: &mut MempoolCache) -> Option<Mbuf> {
+        let first = m.tailroom().min(plen);
+        if let Some(dst) = m.append(first) {
+            self.segs.read(self.hdr_len, dst);
+        }
+        let mut off = first;
+        while off < plen {
+            let Some(mut t) = cache.alloc() else {
+                cache.free(m);
+                return None;
+            };
+            let n = t.tailroom().min(plen - off);
+            if n == 0 {
+                cache.free(t);
+                cache.free(m);
+                return None;
+            }
+            if let Some(dst) = t.append(n) {
+                self.segs.read(self.hdr_len + off, dst);
+            }
+            off += n;
+            if let Err(t) = m.chain(t) {
+                cache.free(t);
+                cache.free(m);
+                return None;
+            }
+        }
+        Some(m)
     }
 
     /// Builds the virtio-net header for a packet going to the guest (its wire bytes; the first
