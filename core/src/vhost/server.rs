@@ -1,6 +1,8 @@
 //! The control thread of one vhost-user socket: listens (server mode) or connects with a 1 s
 //! retry (client mode), serves one front end at a time, and resets the device when it goes away
 //! so the next one (a restarted QEMU or testpmd) starts clean. Dataplane lcores never wait on it.
+//! The thread sleeps in one epoll instance ([`Waiter`]) watching its stop eventfd and the socket
+//! it serves (the listener while waiting for a front end, then the connection).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -11,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use super::VhostError;
@@ -160,13 +163,23 @@ fn control_loop(
         Some(b) => Device::with_vdpa(cfg.net, Arc::clone(&shared), b),
         None => Device::new(cfg.net, Arc::clone(&shared)),
     };
+    let waiter = match Waiter::new(stop) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(
+                "{}: epoll: {e}; the socket is not served",
+                cfg.path.display()
+            );
+            return;
+        }
+    };
     loop {
         if sleep_or_stop(stop, Duration::ZERO) {
             break;
         }
         let stream = match &listener {
             Some(l) => {
-                if !wait_readable(l, stop) {
+                if !waiter.wait_on(l) {
                     break;
                 }
                 match l.accept() {
@@ -191,7 +204,7 @@ fn control_loop(
         shared.connections.fetch_add(1, Ordering::Relaxed);
         tracing::info!("{}: front end connected", cfg.path.display());
         let mut conn = Conn::new(stream);
-        serve(&mut dev, &mut conn, stop, &cfg.path);
+        serve(&mut dev, &mut conn, &waiter, &cfg.path);
         // Rings stop (every poller out of them) before the connection closes: a front end that
         // sees the hang-up may reuse its buffers at once.
         dev.reset();
@@ -207,19 +220,80 @@ enum Wait {
     Stop,
 }
 
-/// [`wait_readable`] for at most `t`.
-fn wait_readable_for(fd: &impl AsFd, stop: &EventFd, t: Duration) -> Wait {
-    let mut fds = [
-        PollFd::new(fd.as_fd(), PollFlags::POLLIN),
-        PollFd::new(stop.as_fd(), PollFlags::POLLIN),
-    ];
-    match poll(
-        &mut fds,
-        PollTimeout::try_from(t).unwrap_or(PollTimeout::MAX),
-    ) {
-        Ok(0) | Err(nix::errno::Errno::EINTR) => Wait::Timeout,
-        Ok(_) if fds[1].revents().is_some_and(|r| !r.is_empty()) => Wait::Stop,
-        _ => Wait::Ready,
+/// The control thread's sleep: one epoll instance with the stop eventfd always in it and the
+/// socket being served added while it is served (level-triggered, so a message left unread
+/// wakes the next wait at once).
+struct Waiter<'a> {
+    ep: Epoll,
+    stop: &'a EventFd,
+}
+
+const STOP_TOKEN: u64 = 0;
+const SOCK_TOKEN: u64 = 1;
+
+impl<'a> Waiter<'a> {
+    fn new(stop: &'a EventFd) -> nix::Result<Waiter<'a>> {
+        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        ep.add(stop, EpollEvent::new(EpollFlags::EPOLLIN, STOP_TOKEN))?;
+        Ok(Waiter { ep, stop })
+    }
+
+    /// Adds the socket to serve.
+    fn watch(&self, fd: &impl AsFd) -> nix::Result<()> {
+        self.ep.add(
+            fd,
+            EpollEvent::new(
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP,
+                SOCK_TOKEN,
+            ),
+        )
+    }
+
+    /// Takes it out again.
+    fn unwatch(&self, fd: &impl AsFd) {
+        let _ = self.ep.delete(fd);
+    }
+
+    /// Waits until the watched socket is readable (or hung up), the stop eventfd fires, or `t`
+    /// passes (`None`: no limit). Stop wins over a ready socket.
+    fn wait(&self, t: Option<Duration>) -> Wait {
+        let timeout = t.map_or(EpollTimeout::NONE, |d| {
+            EpollTimeout::try_from(d).unwrap_or(EpollTimeout::MAX)
+        });
+        let mut ev = [EpollEvent::empty(); 2];
+        loop {
+            match self.ep.wait(&mut ev, timeout) {
+                Ok(0) => {
+                    if t.is_some() {
+                        return Wait::Timeout;
+                    }
+                }
+                Ok(n) => {
+                    if ev[..n].iter().any(|e| e.data() == STOP_TOKEN) {
+                        return Wait::Stop;
+                    }
+                    return Wait::Ready;
+                }
+                Err(nix::errno::Errno::EINTR) => {
+                    if t.is_some() {
+                        return Wait::Timeout;
+                    }
+                }
+                // Cannot wait: let the caller try the socket (a read error ends the connection).
+                Err(_) => return Wait::Ready,
+            }
+        }
+    }
+
+    /// Waits for `fd` alone (the listener): whether it became readable before a stop.
+    fn wait_on(&self, fd: &impl AsFd) -> bool {
+        if let Err(e) = self.watch(fd) {
+            tracing::warn!("epoll: watching the listener: {e}");
+            return wait_readable(fd, self.stop);
+        }
+        let r = self.wait(None);
+        self.unwatch(fd);
+        !matches!(r, Wait::Stop)
     }
 }
 
@@ -234,19 +308,26 @@ pub(crate) fn sleep_or_stop(stop: &EventFd, d: Duration) -> bool {
 /// ACCESS_PLATFORM is negotiated; otherwise it sleeps until a message comes).
 const MISS_TICK: Duration = Duration::from_millis(1);
 
-fn serve(dev: &mut Device, conn: &mut Conn, stop: &EventFd, path: &Path) {
+fn serve(dev: &mut Device, conn: &mut Conn, waiter: &Waiter<'_>, path: &Path) {
+    if let Err(e) = waiter.watch(conn.stream()) {
+        tracing::warn!("{}: epoll: {e}; closing the connection", path.display());
+        return;
+    }
+    serve_watched(dev, conn, waiter, path);
+    waiter.unwatch(conn.stream());
+}
+
+fn serve_watched(dev: &mut Device, conn: &mut Conn, waiter: &Waiter<'_>, path: &Path) {
     loop {
-        if dev.iotlb_active() {
-            match wait_readable_for(conn.stream(), stop, MISS_TICK) {
-                Wait::Stop => return,
-                Wait::Timeout => {
-                    dev.service_misses();
-                    continue;
-                }
-                Wait::Ready => {}
+        // With ACCESS_PLATFORM the thread also ticks, to send the misses pollers reported.
+        let tick = dev.iotlb_active().then_some(MISS_TICK);
+        match waiter.wait(tick) {
+            Wait::Stop => return,
+            Wait::Timeout => {
+                dev.service_misses();
+                continue;
             }
-        } else if !wait_readable(conn.stream(), stop) {
-            return;
+            Wait::Ready => {}
         }
         let m = match conn.recv() {
             Ok(m) => m,
